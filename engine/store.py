@@ -1,0 +1,413 @@
+"""Sessions, directions, generations and ratings in SQLite, through SQLAlchemy 2.
+
+The schema is versioned with ``PRAGMA user_version`` and ordered migrations; an older database is
+backed up and migrated, never wiped. A file that is not ours, damaged, or from a newer version is left
+untouched with a clear error. Every write is its own short transaction, so a rating is on disk the
+moment ``add_rating`` returns. A Store may be shared between threads: each call opens its own Session.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
+
+from engine.errors import StoreError
+from engine.paths import default_db_path
+
+# Each entry migrates from version i to i+1. Never edit a released entry: add a new one.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: the initial schema
+        """CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            model_ref TEXT NOT NULL,
+            model_fingerprint TEXT,
+            settings TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE directions (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER REFERENCES sessions(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('steering', 'tangent', 'scalarized')),
+            objective TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            model_fingerprint TEXT,
+            meta TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE comparisons (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}',
+            seed INTEGER,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE generations (
+            id INTEGER PRIMARY KEY,
+            comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            label TEXT NOT NULL,
+            point_x REAL,
+            point_y REAL,
+            weights TEXT NOT NULL DEFAULT '{}',
+            output TEXT NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            seconds REAL NOT NULL,
+            stopped INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE ratings (
+            id INTEGER PRIMARY KEY,
+            comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+            outcome TEXT NOT NULL CHECK (outcome IN ('winner', 'tie', 'both_bad')),
+            winner_id INTEGER REFERENCES generations(id) ON DELETE CASCADE,
+            scores TEXT NOT NULL DEFAULT '{}',
+            note TEXT NOT NULL DEFAULT '',
+            blind INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            CHECK ((outcome = 'winner') = (winner_id IS NOT NULL)))""",
+    ],
+    [  # 2: named points on the plane, and indexes for the history queries
+        """CREATE TABLE pinned_points (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            x REAL NOT NULL,
+            y REAL NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (session_id, name))""",
+        "CREATE INDEX ix_directions_session ON directions(session_id)",
+        "CREATE INDEX ix_comparisons_session ON comparisons(session_id)",
+        "CREATE INDEX ix_generations_comparison ON generations(comparison_id)",
+        "CREATE INDEX ix_ratings_comparison ON ratings(comparison_id)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+OUTCOMES = ("winner", "tie", "both_bad")
+DIRECTION_KINDS = ("steering", "tangent", "scalarized")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON}
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    model_ref: Mapped[dict] = mapped_column(JSON)
+    model_fingerprint: Mapped[Optional[str]] = mapped_column(String)
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    directions: Mapped[list["DirectionRow"]] = relationship(back_populates="session", order_by="DirectionRow.id")
+    comparisons: Mapped[list["Comparison"]] = relationship(back_populates="session", order_by="Comparison.id")
+    pinned: Mapped[list["PinnedPoint"]] = relationship(order_by="PinnedPoint.id")
+
+
+class DirectionRow(Base):
+    __tablename__ = "directions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    objective: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(Text)
+    model_fingerprint: Mapped[Optional[str]] = mapped_column(Text)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    session: Mapped[Optional[SessionRow]] = relationship(back_populates="directions")
+
+
+class Comparison(Base):
+    """One prompt run through 1-4 columns with the same sampling parameters and seed."""
+
+    __tablename__ = "comparisons"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    prompt: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    seed: Mapped[Optional[int]] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    session: Mapped[SessionRow] = relationship(back_populates="comparisons")
+    generations: Mapped[list["Generation"]] = relationship(back_populates="comparison", order_by="Generation.position")
+    ratings: Mapped[list["Rating"]] = relationship(back_populates="comparison", order_by="Rating.id")
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    point_x: Mapped[Optional[float]] = mapped_column(Float)
+    point_y: Mapped[Optional[float]] = mapped_column(Float)
+    weights: Mapped[dict] = mapped_column(JSON, default=dict)
+    output: Mapped[str] = mapped_column(Text)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    comparison: Mapped[Comparison] = relationship(back_populates="generations")
+
+
+class Rating(Base):
+    __tablename__ = "ratings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
+    outcome: Mapped[str] = mapped_column(Text)
+    winner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)  # {generation id: {attribute: 1..5}}
+    note: Mapped[str] = mapped_column(Text, default="")
+    blind: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    comparison: Mapped[Comparison] = relationship(back_populates="ratings")
+
+
+class PinnedPoint(Base):
+    __tablename__ = "pinned_points"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Text)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+def _friendly(exc: BaseException, path: Path, action: str) -> StoreError:
+    text = str(getattr(exc, "orig", exc))
+    if "locked" in text or "busy" in text:
+        return StoreError(
+            f"The database {path} is locked by another program (another studio window or a `tsdpo` command?) and "
+            f"could not {action}. Close that program and try again; everything saved before is intact."
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return StoreError(
+            f"{path} is damaged or is not a tsdpo-studio database ({text}). It was left untouched: move it aside "
+            "or choose another database (--db or TSDPO_DB), and a new one will be created."
+        )
+    if "readonly" in text or "unable to open" in text:
+        return StoreError(f"Could not {action}: {path} cannot be written ({text}). Check the folder's permissions.")
+    return StoreError(f"Could not {action} in {path}: {text}")
+
+
+def migrate(path: Path, target: int = SCHEMA_VERSION, busy_timeout_s: float = 3.0) -> int:
+    """Bring the database at ``path`` to schema ``target``; return the version it had."""
+    try:
+        con = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _friendly(exc, path, "open the database") from exc
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer tsdpo-studio (schema {version}; this version knows up to "
+                f"{SCHEMA_VERSION}). Upgrade tsdpo-studio, or choose another database (--db or TSDPO_DB)."
+            )
+        if version == 0 and tables:
+            raise StoreError(
+                f"{path} is an SQLite database of another program (tables: {', '.join(sorted(tables)[:5])}). "
+                "It was left untouched; choose another database path (--db or TSDPO_DB)."
+            )
+        if version >= target:
+            return version
+        if version > 0:  # keep a copy of the data as it was before we change its shape
+            backup = path.with_name(f"{path.name}.v{version}.bak")
+            with sqlite3.connect(str(backup)) as dst:
+                con.backup(dst)
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for v in range(version, target):
+                for statement in MIGRATIONS[v]:
+                    con.execute(statement)
+            con.execute(f"PRAGMA user_version = {int(target)}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return version
+    except sqlite3.Error as exc:
+        raise _friendly(exc, path, "open the database") from exc
+    finally:
+        con.close()
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None, busy_timeout_s: float = 3.0):
+        self.path = Path(path) if path else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrated_from = migrate(self.path, busy_timeout_s=busy_timeout_s)
+        self.engine = create_engine(f"sqlite:///{self.path}",
+                                    connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
+        ms = int(busy_timeout_s * 1000)
+
+        @event.listens_for(self.engine, "connect")
+        def _pragmas(dbapi_con, _record):
+            cur = dbapi_con.cursor()
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute(f"PRAGMA busy_timeout = {ms}")
+            cur.close()
+
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def schema_version(self) -> int:
+        with self.engine.connect() as con:
+            return con.exec_driver_sql("PRAGMA user_version").scalar_one()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self, action: str) -> Iterator:
+        try:
+            with self._sessions.begin() as s:
+                yield s
+        except DBAPIError as exc:
+            raise _friendly(exc, self.path, action) from exc
+
+    # ---------------------------------------------------------------- sessions
+    def create_session(self, name: str, model_ref: dict, fingerprint: Optional[str] = None,
+                       settings: Optional[dict] = None) -> SessionRow:
+        with self._tx("create the session") as s:
+            row = SessionRow(name=name, model_ref=model_ref, model_fingerprint=fingerprint, settings=settings or {})
+            s.add(row)
+        return row
+
+    def update_session(self, session_id: int, **fields) -> SessionRow:
+        with self._tx("save the session") as s:
+            row = self._get(s, SessionRow, session_id)
+            for key, value in fields.items():
+                if key not in ("name", "model_ref", "model_fingerprint", "settings"):
+                    raise ValueError(f"unknown session field {key!r}")
+                setattr(row, key, value)
+            row.updated_at = _now()
+        return row
+
+    def sessions(self, limit: int = 20) -> list[SessionRow]:
+        """Most recently used first."""
+        with self._tx("list sessions") as s:
+            return list(s.scalars(select(SessionRow).order_by(SessionRow.updated_at.desc(), SessionRow.id.desc()).limit(limit)))
+
+    def session(self, session_id: int) -> SessionRow:
+        """A session with its directions, pinned points and full history loaded."""
+        with self._tx("read the session") as s:
+            row = s.scalar(
+                select(SessionRow).where(SessionRow.id == session_id).options(
+                    selectinload(SessionRow.directions), selectinload(SessionRow.pinned),
+                    selectinload(SessionRow.comparisons).selectinload(Comparison.generations),
+                    selectinload(SessionRow.comparisons).selectinload(Comparison.ratings)))
+            if row is None:
+                raise StoreError(f"There is no session {session_id} in {self.path}.")
+            return row
+
+    @staticmethod
+    def _get(s, cls, key):
+        row = s.get(cls, key)
+        if row is None:
+            raise StoreError(f"There is no {cls.__tablename__[:-1].replace('_', ' ')} {key}.")
+        return row
+
+    def _touch(self, s, session_id: int) -> None:
+        self._get(s, SessionRow, session_id).updated_at = _now()
+
+    # ---------------------------------------------------------------- directions
+    def add_direction(self, *, name: str, kind: str, objective: str, path: str, sha256: str,
+                      model_fingerprint: Optional[str] = None, meta: Optional[dict] = None,
+                      session_id: Optional[int] = None) -> DirectionRow:
+        if kind not in DIRECTION_KINDS:
+            raise ValueError(f"direction kind must be one of {DIRECTION_KINDS}, got {kind!r}")
+        with self._tx("save the direction") as s:
+            row = DirectionRow(session_id=session_id, name=name, kind=kind, objective=objective, path=str(path),
+                               sha256=sha256, model_fingerprint=model_fingerprint, meta=meta or {})
+            s.add(row)
+        return row
+
+    def directions(self, session_id: Optional[int] = None) -> list[DirectionRow]:
+        with self._tx("list directions") as s:
+            q = select(DirectionRow).order_by(DirectionRow.id)
+            if session_id is not None:
+                q = q.where(DirectionRow.session_id == session_id)
+            return list(s.scalars(q))
+
+    def find_direction(self, name: str) -> Optional[DirectionRow]:
+        """The newest direction with this name."""
+        with self._tx("find the direction") as s:
+            return s.scalar(select(DirectionRow).where(DirectionRow.name == name).order_by(DirectionRow.id.desc()))
+
+    # ---------------------------------------------------------------- comparisons and ratings
+    def add_comparison(self, session_id: int, prompt: str, params: dict, seed: Optional[int],
+                       generations: list[dict]) -> Comparison:
+        """Store a prompt with its columns. Each generation dict has label, output, n_tokens, seconds and
+        optionally point (x, y), weights and stopped."""
+        with self._tx("save the generations") as s:
+            self._touch(s, session_id)
+            comp = Comparison(session_id=session_id, prompt=prompt, params=params, seed=seed)
+            for i, g in enumerate(generations):
+                point = g.get("point") or (None, None)
+                comp.generations.append(Generation(
+                    position=i, label=g["label"], point_x=point[0], point_y=point[1], weights=g.get("weights") or {},
+                    output=g["output"], n_tokens=int(g["n_tokens"]), seconds=float(g["seconds"]),
+                    stopped=bool(g.get("stopped", False))))
+            s.add(comp)
+        return comp
+
+    def add_rating(self, comparison_id: int, outcome: str, winner_id: Optional[int] = None,
+                   scores: Optional[dict] = None, note: str = "", blind: bool = False) -> Rating:
+        if outcome not in OUTCOMES:
+            raise StoreError(f"A rating outcome is one of {', '.join(OUTCOMES)}, not {outcome!r}.")
+        if (outcome == "winner") != (winner_id is not None):
+            raise StoreError("A 'winner' rating names the winning generation; 'tie' and 'both_bad' name none.")
+        clean: dict[str, dict[str, int]] = {}
+        for gen_id, attrs in (scores or {}).items():
+            for attr, value in attrs.items():
+                if not isinstance(value, int) or not 1 <= value <= 5:
+                    raise StoreError(f"Scores are whole numbers from 1 to 5; {attr} got {value!r}.")
+            clean[str(gen_id)] = dict(attrs)
+        with self._tx("save the rating") as s:
+            comp = self._get(s, Comparison, comparison_id)
+            ids = {g.id for g in comp.generations}
+            if winner_id is not None and winner_id not in ids:
+                raise StoreError(f"Generation {winner_id} is not part of comparison {comparison_id}.")
+            if any(int(k) not in ids for k in clean):
+                raise StoreError(f"Scores name generations outside comparison {comparison_id}.")
+            self._touch(s, comp.session_id)
+            row = Rating(comparison_id=comparison_id, outcome=outcome, winner_id=winner_id, scores=clean,
+                         note=note, blind=blind)
+            s.add(row)
+        return row
+
+    def history(self, session_id: int) -> list[Comparison]:
+        return list(self.session(session_id).comparisons)
+
+    # ---------------------------------------------------------------- pinned points
+    def pin_point(self, session_id: int, name: str, x: float, y: float) -> PinnedPoint:
+        """Pin (or move) a named point."""
+        with self._tx("pin the point") as s:
+            row = s.scalar(select(PinnedPoint).where(PinnedPoint.session_id == session_id, PinnedPoint.name == name))
+            if row is None:
+                row = PinnedPoint(session_id=session_id, name=name, x=x, y=y)
+                s.add(row)
+            else:
+                row.x, row.y = x, y
+            self._touch(s, session_id)
+        return row
+
+    def pinned_points(self, session_id: int) -> list[PinnedPoint]:
+        with self._tx("list pinned points") as s:
+            return list(s.scalars(select(PinnedPoint).where(PinnedPoint.session_id == session_id).order_by(PinnedPoint.id)))
+
