@@ -1,0 +1,52 @@
+"""Entry point of `tsdpo-studio`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import sys
+from typing import Optional, Sequence
+
+from engine.paths import log_path
+
+
+def setup_logging() -> None:
+    handler = logging.handlers.RotatingFileHandler(log_path(), maxBytes=2_000_000, backupCount=2, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tsdpo-studio", description="The preference-mixing studio.")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a Hugging Face folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, mps (default: the last one used, else auto)")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    from PySide6.QtWidgets import QApplication
+
+    from studio.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setOrganizationName("tsdpo-studio")
+    app.setApplicationName("tsdpo-studio")
+    window = MainWindow()
+    if args.device:
+        window.settings.setValue("device", args.device)
+
+    def excepthook(kind, value, tb):  # an error on the GUI thread becomes a dialog, not a crash
+        logging.getLogger("studio").error("unhandled error", exc_info=(kind, value, tb))
+        window.show_error("Unexpected error", f"{kind.__name__}: {value}\n\nThe details are in {log_path()}.")
+
+    sys.excepthook = excepthook
+    window.show()
+    window.load_model(args.model)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
