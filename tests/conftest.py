@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI; hub code paths are tested on local files
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Every test gets its own cache, data folder and database."""
+    monkeypatch.setenv("TSDPO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TSDPO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("TSDPO_DB", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from engine.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ultrafeedback_binarized_train1000.jsonl").is_file():
+        pytest.fail(f"the shared preference data is missing at {SHARED_DATA}")
+    return SHARED_DATA

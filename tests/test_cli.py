@@ -1,0 +1,66 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_names_versions_and_locations(capsys, tmp_path):
+    code, out, _ = run(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["torch"].startswith("2.") and info["device (auto)"] in ("cpu", "cuda", "mps")
+    assert info["model cache"] == str(tmp_path / "cache" / "models")
+    assert info["database"] == str(tmp_path / "data" / "studio.sqlite3")
+
+
+def test_model_load_prints_layers_and_fingerprint(capsys, tiny_model_dir, tiny_lm):
+    code, out, _ = run(capsys, "model", "load", str(tiny_model_dir))
+    assert code == 0
+    assert "layers        3" in out and "hidden size   32" in out
+    assert f"fingerprint   {tiny_lm.fingerprint}" in out
+
+
+def test_model_load_errors_are_one_line(capsys, tmp_path):
+    code, out, err = run(capsys, "model", "load", str(tmp_path / "nowhere"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("tsdpo: error: No model at")
+
+
+def test_data_inspect_shared_files(capsys, shared_data):
+    code, out, _ = run(capsys, "data", "inspect", str(shared_data / "ultrafeedback_binarized_train1000.jsonl"))
+    assert code == 0 and "format     ultrafeedback" in out and "objective  helpfulness" in out
+    code, out, _ = run(capsys, "data", "inspect", str(shared_data / "hh_rlhf_harmless_base_1600.jsonl"), "--json")
+    info = json.loads(out)
+    assert info["format"] == "hh-rlhf" and info["pairs"] + len(info["problems"]) == 1600
+
+
+def test_data_inspect_names_a_broken_row(capsys, shared_data, tmp_path):
+    lines = (shared_data / "ultrafeedback_binarized_train1000.jsonl").read_text().splitlines()[:50]
+    lines[11] = lines[11][: len(lines[11]) // 2]  # line 12 cut in half
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text("\n".join(lines) + "\n")
+    code, out, _ = run(capsys, "data", "inspect", str(damaged), "--format", "ultrafeedback")
+    assert code == 0
+    assert "line 12: not valid JSON" in out
+
+
+def test_data_inspect_unknown_format_is_an_error(capsys, tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"text": "a"}\n')
+    code, _, err = run(capsys, "data", "inspect", str(f))
+    assert code == 2 and "Pass --format" in err
+
+
+def test_entry_points_are_installed():
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([str(bin_dir / "tsdpo"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "model" in r.stdout and "data" in r.stdout
+    assert (bin_dir / "tsdpo-studio").is_file()

@@ -1,0 +1,184 @@
+import csv
+import json
+
+import pytest
+
+from engine.data import length_pairs, load_pairs
+from engine.errors import DataError
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_shared_ultrafeedback(shared_data):
+    ps = load_pairs(shared_data / "ultrafeedback_binarized_train1000.jsonl")
+    assert (ps.format, ps.objective) == ("ultrafeedback", "helpfulness")
+    assert len(ps) + len(ps.problems) == 1000
+    assert all(p.kind == "skipped" and "tie" in p.reason for p in ps.problems if "score" in p.reason)
+    assert len(ps) > 800
+    assert ps.pairs[0].prompt[0]["role"] == "user"
+
+
+def test_shared_hh_rlhf_split_at_last_assistant_turn(shared_data):
+    ps = load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl")
+    assert (ps.format, ps.objective) == ("hh-rlhf", "harmlessness")
+    assert len(ps) + len(ps.problems) == 1600
+    first = json.loads((shared_data / "hh_rlhf_harmless_base_1600.jsonl").open().readline())
+    pair = ps.pairs[0]
+    assert first["chosen"].endswith(pair.chosen)
+    assert first["rejected"].endswith(pair.rejected)
+    assert pair.prompt[-1]["role"] == "user"
+    assert [m["role"] for m in pair.prompt][:2] == ["user", "assistant"] or len(pair.prompt) == 1
+    assert any(len(p.prompt) > 1 for p in ps.pairs)
+
+
+def test_trl_strings_and_messages(tmp_path):
+    f = _jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+         "chosen": [{"role": "assistant", "content": "Hello there."}],
+         "rejected": [{"role": "assistant", "content": "What."}]},
+    ])
+    ps = load_pairs(f)
+    assert ps.format == "trl" and ps.objective == "p"
+    assert [p.chosen for p in ps] == ["Hello!", "Hello there."]
+    assert ps.pairs[1].prompt[0] == {"role": "system", "content": "Be kind."}
+
+
+def test_trl_implicit_prompt(tmp_path):
+    conv = [{"role": "user", "content": "Name a color."}]
+    f = _jsonl(tmp_path / "p.jsonl", [{"chosen": conv + [{"role": "assistant", "content": "Blue."}],
+                                       "rejected": conv + [{"role": "assistant", "content": "No."}]}])
+    ps = load_pairs(f)
+    assert ps.format == "trl" and ps.pairs[0].prompt == conv and ps.pairs[0].chosen == "Blue."
+
+
+def test_ultrafeedback_h4_messages(tmp_path):
+    user = {"role": "user", "content": "2+2?"}
+    f = _jsonl(tmp_path / "uf.jsonl", [
+        {"prompt": "2+2?", "prompt_id": "a", "score_chosen": 9.0, "score_rejected": 3.0,
+         "chosen": [user, {"role": "assistant", "content": "4"}], "rejected": [user, {"role": "assistant", "content": "5"}]},
+        {"prompt": "1+1?", "prompt_id": "b", "score_chosen": 5.0, "score_rejected": 5.0,
+         "chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+         "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "two"}]},
+    ])
+    ps = load_pairs(f)
+    assert ps.format == "ultrafeedback" and len(ps) == 1 and ps.pairs[0].chosen == "4"
+    assert ps.problems[0].kind == "skipped" and ps.problems[0].line == 2
+
+
+def test_helpsteer_pairs_per_attribute_ties_dropped(tmp_path):
+    rows = [
+        {"prompt": "Explain tides.", "response": "The moon pulls the sea.", "helpfulness": 3, "correctness": 3, "coherence": 4, "complexity": 1, "verbosity": 1},
+        {"prompt": "Explain tides.", "response": "Tides are caused by the gravity of the moon and sun acting on oceans.", "helpfulness": 4, "correctness": 3, "coherence": 4, "complexity": 2, "verbosity": 2},
+        {"prompt": "Explain tides.", "response": "Water.", "helpfulness": 0, "correctness": 1, "coherence": 2, "complexity": 0, "verbosity": 0},
+        {"prompt": "Say hi.", "response": "Hi!", "helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 0, "verbosity": 0},
+        {"prompt": "Say hi.", "response": "Hello there!", "helpfulness": 4, "correctness": 4, "coherence": 4, "complexity": 0, "verbosity": 1},
+    ]
+    f = _jsonl(tmp_path / "hs.jsonl", rows)
+    help_ = load_pairs(f)
+    assert help_.format == "helpsteer" and help_.objective == "helpfulness"
+    assert len(help_) == 3  # 3 pairs for tides, the 'Say hi.' tie is dropped
+    assert all(p.prompt_text == "Explain tides." for p in help_)
+    assert {(p.chosen[:5], p.rejected[:5]) for p in help_} == {("Tides", "The m"), ("Tides", "Water"), ("The m", "Water")}
+    corr = load_pairs(f, attribute="correctness")
+    assert len(corr) == 2  # the two correctness-3 responses tie
+    verb = load_pairs(f, objective="verbosity")  # length-built, from every response pair of a prompt
+    assert len(verb) == 4 and all(len(p.chosen) > len(p.rejected) for p in verb)
+
+
+def test_csv_with_message_cells_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected"])
+        w.writerow(["Hi?", "Hello!", "No."])
+        w.writerow([json.dumps([{"role": "user", "content": "Yo?"}]), "Hey.", "Bye."])
+        w.writerow(["Only two cells", "x"])
+    ps = load_pairs(path, format="trl")
+    assert len(ps) == 2 and ps.pairs[1].prompt == [{"role": "user", "content": "Yo?"}]
+    assert [p.line for p in ps.malformed] == [4] and "rejected" in ps.malformed[0].reason
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a?", "chosen": "yes", "rejected": "no"}]), tmp_path / "p.parquet")
+    assert load_pairs(tmp_path / "p.parquet").pairs[0].chosen == "yes"
+
+
+def test_datasets_folder(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", [{"prompt": f"q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)])
+    ps = load_pairs(str(folder))
+    assert len(ps) == 5 and ps.format == "trl"
+
+
+def test_unreachable_dataset_name_is_a_clear_error():
+    with pytest.raises(DataError, match="Could not load dataset 'nobody/nothing'"):
+        load_pairs("nobody/nothing")
+
+
+def test_malformed_rows_are_reported_with_line_numbers(tmp_path):
+    f = _jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": "yes", "rejected": "no"},
+        '{"prompt": "b", "chosen": "yes", ',  # line 2: broken JSON
+        {"prompt": "c", "chosen": "yes"},  # line 3: no rejected
+        {"prompt": "d", "chosen": "", "rejected": "no"},  # line 4: empty
+        {"prompt": "e", "chosen": "same", "rejected": "same"},  # line 5: identical
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},  # line 6
+    ])
+    ps = load_pairs(f, format="trl")
+    assert len(ps) == 1
+    reasons = {p.line: p.reason for p in ps.problems}
+    assert set(reasons) == {2, 3, 4, 5, 6}
+    assert "not valid JSON" in reasons[2] and "rejected" in reasons[3] and "empty" in reasons[4]
+    assert "identical" in reasons[5] and "role" in reasons[6]
+
+
+def test_no_usable_rows_is_an_error(tmp_path):
+    f = _jsonl(tmp_path / "p.jsonl", [{"prompt": "c", "chosen": "yes"}] * 3)
+    with pytest.raises(DataError, match=r"no usable trl pairs \(3 malformed rows, e.g. line 1: missing column 'rejected'"):
+        load_pairs(f, format="trl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        load_pairs(tmp_path / "empty.jsonl")
+    _jsonl(tmp_path / "odd.jsonl", [{"text": "hello"}])
+    with pytest.raises(DataError, match="Could not tell the data format"):
+        load_pairs(tmp_path / "odd.jsonl")
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "x.xlsx").write_text("x")
+        load_pairs(tmp_path / "x.xlsx")
+
+
+def test_length_builders(tmp_path):
+    f = _jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": "short", "rejected": "a much much longer answer"},
+        {"prompt": "b", "chosen": "a very long and winding reply", "rejected": "brief"},
+        {"prompt": "c", "chosen": "abcdefghijkl", "rejected": "abcdefghijklm"},  # 8% apart: dropped
+    ])
+    verb = load_pairs(f, objective="verbosity")
+    assert verb.objective == "verbosity" and len(verb) == 2
+    assert all(len(p.chosen) > len(p.rejected) for p in verb)
+    conc = length_pairs(load_pairs(f), longer=False)
+    assert conc.objective == "conciseness" and all(len(p.chosen) < len(p.rejected) for p in conc)
+
+
+def test_split_is_deterministic_and_order_independent(shared_data):
+    ps = load_pairs(shared_data / "ultrafeedback_binarized_train1000.jsonl", limit=200)
+    tr, va = ps.split(0.2, seed=3)
+    assert len(tr) + len(va) == 200 and len(va) == 40
+    tr2, va2 = ps.split(0.2, seed=3)
+    assert [p.key() for p in va] == [p.key() for p in va2]
+    shuffled = type(ps)(ps.objective, list(reversed(ps.pairs)))
+    assert {p.key() for p in shuffled.split(0.2, seed=3)[1]} == {p.key() for p in va}
+    assert {p.key() for p in ps.split(0.2, seed=4)[1]} != {p.key() for p in va}
+    assert {p.key() for p in tr}.isdisjoint(p.key() for p in va)
+
+
+def test_limit_and_hash(shared_data):
+    ps = load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl", limit=100)
+    assert len(ps) == 100
+    assert ps.data_hash() == load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl", limit=100).data_hash()
+    assert ps.data_hash() != ps.limit(99).data_hash()
