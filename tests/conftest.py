@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_DATA = REPO / "assets" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,6 @@ def tiny_lm(tiny_model_dir):
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED_DATA / "ultrafeedback_binarized_train1000.jsonl").is_file():
-        pytest.fail(f"the shared preference data is missing at {SHARED_DATA}")
-    return SHARED_DATA
+def demo_data() -> Path:
+    """Real preference pairs (subsets of UltraFeedback and HH-RLHF) shipped in assets/data."""
+    return DEMO_DATA

@@ -34,16 +34,16 @@ def test_model_load_errors_are_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("tsdpo: error: No model at")
 
 
-def test_data_inspect_shared_files(capsys, shared_data):
-    code, out, _ = run(capsys, "data", "inspect", str(shared_data / "ultrafeedback_binarized_train1000.jsonl"))
+def test_data_inspect_demo_files(capsys, demo_data):
+    code, out, _ = run(capsys, "data", "inspect", str(demo_data / "ultrafeedback_helpfulness_400.jsonl"))
     assert code == 0 and "format     ultrafeedback" in out and "objective  helpfulness" in out
-    code, out, _ = run(capsys, "data", "inspect", str(shared_data / "hh_rlhf_harmless_base_1600.jsonl"), "--json")
+    code, out, _ = run(capsys, "data", "inspect", str(demo_data / "hh_rlhf_harmless_600.jsonl"), "--json")
     info = json.loads(out)
-    assert info["format"] == "hh-rlhf" and info["pairs"] + len(info["problems"]) == 1600
+    assert info["format"] == "hh-rlhf" and info["pairs"] + len(info["problems"]) == 600
 
 
-def test_data_inspect_names_a_broken_row(capsys, shared_data, tmp_path):
-    lines = (shared_data / "ultrafeedback_binarized_train1000.jsonl").read_text().splitlines()[:50]
+def test_data_inspect_names_a_broken_row(capsys, demo_data, tmp_path):
+    lines = (demo_data / "ultrafeedback_helpfulness_400.jsonl").read_text().splitlines()[:50]
     lines[11] = lines[11][: len(lines[11]) // 2]  # line 12 cut in half
     damaged = tmp_path / "damaged.jsonl"
     damaged.write_text("\n".join(lines) + "\n")

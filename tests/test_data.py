@@ -12,20 +12,20 @@ def _jsonl(path, rows):
     return path
 
 
-def test_shared_ultrafeedback(shared_data):
-    ps = load_pairs(shared_data / "ultrafeedback_binarized_train1000.jsonl")
+def test_demo_ultrafeedback(demo_data):
+    ps = load_pairs(demo_data / "ultrafeedback_helpfulness_400.jsonl")
     assert (ps.format, ps.objective) == ("ultrafeedback", "helpfulness")
-    assert len(ps) + len(ps.problems) == 1000
+    assert len(ps) + len(ps.problems) == 400
     assert all(p.kind == "skipped" and "tie" in p.reason for p in ps.problems if "score" in p.reason)
-    assert len(ps) > 800
+    assert len(ps) > 300
     assert ps.pairs[0].prompt[0]["role"] == "user"
 
 
-def test_shared_hh_rlhf_split_at_last_assistant_turn(shared_data):
-    ps = load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl")
+def test_demo_hh_rlhf_split_at_last_assistant_turn(demo_data):
+    ps = load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl")
     assert (ps.format, ps.objective) == ("hh-rlhf", "harmlessness")
-    assert len(ps) + len(ps.problems) == 1600
-    first = json.loads((shared_data / "hh_rlhf_harmless_base_1600.jsonl").open().readline())
+    assert len(ps) + len(ps.problems) == 600
+    first = json.loads((demo_data / "hh_rlhf_harmless_600.jsonl").open().readline())
     pair = ps.pairs[0]
     assert first["chosen"].endswith(pair.chosen)
     assert first["rejected"].endswith(pair.rejected)
@@ -165,8 +165,8 @@ def test_length_builders(tmp_path):
     assert conc.objective == "conciseness" and all(len(p.chosen) < len(p.rejected) for p in conc)
 
 
-def test_split_is_deterministic_and_order_independent(shared_data):
-    ps = load_pairs(shared_data / "ultrafeedback_binarized_train1000.jsonl", limit=200)
+def test_split_is_deterministic_and_order_independent(demo_data):
+    ps = load_pairs(demo_data / "ultrafeedback_helpfulness_400.jsonl", limit=200)
     tr, va = ps.split(0.2, seed=3)
     assert len(tr) + len(va) == 200 and len(va) == 40
     tr2, va2 = ps.split(0.2, seed=3)
@@ -177,8 +177,8 @@ def test_split_is_deterministic_and_order_independent(shared_data):
     assert {p.key() for p in tr}.isdisjoint(p.key() for p in va)
 
 
-def test_limit_and_hash(shared_data):
-    ps = load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl", limit=100)
+def test_limit_and_hash(demo_data):
+    ps = load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", limit=100)
     assert len(ps) == 100
-    assert ps.data_hash() == load_pairs(shared_data / "hh_rlhf_harmless_base_1600.jsonl", limit=100).data_hash()
+    assert ps.data_hash() == load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", limit=100).data_hash()
     assert ps.data_hash() != ps.limit(99).data_hash()
