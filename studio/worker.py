@@ -42,13 +42,18 @@ class ModelWorker(QObject):
             message = f"{type(exc).__name__}: {exc}\n\nThe details are in the log file."
         self.failed.emit(title, message)
 
+    def _progress(self, message: str, fraction=None) -> None:
+        log.info("%s", message)
+        self.progress.emit(message)
+
     @Slot(dict)
     def load(self, request: dict) -> None:
         self.busy.emit("Loading model")
         try:
             lm = load_model(request.get("source"), device=request.get("device", "auto"), dtype=request.get("dtype", "auto"),
                             trust_remote_code=bool(request.get("trust_remote_code", False)),
-                            progress=lambda message, fraction=None: self.progress.emit(message))
+                            progress=self._progress)
+            log.info("loaded %s", lm.describe())
             self.lm = lm  # the old model (if any) stays in use until the new one has loaded
             self.modelLoaded.emit(lm.describe())
         except BaseException as exc:  # noqa: BLE001 - any failure becomes a dialog, the app keeps running
@@ -64,6 +69,7 @@ class ModelWorker(QObject):
         self.busy.emit("Generating")
         try:
             result = generate(self.lm, prompt, SamplingParams(**params), on_text=self.text.emit, stop=self.stop)
+            log.info("generated %d tokens in %.2f s%s", result.n_tokens, result.seconds, " (stopped)" if result.stopped else "")
             self.generated.emit({"text": result.text, "n_tokens": result.n_tokens, "seconds": result.seconds,
                                  "tokens_per_s": result.tokens_per_s, "stopped": result.stopped})
         except BaseException as exc:  # noqa: BLE001
