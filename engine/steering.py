@@ -1,0 +1,266 @@
+"""PaLRS-style steering vectors: training-free residual-stream directions from preference pairs.
+
+For each pair, prompt+chosen and prompt+rejected are teacher-forced through the model in its chat
+format; the output of every decoder block is aggregated over the response tokens (mean, or the last
+token), and the vector of block l is mean(chosen) - mean(rejected). Every layer is scored on held-out
+pairs by how well the projection onto its vector separates chosen from rejected; the best layer
+(the last few are skipped) is the one steered unless the user says otherwise.
+
+A weight alpha adds ``alpha * strength * norm_l * v_l / |v_l|`` to the output of block l: ``norm_l``
+is the typical norm of that block's output on response tokens, so a coefficient means the same thing
+on any model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from engine.data import PairSet
+from engine.directions import DirectionError, check_model, read_direction_file, save_direction_file
+from engine.errors import Cancelled
+from engine.models import LoadedModel
+
+KIND = "steering"
+DEFAULT_MAX_RESPONSE_TOKENS = 192
+DEFAULT_STRENGTH = 0.5  # weight 1.0 pushes by half the layer's typical activation norm (see docs in README)
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _block_output(out):
+    """Decoder blocks return a tensor or a tuple whose first item is the hidden state."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class SteeringVector:
+    objective: str
+    vectors: torch.Tensor  # [n_layers, hidden]: mean(chosen) - mean(rejected) at the output of each block
+    norms: torch.Tensor  # [n_layers]: typical norm of the block output on response tokens
+    accuracy: torch.Tensor  # [n_layers]: held-out fraction of pairs whose chosen projects above rejected
+    effect: torch.Tensor  # [n_layers]: held-out mean projection gap / its std
+    layers: list[int]  # blocks steered by default
+    model: dict  # identity of the model it was made for
+    strength: float = DEFAULT_STRENGTH
+    meta: dict = field(default_factory=dict)
+    name: str = ""
+
+    kind = KIND
+
+    def __post_init__(self):
+        self.name = self.name or self.objective
+
+    @property
+    def ranking(self) -> list[int]:
+        """Candidate layers, best first (the stored choice among them is ``layers``)."""
+        return list(self.meta.get("ranking", []))
+
+    def unit(self, layer: int) -> torch.Tensor:
+        v = self.vectors[layer].float()
+        return v / v.norm().clamp_min(1e-12)
+
+    def delta(self, layer: int, alpha: float = 1.0) -> torch.Tensor:
+        """What weight ``alpha`` adds to the output of ``layer``."""
+        return alpha * self.strength * float(self.norms[layer]) * self.unit(layer)
+
+    def with_settings(self, layers: Optional[list[int]] = None, strength: Optional[float] = None) -> "SteeringVector":
+        """Override the steered layers or the strength (the user's choice beats the data's)."""
+        n = self.vectors.shape[0]
+        if layers is not None:
+            bad = [l for l in layers if not 0 <= l < n]
+            if bad or not layers:
+                raise DirectionError(f"Steered layers must be between 0 and {n - 1}; got {layers}.")
+        return SteeringVector(self.objective, self.vectors, self.norms, self.accuracy, self.effect,
+                              list(layers) if layers is not None else list(self.layers), self.model,
+                              self.strength if strength is None else float(strength), dict(self.meta), self.name)
+
+    def save(self, path: str | Path) -> Path:
+        meta = {**self.meta, "objective": self.objective, "layers": self.layers, "strength": self.strength,
+                "model": self.model, "name": self.name}
+        return save_direction_file(path, KIND, {"vectors": self.vectors.float(), "norms": self.norms.float(),
+                                                "accuracy": self.accuracy.float(), "effect": self.effect.float()}, meta)
+
+    @classmethod
+    def from_file(cls, kind: str, tensors: dict, meta: dict, path: Path) -> "SteeringVector":
+        if kind != KIND:
+            raise DirectionError(f"{path} holds a {kind} direction, not a steering vector.")
+        try:
+            sv = cls(meta["objective"], tensors["vectors"], tensors["norms"], tensors["accuracy"], tensors["effect"],
+                     [int(l) for l in meta["layers"]], meta["model"], float(meta.get("strength", DEFAULT_STRENGTH)),
+                     meta, meta.get("name") or meta["objective"])
+        except KeyError as exc:
+            raise DirectionError(f"{path}: the steering vector lacks {exc}; the file is incomplete. Rebuild it.") from exc
+        if sv.vectors.ndim != 2 or sv.vectors.shape[0] != sv.norms.shape[0]:
+            raise DirectionError(f"{path}: the steering tensors have inconsistent shapes {tuple(sv.vectors.shape)}.")
+        if sv.vectors.shape[1] != meta["model"].get("hidden_size"):
+            raise DirectionError(f"{path}: vectors of size {sv.vectors.shape[1]} do not match the recorded model.")
+        return sv
+
+    @classmethod
+    def load(cls, path: str | Path, lm: Optional[LoadedModel] = None) -> "SteeringVector":
+        kind, tensors, meta = read_direction_file(path)
+        sv = cls.from_file(kind, tensors, meta, Path(path))
+        if lm is not None:
+            check_model(sv.model, lm, path)
+        return sv
+
+
+# --------------------------------------------------------------------------------------------- extraction
+
+def _encode(lm: LoadedModel, pair_prompt, response: str, max_prompt: int, max_response: int) -> tuple[list[int], int]:
+    """Token ids of prompt (chat format, generation prompt included) + response, and where the response starts."""
+    tok = lm.tokenizer
+    p = tok(lm.chat_text(pair_prompt), add_special_tokens=False).input_ids[-max_prompt:]
+    r = tok(response, add_special_tokens=False).input_ids[:max_response]
+    return p + r, len(p)
+
+
+class _Collector:
+    """Forward hooks that aggregate every block's output over the response tokens, in float64."""
+
+    def __init__(self, layers: torch.nn.ModuleList, aggregate: str):
+        self.aggregate = aggregate
+        self.mask: Optional[torch.Tensor] = None  # [B, T] float64, 1 on response tokens
+        self.last: Optional[torch.Tensor] = None  # [B] index of the last response token
+        self.out: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            h = _block_output(output).double()
+            if self.aggregate == "last":
+                vec = h[torch.arange(h.shape[0]), self.last]
+                norm = vec.norm(dim=-1)
+            else:
+                m = self.mask.unsqueeze(-1)
+                count = m.sum(1).clamp_min(1)
+                vec = (h * m).sum(1) / count
+                norm = (h.norm(dim=-1) * self.mask).sum(1) / count.squeeze(-1)
+            self.out[i] = (vec.float(), norm.float())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *, aggregate: str = "mean",
+                         batch_size: int = 8, padding_side: str = "right", progress: Optional[ProgressFn] = None,
+                         should_stop: Optional[Callable[[], bool]] = None, progress_offset: int = 0,
+                         progress_total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregated block outputs over response tokens: ([N, L, H] vectors, [N, L] mean token norms).
+
+    Sequences are batched by length; padding (left or right) never enters the aggregates, and position
+    ids follow the attention mask so left padding gives the same activations as no padding.
+    """
+    if aggregate not in ("mean", "last"):
+        raise DirectionError(f"aggregate must be mean or last, not {aggregate!r}.")
+    if padding_side not in ("left", "right"):
+        raise DirectionError(f"padding side must be left or right, not {padding_side!r}.")
+    n, L, H = len(items), lm.n_layers, lm.hidden_size
+    vecs = torch.zeros(n, L, H)
+    norms = torch.zeros(n, L)
+    order = sorted(range(n), key=lambda i: len(items[i][0]))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    collector = _Collector(lm.decoder_layers(), aggregate)
+    total = progress_total or n
+    try:
+        for start in range(0, n, batch_size):
+            if should_stop is not None and should_stop():
+                raise Cancelled("steering-vector extraction")
+            idx = order[start:start + batch_size]
+            T = max(len(items[i][0]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            attn = torch.zeros(len(idx), T, dtype=torch.long)
+            resp = torch.zeros(len(idx), T, dtype=torch.float64)
+            last = torch.zeros(len(idx), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq, rstart = items[i]
+                off = T - len(seq) if padding_side == "left" else 0
+                ids[row, off:off + len(seq)] = torch.tensor(seq)
+                attn[row, off:off + len(seq)] = 1
+                resp[row, off + rstart:off + len(seq)] = 1
+                last[row] = off + len(seq) - 1
+            pos = (attn.cumsum(-1) - 1).clamp_min(0)
+            collector.mask, collector.last = resp.to(lm.device), last.to(lm.device)
+            lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), position_ids=pos.to(lm.device),
+                     use_cache=False)
+            for layer, (v, nm) in enumerate(collector.out):
+                vecs[idx, layer] = v.cpu()
+                norms[idx, layer] = nm.cpu()
+            if progress is not None:
+                progress(progress_offset + min(start + batch_size, n), total)
+    finally:
+        collector.remove()
+    return vecs, norms
+
+
+def candidate_layers(n_layers: int) -> list[int]:
+    """Layers eligible for steering: not the first, not the last fifth (at least two), which mostly shape
+    the next-token distribution rather than what is said."""
+    skip_last = max(2, n_layers // 5)
+    eligible = [l for l in range(1, n_layers - skip_last)]
+    return eligible or list(range(n_layers))
+
+
+def score_layers(vectors: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer: fraction of pairs where chosen projects above rejected, and the gap's effect size."""
+    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [L, H]
+    gap = torch.einsum("nlh,lh->nl", chosen.double() - rejected.double(), unit.double())  # [N, L]
+    accuracy = (gap > 0).double().mean(0)
+    effect = gap.mean(0) / gap.std(0).clamp_min(1e-12) if gap.shape[0] > 1 else gap.mean(0).sign()
+    return accuracy.float(), effect.float()
+
+
+def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_size: int = 8,
+            val_fraction: float = 0.2, seed: int = 0, padding_side: str = "right", max_prompt_tokens: int = 256,
+            max_response_tokens: Optional[int] = None, layers: Optional[list[int]] = None,
+            strength: Optional[float] = None,
+            progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None,
+            name: Optional[str] = None) -> SteeringVector:
+    """Build a steering vector for ``pairs.objective`` from the pairs (as few as 100 work)."""
+    if len(pairs) < 2:
+        raise DirectionError(f"{len(pairs)} pair(s) are too few to extract a steering vector; give at least 20 (100+ is better).")
+    t0 = time.perf_counter()
+    strength = DEFAULT_STRENGTH if strength is None else float(strength)
+    max_response_tokens = max_response_tokens or DEFAULT_MAX_RESPONSE_TOKENS
+    if layers is not None and any(not 0 <= l < lm.n_layers for l in layers):
+        raise DirectionError(f"Steered layers must be between 0 and {lm.n_layers - 1}; got {layers}.")
+    train, val = pairs.split(val_fraction, seed)
+    held_out = len(val) >= 2
+    all_pairs = train.pairs + (val.pairs if held_out else [])
+    items = []
+    for p in all_pairs:
+        items.append(_encode(lm, p.prompt, p.chosen, max_prompt_tokens, max_response_tokens))
+        items.append(_encode(lm, p.prompt, p.rejected, max_prompt_tokens, max_response_tokens))
+    acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size,
+                                       padding_side=padding_side, progress=progress, should_stop=should_stop)
+    chosen, rejected = acts[0::2].double(), acts[1::2].double()
+    n_train = len(train)
+    vectors = (chosen[:n_train].mean(0) - rejected[:n_train].mean(0)).float()  # float64 means, stored as float32
+    typical = norms[: 2 * n_train].double().mean(0).float()
+    sc, sr = (chosen[n_train:], rejected[n_train:]) if held_out else (chosen, rejected)
+    accuracy, effect = score_layers(vectors, sc, sr)
+    cands = candidate_layers(lm.n_layers)
+    ranking = sorted(cands, key=lambda l: (float(accuracy[l]), float(effect[l])), reverse=True)
+    chosen_layers = list(layers) if layers else ranking[:1]
+    meta = {
+        "ranking": ranking,
+        "pairs": len(pairs), "train_pairs": n_train, "heldout_pairs": len(val) if held_out else 0,
+        "scored_on": "held-out pairs" if held_out else "training pairs (too few for a held-out split)",
+        "data_hash": pairs.data_hash(), "data_source": pairs.source, "data_format": pairs.format,
+        "method": {"aggregate": aggregate, "val_fraction": val_fraction, "seed": seed, "padding_side": padding_side,
+                   "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    sv = SteeringVector(pairs.objective, vectors, typical, accuracy, effect, chosen_layers, lm.identity(),
+                        strength, meta, name or pairs.objective)
+    return sv
