@@ -1,0 +1,136 @@
+"""Applying a mix of directions to the loaded model.
+
+Steering vectors go in through forward hooks on the steered blocks, which add
+``sum_k alpha_k * delta_k,l`` to the block output: at every position, or only at generated tokens.
+Changing weights swaps one small tensor per steered layer and reloads nothing. A mix may carry
+one row of weights per batch row, so columns that differ only in steering coefficients run as one batch.
+With every weight at zero no hook is left on the model, so its logits are bit-identical to the base.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from engine.directions import DirectionError, check_model
+from engine.models import LoadedModel
+from engine.steering import SteeringVector
+
+POSITIONS = ("all", "generated")
+
+
+class Mixer:
+    def __init__(self, lm: LoadedModel, positions: str = "all"):
+        if positions not in POSITIONS:
+            raise DirectionError(f"positions must be one of {POSITIONS}, not {positions!r}.")
+        self.lm = lm
+        self.positions = positions
+        self.directions: dict[str, SteeringVector] = {}
+        self.rows: list[dict[str, float]] = [{}]  # the weights now applied, one dict per batch row
+        self.prompt_len: Optional[int] = None  # set by generation for "generated" positions on full sequences
+        self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
+        self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._blocks = lm.decoder_layers()
+
+    # ------------------------------------------------------------------ directions
+    def add(self, direction: SteeringVector, name: Optional[str] = None) -> str:
+        """Add a direction (refused if made for another model). Returns the name it is mixed under."""
+        check_model(direction.model, self.lm)
+        name = name or direction.name
+        if name in self.directions:
+            raise DirectionError(f"A direction named {name!r} is already loaded; give this one another name.")
+        self.directions[name] = direction
+        return name
+
+    def remove(self, name: str) -> None:
+        self.directions.pop(name, None)
+        self.set_row_weights([{k: v for k, v in row.items() if k != name} for row in self.rows])
+
+    def interference(self, threshold: float = 0.7) -> list[tuple[str, str, float]]:
+        """Pairs of directions whose vectors point nearly the same (or opposite) way at the layers they steer:
+        summing them mostly adds up one effect, or cancels it."""
+        flagged = []
+        for (a, da), (b, db) in itertools.combinations(self.directions.items(), 2):
+            layers = sorted(set(da.layers) | set(db.layers))
+            cos = sum(float(torch.nn.functional.cosine_similarity(da.vectors[l].double(), db.vectors[l].double(), dim=0))
+                      for l in layers) / len(layers)
+            if abs(cos) >= threshold:
+                flagged.append((a, b, round(cos, 3)))
+        return flagged
+
+    # ------------------------------------------------------------------ weights
+    def set_weights(self, weights: dict[str, float]) -> None:
+        self.set_row_weights([weights])
+
+    def set_row_weights(self, rows: Sequence[dict[str, float]]) -> None:
+        """Apply one weight dict per batch row (a single dict applies to every row)."""
+        unknown = {k for row in rows for k in row} - set(self.directions)
+        if unknown:
+            raise DirectionError(f"No loaded direction named {', '.join(sorted(unknown))}; load it first.")
+        rows = [dict(r) for r in rows] or [{}]
+        p = next(self.lm.model.parameters())
+        delta: dict[int, torch.Tensor] = {}
+        for i, row in enumerate(rows):
+            for name, alpha in row.items():
+                if alpha == 0:
+                    continue
+                sv = self.directions[name]
+                for layer in sv.layers:
+                    if layer not in delta:
+                        delta[layer] = torch.zeros(len(rows), self.lm.hidden_size, dtype=torch.float32)
+                    delta[layer][i] += sv.delta(layer, float(alpha))
+        self._delta = {l: d.to(device=p.device, dtype=p.dtype) for l, d in delta.items()}
+        for layer in list(self._hooks):
+            if layer not in self._delta:
+                self._hooks.pop(layer).remove()
+        for layer in self._delta:
+            if layer not in self._hooks:
+                self._hooks[layer] = self._blocks[layer].register_forward_hook(self._hook(layer))
+        self.rows = rows
+
+    def clear(self) -> None:
+        """Back to the exact base model."""
+        self.set_row_weights([{}])
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    @contextmanager
+    def applied(self, rows: Sequence[dict[str, float]]) -> Iterator[None]:
+        """Apply ``rows`` for the duration of a block, then put back what was applied before."""
+        before = [dict(r) for r in self.rows]
+        self.set_row_weights(rows)
+        try:
+            yield
+        finally:
+            self.set_row_weights(before)
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            d = self._delta.get(layer)
+            if d is None:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            if d.shape[0] not in (1, h.shape[0]):
+                raise DirectionError(f"The mix has {d.shape[0]} rows of weights but the batch has {h.shape[0]}.")
+            add = d[:, None, :]
+            if self.positions == "generated" and h.shape[1] > 1:
+                # A full sequence (prefill): steer only what lies beyond the prompt, if anything.
+                start = self.prompt_len if self.prompt_len is not None else h.shape[1]
+                if start >= h.shape[1]:
+                    return None
+                h = torch.cat([h[:, :start], h[:, start:] + add], dim=1)
+            else:
+                h = h + add
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+
+def steering_only(mixer: Optional[Mixer], rows: Sequence[dict[str, float]]) -> bool:
+    """True when the rows differ only in steering coefficients, so they can run as one batch."""
+    return mixer is None or all(mixer.directions[k].kind == "steering" for row in rows for k in row if row[k])
