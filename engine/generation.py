@@ -1,18 +1,27 @@
-"""Streamed generation with a Stop that ends it within one token step."""
+"""Generation: one decoding loop for a single reply and for side-by-side columns.
+
+Every column gets the same prompt, chat format, sampling parameters and seed: each batch row samples
+from its own generator seeded alike, so with the same mix two columns draw the same random numbers and
+differences come only from the mix. Text streams per column as tokens arrive; Stop ends the loop
+within one token step.
+"""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from engine.errors import TsdpoError
 from engine.models import LoadedModel
+
+if TYPE_CHECKING:
+    from engine.mixer import Mixer
+    from engine.store import Store
 
 
 @dataclass
@@ -36,14 +45,6 @@ class SamplingParams:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-    def generate_kwargs(self) -> dict:
-        kw = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=self.repetition_penalty)
-        if self.temperature > 0:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
 
 
 @dataclass
@@ -74,14 +75,6 @@ class StopFlag:
         return self._event.is_set()
 
 
-class _StopOnFlag(StoppingCriteria):
-    def __init__(self, flag: StopFlag):
-        self.flag = flag
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class TextDeltas:
     """Turns a growing list of token ids into text pieces, holding back half-decoded characters."""
 
@@ -105,23 +98,6 @@ class TextDeltas:
         return self.text
 
 
-class _Streamer(BaseStreamer):
-    def __init__(self, deltas: TextDeltas, eos_ids: set[int]):
-        self.deltas = deltas
-        self.eos_ids = eos_ids
-        self.seen_prompt = False
-        self.n_tokens = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # generate() first hands over the prompt
-            self.seen_prompt = True
-            return
-        ids = [int(t) for t in value.reshape(-1).tolist() if int(t) not in self.eos_ids]
-        self.n_tokens += len(ids)
-        self.deltas.push(ids)
-
-    def end(self) -> None:
-        pass
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:
@@ -132,19 +108,160 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def generate(lm: LoadedModel, prompt: str | list[dict], params: SamplingParams = SamplingParams(),
-             on_text: Optional[Callable[[str], None]] = None, stop: Optional[StopFlag] = None) -> GenerationResult:
-    """Generate a reply to ``prompt`` in the model's chat format, streaming text pieces to ``on_text``."""
+def _prompt_ids(lm: LoadedModel, prompt: str | list[dict]) -> list[int]:
+    return lm.tokenizer(lm.chat_text(prompt), add_special_tokens=False).input_ids
+
+
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty as in CTRL / transformers: divide positive logits of seen tokens, multiply negative ones."""
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def _top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > p  # keep the smallest set whose mass reaches p (at least one)
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return out / out.sum(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: SamplingParams,
+           on_text: Optional[Callable[[int, str], None]] = None, stop: Optional[StopFlag] = None,
+           mixer: Optional["Mixer"] = None) -> list[GenerationResult]:
+    """Generate ``n_rows`` continuations of one prompt in a batch (rows differ only by the mix's per-row weights)."""
     params.validate()
-    enc = lm.tokenizer(lm.chat_text(prompt), return_tensors="pt", add_special_tokens=False).to(lm.device)
     stop = stop or StopFlag()
     eos = eos_ids(lm)
-    streamer = _Streamer(TextDeltas(lm.tokenizer, on_text), eos)
-    torch.manual_seed(params.seed)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    dev = lm.device
+    gens = [torch.Generator().manual_seed(params.seed) for _ in range(n_rows)]
+    deltas = [TextDeltas(lm.tokenizer, (lambda piece, r=r: on_text(r, piece)) if on_text else None) for r in range(n_rows)]
+    ids = torch.tensor([prompt_ids] * n_rows, device=dev)
+    seen = ids.clone()
+    attn = torch.ones_like(ids)
+    done = [False] * n_rows
+    counts = [0] * n_rows
+    ended = [0.0] * n_rows
+    if mixer is not None:
+        mixer.prompt_len = len(prompt_ids)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        lm.model.generate(**enc, **params.generate_kwargs(), streamer=streamer,
-                          stopping_criteria=StoppingCriteriaList([_StopOnFlag(stop)]),
-                          pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(eos) or None)
-    seconds = time.perf_counter() - t0
-    return GenerationResult(streamer.deltas.finish(), streamer.n_tokens, seconds, stopped=stop.is_set())
+    try:
+        out = lm.model(input_ids=ids, attention_mask=attn, use_cache=True)
+        for step in range(params.max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            if params.repetition_penalty != 1.0:
+                logits = _penalize(logits, seen, params.repetition_penalty)
+            if params.temperature > 0:
+                probs = torch.softmax(logits / params.temperature, dim=-1)
+                if params.top_p < 1.0:
+                    probs = _top_p(probs, params.top_p)
+                probs = probs.cpu()
+                nxt = torch.cat([torch.multinomial(probs[r], 1, generator=gens[r]) for r in range(n_rows)]).to(dev)
+            else:
+                nxt = logits.argmax(-1)
+            now = time.perf_counter() - t0
+            for r in range(n_rows):
+                if done[r]:
+                    nxt[r] = pad
+                    continue
+                tok = int(nxt[r])
+                if tok in eos:
+                    done[r], ended[r] = True, now
+                    continue
+                counts[r] += 1
+                deltas[r].push([tok])
+            if all(done) or stop.is_set() or step == params.max_new_tokens - 1:
+                break
+            seen = torch.cat([seen, nxt[:, None]], dim=1)
+            attn = torch.cat([attn, torch.ones_like(nxt)[:, None]], dim=1)
+            out = lm.model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=out.past_key_values, use_cache=True)
+    finally:
+        if mixer is not None:
+            mixer.prompt_len = None
+    total = time.perf_counter() - t0
+    stopped = stop.is_set()
+    return [GenerationResult(deltas[r].finish(), counts[r], ended[r] if done[r] else total, stopped=stopped and not done[r])
+            for r in range(n_rows)]
+
+
+def generate(lm: LoadedModel, prompt: str | list[dict], params: SamplingParams = SamplingParams(),
+             on_text: Optional[Callable[[str], None]] = None, stop: Optional[StopFlag] = None,
+             mixer: Optional["Mixer"] = None) -> GenerationResult:
+    """One reply to ``prompt`` in the model's chat format (with whatever mix is applied), streamed to ``on_text``."""
+    cb = (lambda _row, piece: on_text(piece)) if on_text else None
+    return decode(lm, _prompt_ids(lm, prompt), 1, params, cb, stop, mixer)[0]
+
+
+@dataclass
+class Column:
+    label: str
+    weights: dict[str, float] = field(default_factory=dict)
+    point: Optional[tuple[float, float]] = None
+
+
+@dataclass
+class ColumnResult:
+    column: Column
+    result: GenerationResult
+    generation_id: Optional[int] = None
+
+
+@dataclass
+class Comparison:
+    columns: list[ColumnResult]
+    batched: bool
+    comparison_id: Optional[int] = None
+
+
+def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column], params: SamplingParams = SamplingParams(),
+            *, mixer: Optional["Mixer"] = None, on_text: Optional[Callable[[int, str], None]] = None,
+            stop: Optional[StopFlag] = None, store: Optional["Store"] = None, session_id: Optional[int] = None,
+            batched: Optional[bool] = None) -> Comparison:
+    """Run ``prompt`` through 1-4 columns (a label and weights each; base = no weights) and store the result.
+
+    Columns that differ only in steering coefficients run as one batch with per-row coefficients, unless
+    ``batched=False``. Whatever mix was applied before is applied again afterwards.
+    """
+    from engine.mixer import steering_only
+
+    if not 1 <= len(columns) <= 4:
+        raise TsdpoError(f"A comparison has 1 to 4 columns, not {len(columns)}.")
+    if any(c.weights for c in columns) and mixer is None:
+        raise TsdpoError("Columns with weights need a mixer holding their directions.")
+    rows = [dict(c.weights) for c in columns]
+    can_batch = steering_only(mixer, rows)
+    if batched and not can_batch:
+        raise TsdpoError("These columns include weight-space directions, which cannot share one batch.")
+    batched = can_batch if batched is None else batched
+    ids = _prompt_ids(lm, prompt)
+    if batched:
+        if mixer is not None:
+            with mixer.applied(rows):
+                results = decode(lm, ids, len(columns), params, on_text, stop, mixer)
+        else:
+            results = decode(lm, ids, len(columns), params, on_text, stop)
+    else:
+        results = []
+        for i, row in enumerate(rows):
+            cb = (lambda _r, piece, i=i: on_text(i, piece)) if on_text else None
+            if mixer is not None:
+                with mixer.applied([row]):
+                    results.append(decode(lm, ids, 1, params, cb, stop, mixer)[0])
+            else:
+                results.append(decode(lm, ids, 1, params, cb, stop)[0])
+            if stop is not None and stop.is_set():
+                break
+    comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched)
+    if store is not None and session_id is not None:
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+        row = store.add_comparison(session_id, text, params.to_json(), params.seed, [
+            {"label": cr.column.label, "output": cr.result.text, "n_tokens": cr.result.n_tokens,
+             "seconds": cr.result.seconds, "point": cr.column.point, "weights": cr.column.weights,
+             "stopped": cr.result.stopped} for cr in comp.columns])
+        comp.comparison_id = row.id
+        for cr, g in zip(comp.columns, row.generations):
+            cr.generation_id = g.id
+    return comp

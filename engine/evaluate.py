@@ -1,0 +1,36 @@
+"""Measurements of what a mix does, shared by the CLI, the benchmarks and the studio."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable, Optional, Sequence
+
+from engine.generation import SamplingParams, decode, _prompt_ids
+from engine.mixer import Mixer
+
+
+def response_lengths(mixer: Mixer, name: str, weights: Sequence[float], prompts: Sequence[str],
+                     params: SamplingParams = SamplingParams(max_new_tokens=200),
+                     progress: Optional[Callable[[int, int], None]] = None) -> dict[float, list[int]]:
+    """Tokens generated for each prompt at each weight of direction ``name`` (all weights of one prompt in one batch)."""
+    lm = mixer.lm
+    out: dict[float, list[int]] = {w: [] for w in weights}
+    for i, prompt in enumerate(prompts):
+        with mixer.applied([{name: w} for w in weights]):
+            results = decode(lm, _prompt_ids(lm, prompt), len(weights), params, mixer=mixer)
+        for w, r in zip(weights, results):
+            out[w].append(r.n_tokens)
+        if progress:
+            progress(i + 1, len(prompts))
+    return out
+
+
+def summarize_lengths(lengths: dict[float, list[int]], limit: int) -> list[dict]:
+    """Mean and median tokens per weight, and how many replies ran into the token limit."""
+    return [{"weight": w, "mean_tokens": round(statistics.fmean(ns), 1), "median_tokens": statistics.median(ns),
+             "at_limit": sum(n >= limit for n in ns)} for w, ns in lengths.items()]
+
+
+def is_monotonic(values: Sequence[float], increasing: bool = True) -> bool:
+    pairs = list(zip(values, values[1:]))
+    return all(b >= a for a, b in pairs) if increasing else all(b <= a for a, b in pairs)
