@@ -112,16 +112,223 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from engine.generation import SamplingParams, generate
+def _store(args):
+    from engine.store import Store
 
-    lm = _load(args, args.model)
+    return Store(args.db) if getattr(args, "db", None) else Store()
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    """'a.safetensors=0.5,verbosity=-1' -> {'a.safetensors': 0.5, 'verbosity': -1.0}"""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ref, sep, w = part.rpartition("=")
+        if not sep or not ref:
+            raise TsdpoError(f"--mix takes DIRECTION=WEIGHT[,DIRECTION=WEIGHT...]; {part!r} has no '=WEIGHT'.")
+        try:
+            out[ref] = float(w)
+        except ValueError:
+            raise TsdpoError(f"--mix: weight {w!r} of {ref!r} is not a number.") from None
+    return out
+
+
+def _progress_bar(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _side_by_side(columns: list[tuple[str, str, str]], width: int) -> str:
+    """Columns of (header, text, footer) printed next to each other, wrapped to the terminal."""
+    import textwrap
+
+    n = len(columns)
+    w = max(20, (width - 3 * (n - 1)) // n)
+
+    def wrap(text: str) -> list[str]:
+        lines = []
+        for para in text.splitlines() or [""]:
+            lines += textwrap.wrap(para, w) or [""]
+        return lines
+
+    blocks = [[*wrap(h), "-" * w, *wrap(t), "-" * w, *wrap(f)] for h, t, f in columns]
+    height = max(map(len, blocks))
+    return "\n".join(" | ".join(b[i].ljust(w) if i < len(b) else " " * w for b in blocks).rstrip() for i in range(height))
+
+
+def cmd_generate(args) -> int:
+    import shutil
+
+    from engine.directions import load_direction
+    from engine.generation import Column, SamplingParams, compare
+    from engine.mixer import Mixer
+
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed)
-    result = generate(lm, args.prompt, params, on_text=lambda t: print(t, end="", flush=True))
-    print()
-    print(f"[{result.n_tokens} tokens, {result.seconds:.1f} s, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+                            repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+    mixes = [_parse_mix(m) for m in args.mix]
+    if len(mixes) + len(args.compare) > 4:
+        raise TsdpoError("At most 4 columns: count the --mix and --compare options.")
+    for c in args.compare:
+        if c != "base":
+            raise TsdpoError(f"--compare takes 'base' (add more mixes with another --mix), not {c!r}.")
+    lm = _load(args, args.model)
+    store = None if args.no_store else _store(args)
+    mixer = Mixer(lm, positions=args.positions)
+    names: dict[str, str] = {}
+    for ref in dict.fromkeys(r for m in mixes for r in m):
+        names[ref] = mixer.add(load_direction(ref, lm, store), name=None if ref not in names else ref)
+    for a, b, cos in mixer.interference():
+        print(f"note: {a} and {b} point nearly the same way (cosine {cos:+.2f}); their effects will overlap.", file=sys.stderr)
+    columns = []
+    for mix in mixes:
+        weights = {names[r]: w for r, w in mix.items()}
+        columns.append(Column(" + ".join(f"{w:+g} {n}" for n, w in weights.items()), weights))
+    columns += [Column("base") for _ in args.compare]
+    if not columns:
+        columns = [Column("base")]
+    session_id = None
+    if store is not None:
+        session_id = _cli_session(store, lm)
+    counts = [0] * len(columns)
+    bar = _progress_bar(params.max_new_tokens * len(columns), "generating", "tok")
+
+    def on_text(i: int, piece: str) -> None:
+        bar.update(1)
+
+    try:
+        comp = compare(lm, args.prompt, columns, params, mixer=mixer, on_text=on_text, store=store,
+                       session_id=session_id, batched=False if args.sequential else None)
+    finally:
+        bar.close()
+    width = shutil.get_terminal_size((120, 40)).columns
+    print(_side_by_side([(cr.column.label, cr.result.text,
+                          f"{cr.result.n_tokens} tokens, {cr.result.tokens_per_s:.1f} tokens/s"
+                          + (" (stopped)" if cr.result.stopped else "")) for cr in comp.columns], width))
+    mode = "one batch" if comp.batched else "one after another"
+    saved = f"; saved as comparison {comp.comparison_id} in {store.path}" if store is not None else ""
+    print(f"[{len(columns)} column(s), {mode}, seed {params.seed}{saved}]", file=sys.stderr)
     return 0
+
+
+def _cli_session(store, lm) -> int:
+    """Generations from the command line go to one session per model, named after it."""
+    name = f"cli: {lm.name}"
+    for s in store.sessions(limit=200):
+        if s.name == name and s.model_fingerprint == lm.fingerprint:
+            return s.id
+    return store.create_session(name, lm.source.to_json(), lm.fingerprint).id
+
+
+def cmd_steer_extract(args) -> int:
+    from engine.data import load_pairs
+    from engine.directions import file_sha256
+    from engine.steering import extract
+
+    pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit,
+                       attribute=args.attribute)
+    print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
+    out = _new_output(args.out, args.overwrite)
+    lm = _load(args, args.model)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    bar = _progress_bar(2 * len(pairs), "extracting", "seq")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        sv = extract(lm, pairs, aggregate=args.aggregate, batch_size=args.batch_size, val_fraction=args.val_fraction,
+                     seed=args.seed, padding_side=args.padding_side, layers=layers, strength=args.strength,
+                     max_response_tokens=args.max_response_tokens, progress=progress, name=args.name)
+    finally:
+        bar.close()
+    sv.save(out)
+    print(f"objective     {sv.objective}")
+    print(f"pairs         {sv.meta['train_pairs']} for the vector, {sv.meta['heldout_pairs']} held out for scoring")
+    print(f"layer ranking (held-out accuracy, effect size):")
+    for l in sv.ranking[:5]:
+        print(f"  layer {l:>3}  {float(sv.accuracy[l]):.2f}  {float(sv.effect[l]):+.2f}")
+    print(f"steered       layer(s) {', '.join(map(str, sv.layers))} at strength {sv.strength:g} x layer norm")
+    print(f"saved         {out} ({sv.meta['seconds']:.1f} s)")
+    if not args.no_store:
+        store = _store(args)
+        store.add_direction(name=sv.name, kind="steering", objective=sv.objective, path=str(out.resolve()),
+                            sha256=file_sha256(out), model_fingerprint=lm.fingerprint,
+                            meta={"layers": sv.layers, "strength": sv.strength, "pairs": len(pairs)})
+        print(f"stored as     {sv.name!r} (use --mix {sv.name}=W)")
+    return 0
+
+
+def _new_output(path: str, overwrite: bool):
+    from pathlib import Path
+
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise TsdpoError(f"{out} already exists; choose another --out or pass --overwrite.")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    return out
+
+
+def cmd_steer_lengths(args) -> int:
+    import json
+    from pathlib import Path
+
+    from engine.directions import load_direction
+    from engine.evaluate import is_monotonic, response_lengths, summarize_lengths
+    from engine.generation import SamplingParams
+    from engine.mixer import Mixer
+
+    weights = [float(w) for w in args.weights.split(",")]
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise TsdpoError(f"No prompts file at {path}: give a .jsonl with a 'prompt' field per line, or a .txt with one prompt per line.")
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(l)["prompt"] for l in path.read_text().splitlines() if l.strip()]
+    else:
+        prompts = [l for l in path.read_text().splitlines() if l.strip()]
+    prompts = prompts[: args.limit] if args.limit else prompts
+    lm = _load(args, args.model)
+    mixer = Mixer(lm, positions=args.positions)
+    store = None if args.no_store else _store(args)
+    direction = load_direction(args.vector, lm, store)
+    if args.layers or args.strength is not None:
+        direction = direction.with_settings([int(x) for x in args.layers.split(",")] if args.layers else None, args.strength)
+    name = mixer.add(direction)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    bar = _progress_bar(len(prompts), "prompts", "prompt")
+    try:
+        lengths = response_lengths(mixer, name, weights, prompts, params, progress=lambda d, n: bar.update(1))
+    finally:
+        bar.close()
+    rows = summarize_lengths(lengths, params.max_new_tokens)
+    print(f"{'weight':>8} {'mean tokens':>12} {'median':>8} {'at limit':>9}")
+    for r in rows:
+        print(f"{r['weight']:>8g} {r['mean_tokens']:>12.1f} {r['median_tokens']:>8g} {r['at_limit']:>9}")
+    means = [r["mean_tokens"] for r in rows]
+    print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, layers {direction.layers}, "
+          f"strength {direction.strength:g})")
+    return 0
+
+
+def cmd_directions(args) -> int:
+    store = _store(args)
+    rows = store.directions()
+    if not rows:
+        print("No stored directions yet: build one with `tsdpo steer extract`.")
+        return 0
+    for d in rows:
+        print(f"{d.name:<20} {d.kind:<10} {d.objective:<14} {d.model_fingerprint or '':<17} {d.path}")
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
+    p.add_argument("--format", choices=["trl", "ultrafeedback", "hh-rlhf", "helpsteer"], help="default: detected")
+    p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
+    p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
+    p.add_argument("--limit", type=int, help="use the first N pairs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_inspect)
 
-    p = sub.add_parser("generate", help="generate a reply from the base model")
+    p = sub.add_parser("generate", help="generate with a mix of directions, side by side with the base model")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--mix", action="append", default=[], metavar="DIRECTION=W[,DIRECTION=W...]",
+                   help="a column mixing directions (a file or a stored name) with weights; repeat for more columns")
+    p.add_argument("--compare", action="append", default=[], metavar="base", help="add a base-model column")
+    p.add_argument("--positions", choices=["all", "generated"], default="all",
+                   help="steer every position, or only generated tokens")
+    p.add_argument("--sequential", action="store_true", help="run columns one after another instead of as one batch")
+    p.add_argument("--no-store", action="store_true", help="do not save the generations in the database")
+    p.add_argument("--db", help="database path")
     p.add_argument("--model", default=None, help="model source (default: embedded)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -164,6 +379,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _model_args(p)
     p.set_defaults(func=cmd_generate)
+
+    steer = sub.add_parser("steer", help="steering vectors (training-free)").add_subparsers(dest="steer_command", required=True, metavar="ACTION")
+    p = steer.add_parser("extract", help="build a steering vector from preference pairs")
+    _data_args(p)
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--name", help="name to store it under (default: the objective)")
+    p.add_argument("--model", default=None, help="model source (default: embedded)")
+    p.add_argument("--layers", help="steer these layers (comma-separated) instead of the best-scoring one")
+    p.add_argument("--strength", type=float, default=None, help="weight 1.0 adds this fraction of the layer's typical norm")
+    p.add_argument("--aggregate", choices=["mean", "last"], default="mean", help="over response tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="pairs held out to score layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--padding-side", choices=["right", "left"], default="right")
+    p.add_argument("--max-response-tokens", type=int, default=None)
+    p.add_argument("--no-store", action="store_true", help="do not register it in the database")
+    p.add_argument("--db", help="database path")
+    _model_args(p)
+    p.set_defaults(func=cmd_steer_extract)
+
+    p = steer.add_parser("lengths", help="mean response length at several weights of one direction")
+    p.add_argument("--vector", required=True, help="a direction file or stored name")
+    p.add_argument("--prompts", required=True, help=".jsonl with a prompt field, or .txt with one prompt per line")
+    p.add_argument("--weights", default="-1,-0.5,0,0.5,1")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--layers")
+    p.add_argument("--strength", type=float)
+    p.add_argument("--positions", choices=["all", "generated"], default="all")
+    p.add_argument("--model", default=None)
+    p.add_argument("--no-store", action="store_true")
+    p.add_argument("--db")
+    _model_args(p)
+    p.set_defaults(func=cmd_steer_lengths)
+
+    p = sub.add_parser("directions", help="list the directions stored in the database")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_directions)
     return parser
 
 
