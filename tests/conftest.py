@@ -41,3 +41,28 @@ def tiny_lm(tiny_model_dir):
 def demo_data() -> Path:
     """Real preference pairs (subsets of UltraFeedback and HH-RLHF) shipped in assets/data."""
     return DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def other_tiny_dir(tmp_path_factory) -> Path:
+    """Same shape as tiny_model_dir, other weights: a different model to direction files."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-other") / "tiny-other", seed=1)
+
+
+@pytest.fixture(scope="session")
+def wide_tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-wide") / "tiny-wide", seed=2, hidden=48)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs():
+    from engine.data import load_pairs
+
+    return load_pairs(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl", limit=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_vector(tiny_lm, tiny_pairs):
+    from engine.steering import extract
+
+    return extract(tiny_lm, tiny_pairs, batch_size=6, max_response_tokens=48, max_prompt_tokens=48, strength=2.0)

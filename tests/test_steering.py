@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from engine.data import PairSet
+from engine.directions import DirectionError, load_direction, save_direction_file
+from engine.errors import Cancelled
+from engine.models import load_model
+from engine.steering import SteeringVector, candidate_layers, extract
+
+
+def _manual_vector(lm, pairs: PairSet, layer: int, aggregate: str) -> torch.Tensor:
+    """mean over pairs of (aggregate over response tokens of chosen) - (same for rejected), one sequence at a time."""
+    diffs = []
+    for p in pairs:
+        sides = []
+        for response in (p.chosen, p.rejected):
+            prompt = lm.tokenizer(lm.chat_text(p.prompt), add_special_tokens=False).input_ids[-48:]
+            resp = lm.tokenizer(response, add_special_tokens=False).input_ids[:48]
+            with torch.no_grad():
+                hs = lm.model(torch.tensor([prompt + resp]), output_hidden_states=True).hidden_states[layer + 1][0]
+            r = hs[len(prompt):]
+            sides.append(r.double().mean(0) if aggregate == "mean" else r[-1].double())
+        diffs.append(sides[0] - sides[1])
+    return torch.stack(diffs).mean(0).float()
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "last"])
+@pytest.mark.parametrize("padding_side,batch_size", [("right", 5), ("left", 5), ("right", 1)])
+def test_vector_is_difference_of_response_means(tiny_lm, tiny_pairs, aggregate, padding_side, batch_size):
+    pairs = tiny_pairs.limit(8)
+    sv = extract(tiny_lm, pairs, aggregate=aggregate, padding_side=padding_side, batch_size=batch_size,
+                 val_fraction=0.0, max_response_tokens=48, max_prompt_tokens=48)
+    for layer in range(tiny_lm.n_layers - 1):  # the last hidden_states entry is after the final norm
+        expected = _manual_vector(tiny_lm, pairs, layer, aggregate)
+        torch.testing.assert_close(sv.vectors[layer], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_extracted_vector_metadata(tiny_lm, tiny_pairs, tiny_vector):
+    sv = tiny_vector
+    assert sv.vectors.shape == (3, 32) and sv.norms.shape == (3,)
+    assert (sv.norms > 0).all() and ((sv.accuracy >= 0) & (sv.accuracy <= 1)).all()
+    assert sv.layers == sv.ranking[:1] and set(sv.ranking) == set(candidate_layers(3))
+    assert sv.model["fingerprint"] == tiny_lm.fingerprint
+    assert sv.meta["data_hash"] == tiny_pairs.data_hash()
+    assert sv.meta["heldout_pairs"] + sv.meta["train_pairs"] == len(tiny_pairs)
+
+
+def test_candidate_layers_skip_first_and_last():
+    assert candidate_layers(30) == list(range(1, 24))
+    assert candidate_layers(3) == [0, 1, 2]
+
+
+def test_user_override_of_layers_and_strength(tiny_lm, tiny_pairs, tiny_vector):
+    sv = tiny_vector.with_settings(layers=[0, 2], strength=1.5)
+    assert sv.layers == [0, 2] and sv.strength == 1.5
+    torch.testing.assert_close(sv.delta(2, 2.0).norm(), torch.tensor(2.0 * 1.5 * float(sv.norms[2])))
+    with pytest.raises(DirectionError, match="between 0 and 2"):
+        tiny_vector.with_settings(layers=[3])
+
+
+def test_progress_and_cancel(tiny_lm, tiny_pairs):
+    seen = []
+    extract(tiny_lm, tiny_pairs.limit(6), batch_size=4, progress=lambda d, n: seen.append((d, n)),
+            max_response_tokens=16)
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(Cancelled):
+        extract(tiny_lm, tiny_pairs.limit(6), batch_size=2, should_stop=lambda: True)
+
+
+def test_save_load_round_trip(tmp_path, tiny_lm, tiny_vector):
+    path = tiny_vector.save(tmp_path / "v.safetensors")
+    back = SteeringVector.load(path, tiny_lm)
+    assert torch.equal(back.vectors, tiny_vector.vectors) and back.layers == tiny_vector.layers
+    assert back.meta["ranking"] == tiny_vector.ranking and back.strength == tiny_vector.strength
+    assert load_direction(path, tiny_lm).name == tiny_vector.name
+
+
+def test_vector_for_another_model_is_refused(tmp_path, tiny_vector, other_tiny_dir, wide_tiny_dir):
+    path = tiny_vector.save(tmp_path / "v.safetensors")
+    other = load_model(other_tiny_dir)
+    with pytest.raises(DirectionError, match=r"made for tiny-llama \(fingerprint .*not for the loaded model tiny-other"):
+        load_direction(path, other)
+    with pytest.raises(DirectionError, match="another shape"):
+        load_direction(path, load_model(wide_tiny_dir))
+
+
+def test_nan_corrupt_and_foreign_files_are_refused(tmp_path, tiny_lm, tiny_vector):
+    bad = tiny_vector.vectors.clone()
+    bad[1, 3] = float("nan")
+    meta = {**tiny_vector.meta, "objective": "x", "layers": [1], "model": tiny_vector.model}
+    save_direction_file(tmp_path / "nan.safetensors", "steering",
+                        {"vectors": bad, "norms": tiny_vector.norms, "accuracy": tiny_vector.accuracy,
+                         "effect": tiny_vector.effect}, meta)
+    with pytest.raises(DirectionError, match="NaN or infinite"):
+        load_direction(tmp_path / "nan.safetensors", tiny_lm)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01junk" * 50)
+    with pytest.raises(DirectionError, match="not a readable safetensors"):
+        load_direction(tmp_path / "junk.safetensors", tiny_lm)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(DirectionError, match="not a tsdpo-studio direction"):
+        load_direction(tmp_path / "plain.safetensors", tiny_lm)
+    with pytest.raises(DirectionError, match="No direction file or stored direction"):
+        load_direction(tmp_path / "missing.safetensors", tiny_lm)
+
+
+def test_too_few_pairs(tiny_lm, tiny_pairs):
+    with pytest.raises(DirectionError, match="too few"):
+        extract(tiny_lm, tiny_pairs.limit(1))
