@@ -1,0 +1,102 @@
+"""DPO as plain functions of sequence log-probabilities (the published formulas), and the batches they need.
+
+Sigmoid DPO (Rafailov et al. 2023):  L = -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)])
+IPO (Azar et al. 2023):              L = ([(pi_c - ref_c) - (pi_r - ref_r)] - 1 / (2 beta))^2,
+                                     with log-probs averaged over completion tokens, as TRL does.
+Metrics carry TRL's names so runs can be read side by side with TRL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.data import Pair
+from engine.errors import TsdpoError
+
+LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+             beta: float = 0.1, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-batch loss and metrics from per-sequence log-probs of policy and reference."""
+    if loss_type not in LOSSES:
+        raise TsdpoError(f"loss must be one of {LOSSES}, not {loss_type!r}.")
+    chosen_logratio = pi_c - ref_c
+    rejected_logratio = pi_r - ref_r
+    logits = chosen_logratio - rejected_logratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    else:
+        losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    chosen_rewards = beta * chosen_logratio.detach()
+    rejected_rewards = beta * rejected_logratio.detach()
+    metrics = {
+        "loss": losses.detach().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": pi_c.detach().mean(),
+        "logps/rejected": pi_r.detach().mean(),
+    }
+    return losses.mean(), metrics
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of log p(label) over the positions where ``mask`` is 1.
+
+    ``logits[:, t]`` predicts ``labels[:, t]`` (already shifted by the caller)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    total = (logp * mask).sum(-1)
+    return total / mask.sum(-1).clamp_min(1) if average else total
+
+
+@dataclass
+class PairBatch:
+    """Chosen rows then rejected rows, right-padded; ``targets`` are next-token labels at completion positions."""
+
+    input_ids: torch.Tensor  # [2B, T]
+    attention_mask: torch.Tensor  # [2B, T]
+    position_ids: torch.Tensor  # [2B, T]
+    targets: torch.Tensor  # [2B, T]: the token predicted at each position (shifted)
+    target_mask: torch.Tensor  # [2B, T]: 1 where the predicted token belongs to the completion
+
+    @property
+    def n_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                  self.targets, self.target_mask)))
+
+
+def encode_pairs(lm, pairs: list[Pair], max_prompt_tokens: int = 192, max_response_tokens: int = 192) -> PairBatch:
+    """Tokenize prompt (chat format) + completion for both sides; the completion ends with end-of-turn."""
+    tok = lm.tokenizer
+    eos = tok.eos_token_id
+    seqs, starts = [], []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            prompt = tok(lm.chat_text(p.prompt), add_special_tokens=False).input_ids[-max_prompt_tokens:]
+            resp = tok(getattr(p, side), add_special_tokens=False).input_ids[:max_response_tokens]
+            if eos is not None and len(resp) < max_response_tokens:
+                resp = resp + [eos]
+            seqs.append(prompt + resp)
+            starts.append(len(prompt))
+    T = max(map(len, seqs))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n = len(seqs)
+    ids = torch.full((n, T), pad, dtype=torch.long)
+    attn = torch.zeros(n, T, dtype=torch.long)
+    targets = torch.zeros(n, T, dtype=torch.long)
+    tmask = torch.zeros(n, T)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        targets[i, : len(s) - 1] = torch.tensor(s[1:])
+        tmask[i, start - 1: len(s) - 1] = 1  # position t predicts token t+1: completion tokens start at `start`
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    return PairBatch(ids, attn, pos, targets, tmask)
