@@ -1,0 +1,254 @@
+"""TS-DPO: DPO on the model linearized at its base weights, one weight delta tau per objective.
+
+    f_lin(x; theta0 + tau) = f(x; theta0) + J_theta f(x; theta0) . tau
+
+computed with ``torch.func.jvp`` over ``functional_call``: one call gives the primal output, which *is*
+the reference model's logits, and the tangent, so DPO in tangent space needs no second reference pass.
+Because f_lin is linear in tau, directions trained separately add: theta0 + sum_k alpha_k tau_k.
+
+tau lives on a chosen subset of linear weights, in one of two parameterizations:
+
+- ``full``: one delta per weight matrix;
+- ``lowrank``: tau = B_k A0 per matrix, A0 a frozen random matrix shared by every objective (seeded,
+  and stored in the file), B_k trained. sum_k alpha_k B_k A0 = (sum_k alpha_k B_k) A0 exactly.
+
+The same module also trains the scalarized-DPO baseline (``method="ordinary"``): the policy is the
+ordinary model at theta0 + tau and the reference is a separate forward pass at theta0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from engine.directions import DirectionError, check_model, read_direction_file, save_direction_file
+from engine.dpo import PairBatch, dpo_loss
+from engine.models import LoadedModel
+
+KIND = "tangent"
+PARAMS = ("full", "lowrank")
+METHODS = ("tangent", "ordinary")
+
+
+def linear_weights(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> list[str]:
+    """Names of the weight matrices of the linear layers inside the selected decoder blocks.
+
+    ``layers``: block indices (default all); ``modules``: keep names containing any of these
+    substrings (e.g. ``mlp``, ``q_proj``)."""
+    blocks = lm.decoder_layers()
+    prefix = next(name for name, mod in lm.model.named_modules() if mod is blocks)
+    wanted = set(range(lm.n_layers)) if layers is None else set(layers)
+    bad = [l for l in wanted if not 0 <= l < lm.n_layers]
+    if bad:
+        raise DirectionError(f"Layers {sorted(bad)} do not exist: the model has layers 0 to {lm.n_layers - 1}.")
+    names = []
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    for name, mod in lm.model.named_modules():
+        m = pattern.match(name + ".")
+        if isinstance(mod, nn.Linear) and m and int(m.group(1)) in wanted:
+            if modules and not any(s in name for s in modules):
+                continue
+            names.append(name + ".weight")
+    if not names:
+        raise DirectionError(f"No linear weights match layers={layers} modules={modules}.")
+    return names
+
+
+def shared_A0(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """The frozen random projection of one weight matrix: the same for every objective with the same seed."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(rank, in_features, generator=g) / math.sqrt(in_features)
+
+
+@dataclass
+class TangentDirection:
+    """A weight-space direction: a delta per selected weight matrix (full, or B @ A0)."""
+
+    objective: str
+    param: str
+    tensors: dict[str, torch.Tensor]  # full: {weight name: delta}; lowrank: {name + ":B": B, name + ":A": A0}
+    model: dict
+    method: str = "tangent"
+    meta: dict = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self):
+        self.name = self.name or self.objective
+
+    @property
+    def kind(self) -> str:
+        return "tangent" if self.method == "tangent" else "scalarized"
+
+    def param_names(self) -> list[str]:
+        if self.param == "full":
+            return list(self.tensors)
+        return [k[:-2] for k in self.tensors if k.endswith(":B")]
+
+    def delta(self, name: str) -> torch.Tensor:
+        if self.param == "full":
+            return self.tensors[name]
+        return self.tensors[name + ":B"] @ self.tensors[name + ":A"]
+
+    def norm(self) -> float:
+        return math.sqrt(sum(float(self.delta(n).double().pow(2).sum()) for n in self.param_names()))
+
+    def save(self, path: str | Path) -> Path:
+        meta = {**self.meta, "objective": self.objective, "param": self.param, "method": self.method,
+                "model": self.model, "name": self.name}
+        return save_direction_file(path, KIND, {k: v.float() for k, v in self.tensors.items()}, meta)
+
+    @classmethod
+    def from_file(cls, kind: str, tensors: dict, meta: dict, path: Path) -> "TangentDirection":
+        if kind != KIND:
+            raise DirectionError(f"{path} holds a {kind} direction, not a weight-space direction.")
+        try:
+            d = cls(meta["objective"], meta["param"], tensors, meta["model"], meta.get("method", "tangent"), meta,
+                    meta.get("name") or meta["objective"])
+        except KeyError as exc:
+            raise DirectionError(f"{path}: the direction lacks {exc}; the file is incomplete. Rebuild it.") from exc
+        if d.param not in PARAMS:
+            raise DirectionError(f"{path}: unknown parameterization {d.param!r}.")
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path, lm: Optional[LoadedModel] = None) -> "TangentDirection":
+        kind, tensors, meta = read_direction_file(path)
+        d = cls.from_file(kind, tensors, meta, Path(path))
+        if lm is not None:
+            check_model(d.model, lm, path)
+            params = dict(lm.model.named_parameters())
+            for n in d.param_names():
+                if n not in params or tuple(params[n].shape) != tuple(d.delta(n).shape):
+                    raise DirectionError(f"{path}: weight {n} does not exist in {lm.name} with the shape the direction expects.")
+        return d
+
+
+class DirectionModel(nn.Module):
+    """The trainable tau (full deltas or B factors) and the loss of one batch under the chosen method.
+
+    The frozen base model is held outside the module's parameters, so a DDP wrapper syncs tau only.
+    """
+
+    def __init__(self, lm: LoadedModel, names: list[str], param: str = "lowrank", rank: int = 8,
+                 method: str = "tangent", seed: int = 0):
+        super().__init__()
+        if param not in PARAMS:
+            raise DirectionError(f"param must be one of {PARAMS}, not {param!r}.")
+        if method not in METHODS:
+            raise DirectionError(f"method must be one of {METHODS}, not {method!r}.")
+        object.__setattr__(self, "lm", lm)  # not a submodule: its weights stay frozen and unsynced
+        self.names, self.param, self.rank, self.method, self.seed = list(names), param, rank, method, seed
+        base = dict(lm.model.named_parameters())
+        self.keys = {n: n.replace(".", "__") for n in names}
+        self.tau = nn.ParameterDict()
+        for n in names:
+            w = base[n]
+            if param == "full":
+                self.tau[self.keys[n]] = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+            else:
+                self.tau[self.keys[n]] = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=torch.float32, device=w.device))
+                self.register_buffer(f"A0__{self.keys[n]}", shared_A0(n, rank, w.shape[1], seed).to(w.device))
+
+    def A0(self, name: str) -> torch.Tensor:
+        return getattr(self, f"A0__{self.keys[name]}")
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.names:
+            t = self.tau[self.keys[n]]
+            out[n] = t if self.param == "full" else t @ self.A0(n)
+        return out
+
+    def base_params(self) -> dict[str, torch.Tensor]:
+        params = dict(self.lm.model.named_parameters())
+        return {n: params[n].detach() for n in self.names}
+
+    def forward(self, batch: PairBatch, beta: float = 0.1, loss_type: str = "sigmoid"):
+        pol, ref = completion_logps(self.lm, batch, self.deltas(), self.method, average=(loss_type == "ipo"))
+        b = batch.n_pairs
+        return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type)
+
+    def to_direction(self, objective: str, meta: dict) -> TangentDirection:
+        with torch.no_grad():
+            if self.param == "full":
+                tensors = {n: self.tau[self.keys[n]].detach().float().cpu().clone() for n in self.names}
+            else:
+                tensors = {}
+                for n in self.names:
+                    tensors[n + ":B"] = self.tau[self.keys[n]].detach().float().cpu().clone()
+                    tensors[n + ":A"] = self.A0(n).detach().float().cpu().clone()
+        meta = {**meta, "rank": self.rank if self.param == "lowrank" else None, "A0_seed": self.seed,
+                "weights": len(self.names)}
+        return TangentDirection(objective, self.param, tensors, self.lm.identity(), self.method, meta)
+
+
+def use_eager_attention(lm: LoadedModel) -> None:
+    """Forward-mode AD has no rule for the fused attention kernels."""
+    if getattr(lm.model.config, "_attn_implementation", "eager") != "eager":
+        lm.model.set_attn_implementation("eager")
+
+
+def _completion_token_logps(logits: torch.Tensor, batch: PairBatch, mask: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
+
+
+def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor], method: str = "tangent",
+                     average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``.
+
+    tangent: policy logits = f(theta0) + J.tau from one jvp call, whose primal output is the reference.
+    ordinary: policy = f(theta0 + tau) with gradients, reference = f(theta0) without.
+    """
+    model = lm.model
+    mask = batch.target_mask.bool()
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    params0 = {n: p.detach() for n, p in model.named_parameters() if n in deltas}
+    dtype = next(iter(params0.values())).dtype
+
+    def logits_at_completion(params):
+        return functional_call(model, params, args=(), kwargs=kwargs).logits[mask]
+
+    if method == "tangent":
+        use_eager_attention(lm)
+        ref_logits, dlogits = jvp(logits_at_completion, (params0,), ({n: d.to(dtype) for n, d in deltas.items()},))
+        pol_logits = ref_logits + dlogits
+        ref_logits = ref_logits.detach()
+    else:
+        with torch.no_grad():
+            ref_logits = logits_at_completion(params0)
+        pol_logits = logits_at_completion({n: params0[n] + deltas[n].to(dtype) for n in deltas})
+    rows = mask.nonzero()[:, 0]
+    counts = mask.sum(-1).clamp_min(1).float()
+
+    def per_sequence(logits):
+        tok = _completion_token_logps(logits, batch, mask)
+        seq = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+        return seq / counts if average else seq
+
+    return per_sequence(pol_logits), per_sequence(ref_logits)
+
+
+@torch.no_grad()
+def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]]) -> dict:
+    """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau.
+
+    The difference shows where the tangent approximation holds."""
+    deltas: dict[str, torch.Tensor] = {}
+    for d, alpha in weighted:
+        for n in d.param_names():
+            x = alpha * d.delta(n).to(lm.device)
+            deltas[n] = deltas[n] + x if n in deltas else x
+    lin, base = completion_logps(lm, batch, deltas, "tangent")
+    ordinary, _ = completion_logps(lm, batch, deltas, "ordinary")
+    gap = (lin - ordinary).abs()
+    return {"linearized": lin, "ordinary": ordinary, "base": base, "gap_mean": float(gap.mean()),
+            "gap_max": float(gap.max())}
