@@ -1,0 +1,259 @@
+"""Training a direction: TS-DPO (linearized) or the scalarized-DPO baseline (ordinary), on Accelerate.
+
+The same code runs in one process by default and under ``accelerate launch`` / ``torchrun`` on several
+processes or GPUs (DDP syncs tau only; bf16 on GPU). Each optimizer step takes ``batch_size`` pairs in
+total, split evenly over processes and gradient-accumulation micro-batches, so the result does not depend
+on how many processes ran it. Batches are a pure function of (seed, step), so a resumed run sees the
+same data as an uninterrupted one. Checkpoints are safetensors + JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.data import Pair, PairSet
+from engine.directions import DirectionError
+from engine.dpo import LOSSES, encode_pairs
+from engine.errors import Cancelled
+from engine.models import LoadedModel
+from engine.tangent import METHODS, PARAMS, DirectionModel, TangentDirection, linear_weights
+
+
+@dataclass
+class TrainConfig:
+    method: str = "tangent"  # tangent (TS-DPO) | ordinary (scalarized-DPO baseline)
+    param: str = "lowrank"  # full | lowrank
+    rank: int = 8
+    steps: int = 60
+    batch_size: int = 4  # pairs per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1
+    lr: float = 0.0  # 0: the default for the parameterization (see default_lr)
+    warmup_ratio: float = 0.1
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    layers: Optional[list[int]] = None
+    modules: Optional[list[str]] = None
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 128
+    val_fraction: float = 0.1
+    checkpoint_every: int = 0
+    mixture: dict = field(default_factory=dict)  # scalarized: objective -> weight
+
+    def validate(self) -> "TrainConfig":
+        if self.method not in METHODS:
+            raise DirectionError(f"method must be one of {METHODS}.")
+        if self.param not in PARAMS:
+            raise DirectionError(f"param must be one of {PARAMS}.")
+        if self.loss not in LOSSES:
+            raise DirectionError(f"loss must be one of {LOSSES}.")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.rank < 1:
+            raise DirectionError("steps, batch size, gradient accumulation and rank must be at least 1.")
+        return self
+
+    def default_lr(self) -> float:
+        # The low-rank B factors see inputs projected by A0 (rows of norm ~1), hence a larger step.
+        return self.lr or (1e-4 if self.param == "full" else 2e-3)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class BatchPlan:
+    """Which pairs form global batch ``step``: a pure function of the seed and the step."""
+
+    def __init__(self, sources: list[tuple[list[Pair], float]], batch_size: int, seed: int):
+        self.sources = [(list(p), w) for p, w in sources if p and w > 0]
+        if not self.sources:
+            raise DirectionError("No training pairs: every data source is empty or has weight 0.")
+        self.batch_size, self.seed = batch_size, seed
+        self.orders = []
+        for i, (pairs, _) in enumerate(self.sources):
+            order = list(range(len(pairs)))
+            random.Random(f"{seed}/{i}").shuffle(order)
+            self.orders.append(order)
+        total = sum(w for _, w in self.sources)
+        self.probs = [w / total for _, w in self.sources]
+
+    def counts(self, step: int) -> list[int]:
+        """How many pairs of each source batch ``step`` takes: drawn with the sources' weights."""
+        if len(self.sources) == 1:
+            return [self.batch_size]
+        rng = random.Random(f"{self.seed}/mix/{step}")
+        picks = rng.choices(range(len(self.sources)), self.probs, k=self.batch_size)
+        return [picks.count(k) for k in range(len(self.sources))]
+
+    def batch(self, step: int) -> list[Pair]:
+        used = [0] * len(self.sources)
+        for s in range(step):  # where each source's walk stands: a pure function of the step
+            used = [u + c for u, c in zip(used, self.counts(s))]
+        out = []
+        for k, n in enumerate(self.counts(step)):
+            pairs, order = self.sources[k][0], self.orders[k]
+            out += [pairs[order[(used[k] + j) % len(pairs)]] for j in range(n)]
+        return out
+
+
+@dataclass
+class TrainResult:
+    direction: TangentDirection
+    history: list[dict]
+    val_metrics: dict
+
+
+def _checkpoint_paths(folder: Path) -> tuple[Path, Path]:
+    return folder / "state.safetensors", folder / "state.json"
+
+
+def save_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim.Optimizer, step: int,
+                    cfg: TrainConfig, data_hash: str, history: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"tau.{k}": v.detach().cpu().contiguous() for k, v in module.tau.items()}
+    index = {id(p): k for k, p in module.tau.items()}
+    steps = {}
+    for p, state in optimizer.state.items():
+        k = index[id(p)]
+        for name, value in state.items():
+            if name == "step":
+                steps[k] = float(value)
+            else:
+                tensors[f"opt.{k}.{name}"] = value.detach().cpu().contiguous()
+    st, js = _checkpoint_paths(folder)
+    tmp = st.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, st)
+    js.write_text(json.dumps({"step": step, "config": asdict(cfg), "data_hash": data_hash, "opt_steps": steps,
+                              "history": history}))
+
+
+def load_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    data_hash: str) -> tuple[int, list[dict]]:
+    st, js = _checkpoint_paths(folder)
+    if not st.is_file() or not js.is_file():
+        return 0, []
+    info = json.loads(js.read_text())
+    saved = {k: v for k, v in info["config"].items() if k != "checkpoint_every"}
+    mine = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}
+    if saved != mine or info["data_hash"] != data_hash:
+        raise DirectionError(f"The checkpoint in {folder} was made with other settings or data; "
+                             "resume with the same ones, or use another --checkpoint-dir.")
+    tensors = load_file(str(st))
+    with torch.no_grad():
+        for k, p in module.tau.items():
+            p.copy_(tensors[f"tau.{k}"].to(p.device))
+    for k, p in module.tau.items():
+        if k in info["opt_steps"]:
+            optimizer.state[p] = {"step": torch.tensor(info["opt_steps"][k]),
+                                  "exp_avg": tensors[f"opt.{k}.exp_avg"].to(p.device),
+                                  "exp_avg_sq": tensors[f"opt.{k}.exp_avg_sq"].to(p.device)}
+    return int(info["step"]), list(info["history"])
+
+
+@torch.no_grad()
+def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: TrainConfig, batch_size: int = 4) -> dict:
+    """Held-out DPO metrics (implicit reward accuracy, margin) of the policy against the base model."""
+    if not pairs:
+        return {}
+    sums: dict[str, float] = {}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = encode_pairs(lm, chunk, cfg.max_prompt_tokens, cfg.max_response_tokens).to(lm.device)
+        _, metrics = module(batch, cfg.beta, cfg.loss)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+    return {k: v / len(pairs) for k, v in sums.items()}
+
+
+def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
+                    progress: Optional[Callable[[dict], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None,
+                    checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None) -> TrainResult:
+    """Train one direction. ``data`` is one PairSet, or (PairSet, weight) sources for the scalarized baseline."""
+    from accelerate import Accelerator
+
+    cfg.validate()
+    sources = [(data, 1.0)] if isinstance(data, PairSet) else list(data)
+    splits = [(ps.split(cfg.val_fraction, cfg.seed), w) for ps, w in sources]
+    train_sources = [(tr.pairs, w) for (tr, _), w in splits]
+    val_pairs = [p for (_, va), w in splits if w > 0 for p in va.pairs]
+    data_hash = "+".join(f"{ps.data_hash()[:16]}*{w:g}" for ps, w in sources)
+    name = objective or ("+".join(f"{w:g}*{ps.objective}" for ps, w in sources) if len(sources) > 1 else sources[0][0].objective)
+    cuda = lm.device.type == "cuda"
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not cuda,
+                      mixed_precision="bf16" if cuda and lm.dtype == torch.bfloat16 else "no")
+    world = acc.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise DirectionError(f"batch size {cfg.batch_size} must be a multiple of processes ({world}) x "
+                             f"gradient accumulation ({cfg.grad_accum}).")
+    torch.manual_seed(cfg.seed)
+    names = linear_weights(lm, cfg.layers, cfg.modules)
+    module = DirectionModel(lm, names, cfg.param, cfg.rank, cfg.method, cfg.seed)
+    lr = cfg.default_lr()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    start, history = (load_checkpoint(folder, module, optimizer, cfg, data_hash) if folder else (0, []))
+    # The learning rate is a pure function of the step (set before each optimizer step), so a resumed run and
+    # a run on several processes follow the same schedule.
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    wrapped, optimizer = acc.prepare(module, optimizer)
+    plan = BatchPlan(train_sources, cfg.batch_size, cfg.seed)
+    per_proc = cfg.batch_size // world
+    micro = per_proc // cfg.grad_accum
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        if should_stop is not None and should_stop():
+            if folder:
+                save_checkpoint(folder, module, optimizer, step, cfg, data_hash, history)
+            raise Cancelled("training")
+        mine = plan.batch(step)[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
+        step_lr = lr * cosine_with_warmup(step, cfg.steps, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        totals: dict[str, float] = {}
+        for m in range(cfg.grad_accum):
+            batch = encode_pairs(lm, mine[m * micro:(m + 1) * micro], cfg.max_prompt_tokens,
+                                 cfg.max_response_tokens).to(acc.device)
+            with acc.accumulate(wrapped):
+                loss, metrics = wrapped(batch, cfg.beta, cfg.loss)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+        totals = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in totals.items()}
+        done = step + 1
+        elapsed = time.perf_counter() - t0
+        record = {"step": done, "lr": step_lr, **totals,
+                  "eta_s": elapsed / (done - start) * (cfg.steps - done)}
+        history.append(record)
+        if progress is not None and acc.is_main_process:
+            progress(record)
+        if folder and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and acc.is_main_process:
+            save_checkpoint(folder, module, optimizer, done, cfg, data_hash, history)
+    val = evaluate(module, lm, val_pairs, cfg)
+    meta = {"hyperparameters": {**asdict(cfg), "lr": lr}, "data_hash": data_hash, "objective_sources":
+            [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
+            "final_train": history[-1] if history else {}, "validation": val, "processes": world,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    direction = module.to_direction(name, meta)
+    direction.method = cfg.method
+    return TrainResult(direction, history, val)
