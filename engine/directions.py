@@ -84,10 +84,8 @@ def check_model(meta_model: dict, lm, path: Optional[str | Path] = None) -> None
                              "Load that model, or rebuild the direction for this one.")
 
 
-def load_direction(ref: str | Path, lm, store=None):
-    """A direction from a file path or from its name in the store, checked against the loaded model."""
-    from engine.steering import SteeringVector
-
+def resolve_direction_path(ref: str | Path, store=None) -> Path:
+    """A direction reference is a file path or the name of a stored direction."""
     path = Path(ref).expanduser()
     if not path.is_file() and store is not None:
         row = store.find_direction(str(ref))
@@ -99,10 +97,19 @@ def load_direction(ref: str | Path, lm, store=None):
     if not path.is_file():
         raise DirectionError(f"No direction file or stored direction named {str(ref)!r}. "
                              "Give a .safetensors path, or list stored directions with `tsdpo directions`.")
+    return path.resolve()
+
+
+def load_direction(ref: str | Path, lm, store=None):
+    """A direction from a file path or from its name in the store, checked against the loaded model."""
+    from engine.steering import SteeringVector
+    from engine.tangent import TangentDirection
+
+    path = resolve_direction_path(ref, store)
     kind, tensors, meta = read_direction_file(path)
-    if kind == "steering":
-        direction = SteeringVector.from_file(kind, tensors, meta, path)
-    else:
+    classes = {"steering": SteeringVector, "tangent": TangentDirection}
+    if kind not in classes:
         raise DirectionError(f"{path} holds a {kind!r} direction, which this version cannot load.")
+    direction = classes[kind].from_file(kind, tensors, meta, path)
     check_model(direction.model, lm, path)
     return direction

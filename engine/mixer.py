@@ -4,12 +4,18 @@ Steering vectors go in through forward hooks on the steered blocks, which add
 ``sum_k alpha_k * delta_k,l`` to the block output: at every position, or only at generated tokens.
 Changing weights swaps one small tensor per steered layer and reloads nothing. A mix may carry
 one row of weights per batch row, so columns that differ only in steering coefficients run as one batch.
-With every weight at zero no hook is left on the model, so its logits are bit-identical to the base.
+
+Weight-space directions (TS-DPO tangent directions, scalarized-DPO deltas) change the weights in place:
+each touched weight is first copied back from an exact copy of the base, then sum_k alpha_k tau_k is
+added. Restoring is a copy, not a subtraction, so the base comes back bit for bit.
+
+With every weight at zero no hook is left and every weight is the base copy: logits are bit-identical.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -18,8 +24,10 @@ import torch
 from engine.directions import DirectionError, check_model
 from engine.models import LoadedModel
 from engine.steering import SteeringVector
+from engine.tangent import TangentDirection
 
 POSITIONS = ("all", "generated")
+Direction = SteeringVector | TangentDirection
 
 
 class Mixer:
@@ -28,7 +36,11 @@ class Mixer:
             raise DirectionError(f"positions must be one of {POSITIONS}, not {positions!r}.")
         self.lm = lm
         self.positions = positions
-        self.directions: dict[str, SteeringVector] = {}
+        self.directions: dict[str, Direction] = {}
+        self._params = dict(lm.model.named_parameters())
+        self._base: dict[str, torch.Tensor] = {}  # exact copies of the weights a weight-space direction touches
+        self._modified: set[str] = set()
+        self._weight_mix: dict[str, float] = {}
         self.rows: list[dict[str, float]] = [{}]  # the weights now applied, one dict per batch row
         self.prompt_len: Optional[int] = None  # set by generation for "generated" positions on full sequences
         self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
@@ -36,12 +48,18 @@ class Mixer:
         self._blocks = lm.decoder_layers()
 
     # ------------------------------------------------------------------ directions
-    def add(self, direction: SteeringVector, name: Optional[str] = None) -> str:
+    def add(self, direction: Direction, name: Optional[str] = None) -> str:
         """Add a direction (refused if made for another model). Returns the name it is mixed under."""
         check_model(direction.model, self.lm)
         name = name or direction.name
         if name in self.directions:
             raise DirectionError(f"A direction named {name!r} is already loaded; give this one another name.")
+        if isinstance(direction, TangentDirection):
+            for n in direction.param_names():
+                if n not in self._params:
+                    raise DirectionError(f"{name}: the model has no weight {n}.")
+                if n not in self._base:
+                    self._base[n] = self._params[n].detach().clone()
         self.directions[name] = direction
         return name
 
@@ -54,9 +72,14 @@ class Mixer:
         summing them mostly adds up one effect, or cancels it."""
         flagged = []
         for (a, da), (b, db) in itertools.combinations(self.directions.items(), 2):
-            layers = sorted(set(da.layers) | set(db.layers))
-            cos = sum(float(torch.nn.functional.cosine_similarity(da.vectors[l].double(), db.vectors[l].double(), dim=0))
-                      for l in layers) / len(layers)
+            if isinstance(da, SteeringVector) and isinstance(db, SteeringVector):
+                layers = sorted(set(da.layers) | set(db.layers))
+                cos = sum(float(torch.nn.functional.cosine_similarity(da.vectors[l].double(), db.vectors[l].double(), dim=0))
+                          for l in layers) / len(layers)
+            elif isinstance(da, TangentDirection) and isinstance(db, TangentDirection):
+                cos = _weight_cosine(da, db)
+            else:
+                continue  # a weight delta and an activation vector live in different spaces
             if abs(cos) >= threshold:
                 flagged.append((a, b, round(cos, 3)))
         return flagged
@@ -71,13 +94,18 @@ class Mixer:
         if unknown:
             raise DirectionError(f"No loaded direction named {', '.join(sorted(unknown))}; load it first.")
         rows = [dict(r) for r in rows] or [{}]
+        weight_parts = [{k: v for k, v in r.items() if v and isinstance(self.directions[k], TangentDirection)} for r in rows]
+        if any(w != weight_parts[0] for w in weight_parts[1:]):
+            raise DirectionError("Rows of one batch must share their weight-space directions' weights; "
+                                 "only steering coefficients can differ per row.")
+        self._apply_weights(weight_parts[0])
         p = next(self.lm.model.parameters())
         delta: dict[int, torch.Tensor] = {}
         for i, row in enumerate(rows):
             for name, alpha in row.items():
-                if alpha == 0:
-                    continue
                 sv = self.directions[name]
+                if alpha == 0 or not isinstance(sv, SteeringVector):
+                    continue
                 for layer in sv.layers:
                     if layer not in delta:
                         delta[layer] = torch.zeros(len(rows), self.lm.hidden_size, dtype=torch.float32)
@@ -91,13 +119,29 @@ class Mixer:
                 self._hooks[layer] = self._blocks[layer].register_forward_hook(self._hook(layer))
         self.rows = rows
 
+    @torch.no_grad()
+    def _apply_weights(self, mix: dict[str, float]) -> None:
+        if mix == self._weight_mix:
+            return
+        for n in self._modified:
+            self._params[n].copy_(self._base[n])
+        touched: set[str] = set()
+        for name, alpha in mix.items():
+            d = self.directions[name]
+            for n in d.param_names():
+                w = self._params[n]
+                w.add_(d.delta(n).to(device=w.device, dtype=torch.float32).mul_(alpha).to(w.dtype))
+                touched.add(n)
+        self._modified = touched
+        self._weight_mix = dict(mix)
+
     def clear(self) -> None:
         """Back to the exact base model."""
         self.set_row_weights([{}])
 
     @property
     def active(self) -> bool:
-        return bool(self._hooks)
+        return bool(self._hooks) or bool(self._modified)
 
     @contextmanager
     def applied(self, rows: Sequence[dict[str, float]]) -> Iterator[None]:
@@ -129,6 +173,20 @@ class Mixer:
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return hook
+
+
+def _weight_cosine(a: TangentDirection, b: TangentDirection) -> float:
+    dot = na = nb = 0.0
+    for n in set(a.param_names()) | set(b.param_names()):
+        x = a.delta(n).double() if n in a.param_names() else None
+        y = b.delta(n).double() if n in b.param_names() else None
+        if x is not None:
+            na += float(x.pow(2).sum())
+        if y is not None:
+            nb += float(y.pow(2).sum())
+        if x is not None and y is not None:
+            dot += float((x * y).sum())
+    return dot / math.sqrt(max(na * nb, 1e-300))
 
 
 def steering_only(mixer: Optional[Mixer], rows: Sequence[dict[str, float]]) -> bool:
