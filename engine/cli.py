@@ -159,7 +159,7 @@ def _side_by_side(columns: list[tuple[str, str, str]], width: int) -> str:
 def cmd_generate(args) -> int:
     import shutil
 
-    from engine.directions import load_direction
+    from engine.directions import load_direction, resolve_direction_path
     from engine.generation import Column, SamplingParams, compare
     from engine.mixer import Mixer
 
@@ -174,9 +174,15 @@ def cmd_generate(args) -> int:
     lm = _load(args, args.model)
     store = None if args.no_store else _store(args)
     mixer = Mixer(lm, positions=args.positions)
-    names: dict[str, str] = {}
+    names: dict[str, str] = {}  # reference as typed -> name in the mixer (one per file)
+    by_path: dict = {}
     for ref in dict.fromkeys(r for m in mixes for r in m):
-        names[ref] = mixer.add(load_direction(ref, lm, store), name=None if ref not in names else ref)
+        path = resolve_direction_path(ref, store)
+        if path not in by_path:
+            direction = load_direction(path, lm)
+            taken = direction.name in mixer.directions
+            by_path[path] = mixer.add(direction, name=f"{direction.name} ({path.stem})" if taken else None)
+        names[ref] = by_path[path]
     for a, b, cos in mixer.interference():
         print(f"note: {a} and {b} point nearly the same way (cosine {cos:+.2f}); their effects will overlap.", file=sys.stderr)
     columns = []
@@ -312,6 +318,111 @@ def cmd_steer_lengths(args) -> int:
     return 0
 
 
+def _train_config(args, method: str):
+    from engine.train import TrainConfig
+
+    return TrainConfig(method=method, param=args.param, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, lr=args.lr, beta=args.beta, loss=args.loss, seed=args.seed,
+                       layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                       modules=args.modules.split(",") if args.modules else None,
+                       max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
+                       val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every)
+
+
+def _run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -> int:
+    import os
+
+    from engine.directions import file_sha256
+    from engine.train import train_direction
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    out = _new_output(args.out, args.overwrite) if main_process else None
+    lm = _load(args, args.model)
+    bar = _progress_bar(cfg.steps, "training", "step") if main_process else None
+
+    def progress(rec: dict) -> None:
+        bar.n = rec["step"]
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}",
+                        margin=f"{rec['rewards/margins']:.3f}", eta=f"{rec['eta_s']:.0f}s")
+
+    try:
+        result = train_direction(lm, data, cfg, progress=progress, checkpoint_dir=args.checkpoint_dir, objective=objective)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not main_process:
+        return 0
+    d = result.direction
+    d.save(out)
+    last, val = result.history[-1], result.val_metrics
+    print(f"{kind} direction {d.name!r} ({cfg.param}, {len(d.param_names())} weight matrices) saved to {out}")
+    line = (f"final: step {last['step']} loss {last['loss']:.4f} accuracy {last['rewards/accuracies']:.3f} "
+            f"margin {last['rewards/margins']:.4f}")
+    if val:
+        line += (f" | held-out: accuracy {val['rewards/accuracies']:.3f} margin {val['rewards/margins']:.4f} "
+                 f"loss {val['loss']:.4f}")
+    print(line)
+    if not args.no_store:
+        _store(args).add_direction(name=d.name, kind=kind, objective=d.objective, path=str(out.resolve()),
+                                   sha256=file_sha256(out), model_fingerprint=lm.fingerprint,
+                                   meta={"param": cfg.param, "steps": cfg.steps, "validation": val})
+        print(f"stored as {d.name!r} (use --mix {d.name}=W)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from engine.data import load_pairs
+
+    pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit, attribute=args.attribute)
+    print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
+    return _run_training(args, pairs, _train_config(args, "tangent"), "tangent", args.name)
+
+
+def cmd_train_scalarized(args) -> int:
+    from engine.data import load_pairs
+
+    if len(args.data) != 2:
+        raise TsdpoError("train-scalarized takes two --data OBJECTIVE=FILE options; --weight is the first one's share.")
+    if not 0.0 <= args.weight <= 1.0:
+        raise TsdpoError(f"--weight is a share between 0 and 1, not {args.weight}.")
+    sources = []
+    for spec, w in zip(args.data, (args.weight, 1.0 - args.weight)):
+        objective, sep, path = spec.partition("=")
+        if not sep:
+            raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit)
+        sources.append((ps, w))
+        print(f"  {len(ps)} {ps.objective} pairs from {path}, share {w:g}", file=sys.stderr)
+    name = args.name or f"scalarized {sources[0][0].objective}={args.weight:g}"
+    return _run_training(args, sources, _train_config(args, "ordinary"), "scalarized", name)
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="the .safetensors direction file to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--name", help="name to store it under")
+    p.add_argument("--param", choices=["lowrank", "full"], default="lowrank")
+    p.add_argument("--rank", type=int, default=8, help="rank of the low-rank B A0 factorization")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step, over all processes")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.0, help="default: 2e-3 low-rank, 1e-4 full")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", help="decoder layers to train (comma-separated; default all)")
+    p.add_argument("--modules", help="only weights whose names contain one of these (comma-separated), e.g. mlp")
+    p.add_argument("--max-prompt-tokens", type=int, default=128)
+    p.add_argument("--max-response-tokens", type=int, default=128)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--checkpoint-dir", help="save checkpoints here, and resume from one found here")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--no-store", action="store_true")
+    p.add_argument("--db")
+    _model_args(p)
+
+
 def cmd_directions(args) -> int:
     store = _store(args)
     rows = store.directions()
@@ -415,15 +526,44 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_steer_lengths)
 
+    p = sub.add_parser("train", help="train a TS-DPO tangent direction for one objective")
+    _data_args(p)
+    _training_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-scalarized", help="train the scalarized-DPO baseline on a weighted mixture of two objectives")
+    p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE")
+    p.add_argument("--weight", type=float, required=True, help="share of the first objective's pairs (0..1)")
+    p.add_argument("--format", choices=["trl", "ultrafeedback", "hh-rlhf", "helpsteer"])
+    p.add_argument("--limit", type=int)
+    _training_args(p)
+    p.set_defaults(func=cmd_train_scalarized)
+
     p = sub.add_parser("directions", help="list the directions stored in the database")
     p.add_argument("--db")
     p.set_defaults(func=cmd_directions)
     return parser
 
 
+_NEGATIVE_OK = ("--weights", "--mix", "--point")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let `--weights -1,0,1` work: argparse would read '-1,0,1' as an option."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in _NEGATIVE_OK:
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

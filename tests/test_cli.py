@@ -64,3 +64,50 @@ def test_entry_points_are_installed():
     r = subprocess.run([str(bin_dir / "tsdpo"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "model" in r.stdout and "data" in r.stdout
     assert (bin_dir / "tsdpo-studio").is_file()
+
+
+def test_steer_extract_then_generate_by_name(capsys, tiny_model_dir, demo_data, tmp_path):
+    out = tmp_path / "verb.safetensors"
+    code, stdout, err = run(capsys, "steer", "extract", "--data", str(demo_data / "ultrafeedback_helpfulness_400.jsonl"),
+                            "--objective", "verbosity", "--limit", "20", "--out", str(out), "--model", str(tiny_model_dir),
+                            "--max-response-tokens", "32", "--strength", "2")
+    assert code == 0, err
+    assert out.is_file() and "layer ranking" in stdout and "stored as     'verbosity'" in stdout
+    code, _, err = run(capsys, "steer", "extract", "--data", str(demo_data / "ultrafeedback_helpfulness_400.jsonl"),
+                       "--limit", "20", "--out", str(out), "--model", str(tiny_model_dir))
+    assert code == 2 and "already exists" in err
+    code, stdout, err = run(capsys, "generate", "--prompt", "Tell me about the sea.", "--mix", "verbosity=1",
+                            "--mix", f"{out}=-1", "--compare", "base", "--model", str(tiny_model_dir),
+                            "--max-new-tokens", "8")
+    assert code == 0, err
+    header = stdout.splitlines()[0]
+    assert "+1 verbosity" in header and "-1 verbosity" in header and "base" in header  # one file, two references
+    assert stdout.count("tokens/s") == 3 and "one batch" in err
+    from engine.store import Store
+
+    (comp,) = [c for s in Store().sessions() for c in Store().history(s.id)]
+    assert [g.label for g in comp.generations] == ["+1 verbosity", "-1 verbosity", "base"]
+    code, stdout, _ = run(capsys, "directions")
+    assert "verbosity" in stdout and "steering" in stdout
+
+
+def test_generate_refuses_a_vector_for_another_model(capsys, tiny_vector, other_tiny_dir, tmp_path):
+    path = tiny_vector.save(tmp_path / "v.safetensors")
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--mix", f"{path}=1", "--model", str(other_tiny_dir))
+    assert code == 2 and "not for the loaded model tiny-other" in err
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--mix", "nothing-here=1", "--model", str(other_tiny_dir))
+    assert code == 2 and "No direction file or stored direction named 'nothing-here'" in err
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--mix", "v.safetensors")
+    assert code == 2 and "no '=WEIGHT'" in err
+
+
+def test_steer_lengths_reports_each_weight(capsys, tiny_vector, tiny_model_dir, tmp_path):
+    path = tiny_vector.save(tmp_path / "v.safetensors")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me about the sea.\nWrite a poem.\n")
+    code, stdout, err = run(capsys, "steer", "lengths", "--vector", str(path), "--prompts", str(prompts),
+                            "--weights", "-1,0,1", "--max-new-tokens", "6", "--model", str(tiny_model_dir))
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["weight", "mean", "tokens", "median", "at", "limit"]
+    assert [l.split()[0] for l in lines[1:4]] == ["-1", "0", "1"] and "monotonic increasing" in lines[4]

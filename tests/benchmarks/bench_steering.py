@@ -1,0 +1,94 @@
+"""Steering benchmarks on the embedded model: extraction, mix-apply latency, tokens/s, batched columns."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+
+from common import DATA, machine, median, pct, timed  # noqa: E402
+
+from engine.data import load_pairs  # noqa: E402
+from engine.generation import Column, SamplingParams, compare, decode, _prompt_ids  # noqa: E402
+from engine.mixer import Mixer  # noqa: E402
+from engine.models import load_model  # noqa: E402
+from engine.plane import Axis, PreferencePlane  # noqa: E402
+from engine.steering import extract  # noqa: E402
+
+
+def main() -> dict:
+    lm = load_model()
+    results: dict = {"machine": machine()}
+    print(f"machine: {results['machine']}")
+
+    # 1. Extraction: 100 pairs (200 teacher-forced sequences, responses capped at 192 tokens).
+    pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", objective="verbosity", limit=100)
+    t0 = time.perf_counter()
+    verb = extract(lm, pairs, batch_size=8)
+    t_extract = time.perf_counter() - t0
+    # Baseline: one plain forward pass over the same 200 sequences is the floor of any training-free method.
+    results["extract_100_pairs_s"] = round(t_extract, 2)
+    print(f"extraction, 100 pairs: {t_extract:.1f} s ({2 * len(pairs) / t_extract:.1f} sequences/s)")
+
+    help_ = extract(lm, load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", limit=100), batch_size=8)
+    mixer = Mixer(lm)
+    mixer.add(verb, "verbosity")
+    mixer.add(help_, "helpfulness")
+    plane = PreferencePlane(Axis("helpfulness"), Axis("verbosity"))
+
+    # 2. Point -> weights applied (what a drag costs), against one decode step of the model.
+    import random
+
+    rng = random.Random(0)
+    lat = []
+    for _ in range(2000):
+        x, y = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        t0 = time.perf_counter()
+        mixer.set_weights(plane.weights(x, y))
+        lat.append(time.perf_counter() - t0)
+    mixer.clear()
+    prompt = "Give me three tips for writing clear emails."
+    ids = _prompt_ids(lm, prompt)
+    step = median(timed(lambda: decode(lm, ids, 1, SamplingParams(max_new_tokens=2)), 5)) / 2
+    results["apply_latency_median_ms"] = round(median(lat) * 1e3, 4)
+    results["apply_latency_p95_ms"] = round(pct(lat, 0.95) * 1e3, 4)
+    results["apply_vs_decode_step"] = round(median(lat) / step, 5)
+    print(f"point -> weights applied: median {median(lat) * 1e3:.3f} ms, p95 {pct(lat, 0.95) * 1e3:.3f} ms "
+          f"= {median(lat) / step:.4f} x one decode step ({step * 1e3:.1f} ms)")
+
+    # 3. Tokens/s with a mix applied vs base (fixed 96 tokens: EOS is suppressed by measuring only full runs).
+    params = SamplingParams(max_new_tokens=96)
+
+    def tps(weights) -> float:
+        mixer.set_weights(weights)
+        rates = []
+        for _ in range(3):
+            r = decode(lm, ids, 1, params, mixer=mixer)[0]
+            rates.append(r.n_tokens / r.seconds)
+        mixer.clear()
+        return median(rates)
+
+    base_tps = tps({})
+    mix_tps = tps({"helpfulness": 0.5, "verbosity": 0.5})
+    results["tokens_per_s_base"] = round(base_tps, 2)
+    results["tokens_per_s_mix"] = round(mix_tps, 2)
+    results["mix_vs_base_tokens_per_s"] = round(mix_tps / base_tps, 3)
+    print(f"tokens/s: base {base_tps:.1f}, mixed {mix_tps:.1f} -> ratio {mix_tps / base_tps:.3f}")
+
+    # 4. Three columns (base, +1, -1 verbosity) in one batch vs one after another.
+    cols = [Column("base"), Column("more", {"verbosity": 1.0}), Column("less", {"verbosity": -1.0})]
+    p64 = SamplingParams(max_new_tokens=64)
+    t_batched = median(timed(lambda: compare(lm, prompt, cols, p64, mixer=mixer, batched=True), 3))
+    t_seq = median(timed(lambda: compare(lm, prompt, cols, p64, mixer=mixer, batched=False), 3))
+    results["three_columns_batched_s"] = round(t_batched, 2)
+    results["three_columns_sequential_s"] = round(t_seq, 2)
+    results["sequential_vs_batched"] = round(t_seq / t_batched, 3)
+    print(f"3 columns x 64 tokens: batched {t_batched:.2f} s, one after another {t_seq:.2f} s -> "
+          f"batched is {t_seq / t_batched:.2f}x faster")
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2))

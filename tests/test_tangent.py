@@ -1,0 +1,200 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.directions import DirectionError, load_direction
+from engine.dpo import dpo_loss, encode_pairs, sequence_logps
+from engine.errors import Cancelled
+from engine.mixer import Mixer
+from engine.models import load_model
+from engine.tangent import (DirectionModel, TangentDirection, completion_logps, linear_weights, linearization_gap,
+                            shared_A0)
+from engine.train import BatchPlan, TrainConfig, train_direction
+
+SMALL = dict(max_prompt_tokens=32, max_response_tokens=32)
+
+
+def test_dpo_loss_matches_the_published_formula_by_hand():
+    pi_c, pi_r = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -19.0, -9.0])
+    ref_c, ref_r = torch.tensor([-11.0, -18.0, -6.0]), torch.tensor([-11.5, -18.5, -8.0])
+    beta = 0.2
+    loss, m = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "sigmoid")
+    by_hand, rc, rr = [], [], []
+    for a, b, c, d in zip(pi_c.tolist(), pi_r.tolist(), ref_c.tolist(), ref_r.tolist()):
+        z = beta * ((a - c) - (b - d))
+        by_hand.append(-math.log(1 / (1 + math.exp(-z))))
+        rc.append(beta * (a - c))
+        rr.append(beta * (b - d))
+    assert float(loss) == pytest.approx(sum(by_hand) / 3, rel=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(sum(rc) / 3, rel=1e-6)
+    assert float(m["rewards/rejected"]) == pytest.approx(sum(rr) / 3, rel=1e-6)
+    assert float(m["rewards/accuracies"]) == pytest.approx(sum(x > y for x, y in zip(rc, rr)) / 3)
+    assert float(m["rewards/margins"]) == pytest.approx(sum(x - y for x, y in zip(rc, rr)) / 3, rel=1e-6)
+    ipo, _ = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "ipo")
+    expected = sum((((a - c) - (b - d)) - 1 / (2 * beta)) ** 2
+                   for a, b, c, d in zip(pi_c.tolist(), pi_r.tolist(), ref_c.tolist(), ref_r.tolist())) / 3
+    assert float(ipo) == pytest.approx(expected, rel=1e-6)
+
+
+def test_sequence_logps_by_hand():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]])
+    labels = torch.tensor([[2, 0]])
+    mask = torch.tensor([[1.0, 1.0]])
+    lse = math.log(1 + math.e + math.e ** 2)
+    expected = (2.0 - lse) + (1.0 - math.log(3 * math.e))
+    assert float(sequence_logps(logits, labels, mask)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(sequence_logps(logits, labels, mask, average=True)[0]) == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_jvp_primal_is_the_reference_model(tiny_lm, tiny_pairs):
+    batch = encode_pairs(tiny_lm, tiny_pairs.pairs[:2], **SMALL)
+    names = linear_weights(tiny_lm)
+    deltas = {n: 1e-3 * torch.randn_like(dict(tiny_lm.model.named_parameters())[n]) for n in names}
+    _, ref = completion_logps(tiny_lm, batch, deltas, "tangent")
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids).logits
+    direct = sequence_logps(logits, batch.targets, batch.target_mask)
+    torch.testing.assert_close(ref, direct, atol=1e-4, rtol=1e-5)
+
+
+def test_linearized_and_ordinary_agree_to_second_order(tiny_lm, tiny_pairs):
+    """For tau -> eps tau, |f_lin - f| shrinks like eps^2 (halving eps divides the error by about 4)."""
+    batch = encode_pairs(tiny_lm, tiny_pairs.pairs[:2], **SMALL)
+    g = torch.Generator().manual_seed(0)
+    names = linear_weights(tiny_lm)
+    params = dict(tiny_lm.model.named_parameters())
+    tau = {n: torch.randn(params[n].shape, generator=g) * params[n].detach().std() * 0.5 for n in names}
+    d = TangentDirection("x", "full", tau, tiny_lm.identity())
+    errors = []
+    for eps in (0.4, 0.2, 0.1):
+        gap = linearization_gap(tiny_lm, batch, [(d, eps)])
+        errors.append(gap["gap_mean"])
+    ratios = [errors[i] / errors[i + 1] for i in range(2)]
+    assert all(3.0 < r < 5.5 for r in ratios), (errors, ratios)
+
+
+def test_lowrank_mix_is_exact_and_restores_bit_identical(tiny_lm, tiny_pairs):
+    names = linear_weights(tiny_lm, layers=[0, 2], modules=["mlp"])
+    g = torch.Generator().manual_seed(1)
+    dirs = []
+    for k in range(2):
+        tensors = {}
+        for n in names:
+            w = dict(tiny_lm.model.named_parameters())[n]
+            tensors[n + ":B"] = torch.randn(w.shape[0], 4, generator=g) * 0.01
+            tensors[n + ":A"] = shared_A0(n, 4, w.shape[1], seed=0)
+        dirs.append(TangentDirection(f"obj{k}", "lowrank", tensors, tiny_lm.identity(), name=f"d{k}"))
+    params = dict(tiny_lm.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ids = tiny_lm.tokenizer("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = tiny_lm.model(ids).logits
+    mixer = Mixer(tiny_lm)
+    for d in dirs:
+        mixer.add(d)
+    mixer.set_weights({"d0": 0.7, "d1": -1.3})
+    for n in names:
+        B = 0.7 * dirs[0].tensors[n + ":B"] - 1.3 * dirs[1].tensors[n + ":B"]
+        torch.testing.assert_close(params[n].detach(), before[n] + B @ dirs[0].tensors[n + ":A"], atol=1e-6, rtol=1e-5)
+    mixer.set_weights({"d0": 0.2})
+    mixer.clear()
+    assert all(torch.equal(params[n].detach(), before[n]) for n in params)
+    with torch.no_grad():
+        assert torch.equal(tiny_lm.model(ids).logits, base_logits)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm, tiny_pairs):
+    cfg = TrainConfig(steps=6, param="lowrank", rank=4, **SMALL)
+    return train_direction(tiny_lm, tiny_pairs, cfg)
+
+
+def test_training_records_trl_metrics_and_a_loadable_direction(tiny_lm, trained, tmp_path):
+    h = trained.history
+    assert [r["step"] for r in h] == list(range(1, 7))
+    assert h[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # tau = 0 at the start: policy = reference
+    assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "eta_s", "lr"} <= set(h[0])
+    assert "rewards/accuracies" in trained.val_metrics
+    d = trained.direction
+    assert d.kind == "tangent" and d.param == "lowrank" and d.norm() > 0
+    path = d.save(tmp_path / "t.safetensors")
+    loaded = load_direction(path, tiny_lm)
+    assert isinstance(loaded, TangentDirection) and loaded.meta["hyperparameters"]["steps"] == 6
+    mixer = Mixer(tiny_lm)
+    mixer.add(loaded)
+    mixer.set_weights({loaded.name: 1.0})
+    assert mixer.active
+    mixer.clear()
+
+
+def test_direction_for_another_model_or_nan_is_refused(trained, tmp_path, other_tiny_dir, tiny_lm):
+    path = trained.direction.save(tmp_path / "t.safetensors")
+    with pytest.raises(DirectionError, match="not for the loaded model tiny-other"):
+        load_direction(path, load_model(other_tiny_dir))
+    bad = dict(trained.direction.tensors)
+    key = next(iter(bad))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("inf")
+    TangentDirection("x", "lowrank", bad, tiny_lm.identity()).save(tmp_path / "inf.safetensors")
+    with pytest.raises(DirectionError, match="NaN or infinite"):
+        load_direction(tmp_path / "inf.safetensors", tiny_lm)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_lm, tiny_pairs, tmp_path):
+    cfg = TrainConfig(steps=6, param="full", checkpoint_every=2, **SMALL)
+    whole = train_direction(tiny_lm, tiny_pairs, cfg)
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        train_direction(tiny_lm, tiny_pairs, cfg, should_stop=stop_after_three, checkpoint_dir=tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 3
+    resumed = train_direction(tiny_lm, tiny_pairs, cfg, checkpoint_dir=tmp_path / "ck")
+    for n in whole.direction.param_names():
+        torch.testing.assert_close(resumed.direction.delta(n), whole.direction.delta(n), atol=1e-7, rtol=1e-5)
+    with pytest.raises(DirectionError, match="other settings or data"):
+        train_direction(tiny_lm, tiny_pairs, TrainConfig(steps=7, param="full", **SMALL), checkpoint_dir=tmp_path / "ck")
+
+
+def test_scalarized_baseline_mixes_sources_by_weight(tiny_lm, tiny_pairs, demo_data):
+    from engine.data import load_pairs
+
+    other = load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", limit=24)
+    plan = BatchPlan([(tiny_pairs.pairs, 0.25), (other.pairs, 0.75)], 4, seed=0)
+    counts = [sum(plan.counts(s)[k] for s in range(400)) for k in range(2)]
+    assert counts[0] / 1600 == pytest.approx(0.25, abs=0.03)
+    assert plan.batch(5) == plan.batch(5)
+    res = train_direction(tiny_lm, [(tiny_pairs, 0.3), (other, 0.7)], TrainConfig(method="ordinary", steps=3, **SMALL))
+    assert res.direction.kind == "scalarized" and res.direction.norm() > 0
+    assert [s["weight"] for s in res.direction.meta["objective_sources"]] == [0.3, 0.7]
+
+
+def test_two_processes_match_one(tiny_model_dir, demo_data, tmp_path):
+    """DDP over two CPU processes (gloo) gives the same direction as one process on the same data."""
+    bin_dir = Path(sys.executable).parent
+    common = ["train", "--data", str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "--limit", "24",
+              "--objective", "help", "--model", str(tiny_model_dir), "--steps", "4", "--param", "full",
+              "--max-prompt-tokens", "32", "--max-response-tokens", "32", "--no-store"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([str(bin_dir / "tsdpo"), *common, "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
+                          "-m", "engine.cli", *common, "--out", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=str(Path(__file__).parents[1]))
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = TangentDirection.load(tmp_path / "one.safetensors")
+    b = TangentDirection.load(tmp_path / "two.safetensors")
+    assert a.meta["processes"] == 1 and b.meta["processes"] == 2
+    for n in a.param_names():
+        torch.testing.assert_close(b.delta(n), a.delta(n), atol=1e-6, rtol=1e-4)
