@@ -277,7 +277,7 @@ def _new_output(path: str, overwrite: bool):
     return out
 
 
-def cmd_steer_lengths(args) -> int:
+def cmd_lengths(args) -> int:
     import json
     from pathlib import Path
 
@@ -298,8 +298,8 @@ def cmd_steer_lengths(args) -> int:
     lm = _load(args, args.model)
     mixer = Mixer(lm, positions=args.positions)
     store = None if args.no_store else _store(args)
-    direction = load_direction(args.vector, lm, store)
-    if args.layers or args.strength is not None:
+    direction = load_direction(args.direction, lm, store)
+    if (args.layers or args.strength is not None) and direction.kind == "steering":
         direction = direction.with_settings([int(x) for x in args.layers.split(",")] if args.layers else None, args.strength)
     name = mixer.add(direction)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -313,8 +313,8 @@ def cmd_steer_lengths(args) -> int:
     for r in rows:
         print(f"{r['weight']:>8g} {r['mean_tokens']:>12.1f} {r['median_tokens']:>8g} {r['at_limit']:>9}")
     means = [r["mean_tokens"] for r in rows]
-    print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, layers {direction.layers}, "
-          f"strength {direction.strength:g})")
+    how = f"layers {direction.layers}, strength {direction.strength:g}" if direction.kind == "steering" else direction.param
+    print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, {direction.kind}, {how})")
     return 0
 
 
@@ -511,20 +511,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_steer_extract)
 
-    p = steer.add_parser("lengths", help="mean response length at several weights of one direction")
-    p.add_argument("--vector", required=True, help="a direction file or stored name")
+    p = sub.add_parser("lengths", help="mean response length at several weights of one direction (a length check)")
+    p.add_argument("--direction", required=True, help="a direction file or stored name (steering or tangent)")
     p.add_argument("--prompts", required=True, help=".jsonl with a prompt field, or .txt with one prompt per line")
     p.add_argument("--weights", default="-1,-0.5,0,0.5,1")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--layers")
-    p.add_argument("--strength", type=float)
+    p.add_argument("--layers", help="steering only: override the steered layers")
+    p.add_argument("--strength", type=float, help="steering only: override the strength")
     p.add_argument("--positions", choices=["all", "generated"], default="all")
     p.add_argument("--model", default=None)
     p.add_argument("--no-store", action="store_true")
     p.add_argument("--db")
     _model_args(p)
-    p.set_defaults(func=cmd_steer_lengths)
+    p.set_defaults(func=cmd_lengths)
 
     p = sub.add_parser("train", help="train a TS-DPO tangent direction for one objective")
     _data_args(p)

@@ -12,12 +12,24 @@ from engine.mixer import Mixer
 def response_lengths(mixer: Mixer, name: str, weights: Sequence[float], prompts: Sequence[str],
                      params: SamplingParams = SamplingParams(max_new_tokens=200),
                      progress: Optional[Callable[[int, int], None]] = None) -> dict[float, list[int]]:
-    """Tokens generated for each prompt at each weight of direction ``name`` (all weights of one prompt in one batch)."""
+    """Tokens generated for each prompt at each weight of direction ``name`` (greedy unless ``params`` say otherwise);
+    for a steering vector all weights of one prompt run as one batch."""
+    from engine.mixer import steering_only
+
     lm = mixer.lm
     out: dict[float, list[int]] = {w: [] for w in weights}
+    rows = [{name: w} for w in weights]
+    batched = steering_only(mixer, rows)
     for i, prompt in enumerate(prompts):
-        with mixer.applied([{name: w} for w in weights]):
-            results = decode(lm, _prompt_ids(lm, prompt), len(weights), params, mixer=mixer)
+        ids = _prompt_ids(lm, prompt)
+        if batched:
+            with mixer.applied(rows):
+                results = decode(lm, ids, len(weights), params, mixer=mixer)
+        else:  # weight-space directions change the weights themselves: one weight at a time
+            results = []
+            for row in rows:
+                with mixer.applied([row]):
+                    results += decode(lm, ids, 1, params, mixer=mixer)
         for w, r in zip(weights, results):
             out[w].append(r.n_tokens)
         if progress:

@@ -105,9 +105,32 @@ def test_steer_lengths_reports_each_weight(capsys, tiny_vector, tiny_model_dir, 
     path = tiny_vector.save(tmp_path / "v.safetensors")
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me about the sea.\nWrite a poem.\n")
-    code, stdout, err = run(capsys, "steer", "lengths", "--vector", str(path), "--prompts", str(prompts),
+    code, stdout, err = run(capsys, "lengths", "--direction", str(path), "--prompts", str(prompts),
                             "--weights", "-1,0,1", "--max-new-tokens", "6", "--model", str(tiny_model_dir))
     assert code == 0, err
     lines = stdout.splitlines()
     assert lines[0].split() == ["weight", "mean", "tokens", "median", "at", "limit"]
     assert [l.split()[0] for l in lines[1:4]] == ["-1", "0", "1"] and "monotonic increasing" in lines[4]
+
+
+def test_train_then_generate_with_the_direction_file(capsys, tiny_model_dir, demo_data, tmp_path):
+    out = tmp_path / "help.safetensors"
+    code, stdout, err = run(capsys, "train", "--objective", "helpfulness", "--data",
+                            str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "--limit", "16",
+                            "--param", "full", "--steps", "3", "--out", str(out), "--model", str(tiny_model_dir),
+                            "--max-prompt-tokens", "24", "--max-response-tokens", "24")
+    assert code == 0, err
+    assert "tangent direction 'helpfulness' (full" in stdout and "final: step 3 loss" in stdout
+    assert "held-out: accuracy" in stdout
+    code, stdout, err = run(capsys, "generate", "--prompt", "Hi.", "--mix", f"{out}=2", "--compare", "base",
+                            "--model", str(tiny_model_dir), "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "+2 helpfulness" in stdout.splitlines()[0] and "one after another" in err
+    code, stdout, err = run(capsys, "train-scalarized", "--data", f"helpfulness={demo_data / 'ultrafeedback_helpfulness_400.jsonl'}",
+                            "--data", f"harmlessness={demo_data / 'hh_rlhf_harmless_600.jsonl'}", "--weight", "0.3",
+                            "--limit", "16", "--steps", "2", "--out", str(tmp_path / "s.safetensors"),
+                            "--model", str(tiny_model_dir), "--max-prompt-tokens", "24", "--max-response-tokens", "24")
+    assert code == 0, err
+    assert "scalarized direction 'scalarized helpfulness=0.3'" in stdout
+    code, _, err = run(capsys, "train-scalarized", "--data", "a=x.jsonl", "--weight", "0.3", "--out", "y")
+    assert code == 2 and "two --data" in err

@@ -1,0 +1,136 @@
+"""TS-DPO benchmarks on the embedded model: a linearized DPO step against an ordinary DPO step
+(reference forward + policy forward/backward) on the same batch and weights, low-rank vs full, and
+the latency of applying a mix of weight-space directions.
+
+Each step measurement runs in its own process so its peak memory (RSS high-water mark above the
+loaded model, or CUDA max allocated) is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DATA, machine, median, pct  # noqa: E402
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def one(method: str, param: str, steps: int = 3) -> dict:
+    """Time `steps` optimizer steps of one configuration (after one warm-up step)."""
+    import torch
+
+    from engine.data import load_pairs
+    from engine.dpo import encode_pairs
+    from engine.models import load_model
+    from engine.tangent import DirectionModel, linear_weights, use_eager_attention
+
+    lm = load_model()
+    use_eager_attention(lm)  # the same attention kernels for both methods, so only the method differs
+    pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", limit=2).pairs
+    batch = encode_pairs(lm, pairs, 128, 128).to(lm.device)
+    module = DirectionModel(lm, linear_weights(lm), param, 8, method)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step():
+        loss, _ = module(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    cuda = lm.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    base_rss = _rss_mb()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mb() - base_rss
+    return {"method": method, "param": param, "step_s": median(times), "peak_extra_mb": round(peak, 1),
+            "tokens": int(batch.attention_mask.sum()), "weights": len(module.names)}
+
+
+def _run(method: str, param: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", method, param], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def apply_latency() -> dict:
+    import torch
+
+    from engine.mixer import Mixer
+    from engine.models import load_model
+    from engine.tangent import TangentDirection, linear_weights, shared_A0
+
+    lm = load_model()
+    params = dict(lm.model.named_parameters())
+    names = linear_weights(lm)
+    g = torch.Generator().manual_seed(0)
+    full = TangentDirection("full", "full", {n: torch.randn(params[n].shape, generator=g) * 1e-4 for n in names},
+                            lm.identity(), name="full")
+    low = {}
+    for n in names:
+        low[n + ":B"] = torch.randn(params[n].shape[0], 8, generator=g) * 1e-3
+        low[n + ":A"] = shared_A0(n, 8, params[n].shape[1], 0)
+    lowrank = TangentDirection("low", "lowrank", low, lm.identity(), name="low")
+    out = {}
+    for d in (full, lowrank):
+        mixer = Mixer(lm)
+        mixer.add(d)
+        lat = []
+        for i in range(20):
+            t0 = time.perf_counter()
+            mixer.set_weights({d.name: 0.1 + 0.01 * i})
+            lat.append(time.perf_counter() - t0)
+        mixer.clear()
+        out[d.param] = {"median_ms": round(median(lat) * 1e3, 1), "p95_ms": round(pct(lat, 0.95) * 1e3, 1)}
+        del mixer
+    return out
+
+
+def main() -> dict:
+    print(f"machine: {machine()}")
+    res = {(m, p): _run(m, p) for m, p in [("ordinary", "full"), ("tangent", "full"), ("ordinary", "lowrank"),
+                                          ("tangent", "lowrank")]}
+    for r in res.values():
+        print(f"{r['method']:>8} {r['param']:>7}: {r['step_s']:.2f} s/step, peak +{r['peak_extra_mb']:.0f} MB "
+              f"({r['tokens']} tokens, {r['weights']} weight matrices)")
+    tf, of = res[("tangent", "full")], res[("ordinary", "full")]
+    tl, ol = res[("tangent", "lowrank")], res[("ordinary", "lowrank")]
+    summary = {
+        "ts_dpo_vs_dpo_step_time_full": round(tf["step_s"] / of["step_s"], 3),
+        "ts_dpo_vs_dpo_peak_memory_full": round(tf["peak_extra_mb"] / max(of["peak_extra_mb"], 1e-9), 3),
+        "ts_dpo_vs_dpo_step_time_lowrank": round(tl["step_s"] / ol["step_s"], 3),
+        "ts_dpo_vs_dpo_peak_memory_lowrank": round(tl["peak_extra_mb"] / max(ol["peak_extra_mb"], 1e-9), 3),
+        "lowrank_vs_full_step_time_ts_dpo": round(tl["step_s"] / tf["step_s"], 3),
+    }
+    for k, v in summary.items():
+        print(f"{k}: {v}")
+    lat = apply_latency()
+    for k, v in lat.items():
+        print(f"mix apply ({k}): median {v['median_ms']} ms, p95 {v['p95_ms']} ms")
+    summary["apply_full_vs_lowrank"] = round(lat["full"]["median_ms"] / max(lat["lowrank"]["median_ms"], 1e-9), 3)
+    print(f"apply_full_vs_lowrank: {summary['apply_full_vs_lowrank']}")
+    return {"steps": [*res.values()], "apply_latency": lat, **summary}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--one":
+        print(json.dumps(one(sys.argv[2], sys.argv[3])))
+    else:
+        print(json.dumps(main(), indent=2))
