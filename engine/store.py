@@ -411,3 +411,37 @@ class Store:
         with self._tx("list pinned points") as s:
             return list(s.scalars(select(PinnedPoint).where(PinnedPoint.session_id == session_id).order_by(PinnedPoint.id)))
 
+
+
+def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
+    """What a person rated, as TRL preference rows: the winner is chosen, each other column rejected.
+
+    Ties and 'both bad' carry no preference between columns and give no rows; when a comparison was
+    rated more than once the latest rating counts."""
+    rows = []
+    for comp in store.history(session_id):
+        if not comp.ratings:
+            continue
+        rating = comp.ratings[-1]
+        if rating.outcome != "winner":
+            continue
+        winner = next(g for g in comp.generations if g.id == rating.winner_id)
+        for g in comp.generations:
+            if g.id != winner.id and g.output.strip() != winner.output.strip():
+                rows.append({"prompt": comp.prompt, "chosen": winner.output, "rejected": g.output,
+                             "chosen_label": winner.label, "rejected_label": g.label, "blind": rating.blind,
+                             "comparison_id": comp.id})
+    return rows
+
+
+def export_ratings_trl(store: Store, session_id: int, path: str | Path) -> int:
+    """Write the session's ratings as TRL JSONL (prompt/chosen/rejected); returns the number of pairs."""
+    import json
+    import os
+
+    rows = ratings_to_trl(store, session_id)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(rows)

@@ -31,9 +31,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from studio.main_window import MainWindow
 
+    import pyqtgraph as pg
+
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setOrganizationName("tsdpo-studio")
     app.setApplicationName("tsdpo-studio")
+    app.setStyle("Fusion")
+    pg.setConfigOptions(antialias=True)
     window = MainWindow()
     if args.device:
         window.settings.setValue("device", args.device)

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
 from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
-from PySide6.QtGui import QAction, QDesktopServices, QKeySequence, QTextCursor
-from PySide6.QtWidgets import (QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QInputDialog,
-                               QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QProgressBar, QPushButton,
-                               QSpinBox, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
+from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
+                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget,
+                               QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from engine.paths import log_path
+from engine.errors import TsdpoError
+from engine.paths import data_dir, log_path
+from engine.plane import PreferencePlane
+from studio.compare_panel import ComparePanel, column_request
+from studio.jobs import JobDialog, JobPanel
+from studio.plane_widget import PreferencePlaneWidget
+from studio.theme import apply_palette
 from studio.worker import WorkerHost
 
 log = logging.getLogger(__name__)
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEMO_DIRECTIONS = ASSETS / "directions"
+DEMO_DATA = ASSETS / "data"
+BASE_ATTRIBUTES = ["helpfulness", "verbosity"]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -28,106 +41,194 @@ def _fmt_bytes(n: float) -> str:
 
 
 class MainWindow(QMainWindow):
-    def __init__(self, settings: Optional[QSettings] = None):
+    def __init__(self, settings: Optional[QSettings] = None, store=None, demo_directions: bool = True):
         super().__init__()
         self.settings = settings or QSettings()
         self.setWindowTitle("tsdpo-studio")
-        self.resize(1100, 720)
-        self.host = WorkerHost(self)
+        self.resize(1400, 860)
+        self.error_dialogs: list[QMessageBox] = []
+        self.store = store if store is not None else self._open_store()
+        self.host = WorkerHost(self.store, self)
+        self.demo_directions = demo_directions
         self.model_info: Optional[dict] = None
         self.busy_with = ""
+        self.session_id: Optional[int] = None
+        self.directions: dict[str, dict] = {}
         self.last_result: Optional[dict] = None
-        self.error_dialogs: list[QMessageBox] = []
+        self.last_apply_s: Optional[float] = None
+        self._restore: Optional[dict] = None
         self._build_ui()
         self._build_menus()
         w = self.host.worker
         w.busy.connect(self._on_busy)
-        w.progress.connect(self._on_progress)
+        w.progress.connect(self.progress_label.setText)
         w.modelLoaded.connect(self._on_model_loaded)
-        w.text.connect(self._on_text)
-        w.generated.connect(self._on_generated)
-        w.failed.connect(self.show_error)
+        w.directionAdded.connect(self._on_direction_added)
+        w.mixApplied.connect(self._on_mix_applied)
+        w.text.connect(self.compare.append)
+        w.compared.connect(self._on_compared)
+        w.jobProgress.connect(self.job_panel.update_progress)
+        w.jobFinished.connect(self._on_job_finished)
+        w.failed.connect(self._on_failed)
         self._memory_timer = QTimer(self, interval=2000, timeout=self._refresh_status)
         self._memory_timer.start()
         self._restore_settings()
         self._refresh_status()
         self._update_actions()
 
+    def _open_store(self):
+        from engine.store import Store
+
+        try:
+            return Store()
+        except TsdpoError as exc:
+            QTimer.singleShot(0, lambda: self.show_error(
+                "The session database cannot be used", f"{exc}\n\nThe studio works, but sessions and ratings are not saved."))
+            return None
+
     # ------------------------------------------------------------------ layout
     def _build_ui(self) -> None:
-        prompt_box = QGroupBox("Prompt")
-        self.prompt = QPlainTextEdit(placeholderText="Ask the model something, then press Generate (Ctrl+Enter).")
+        self.plane = PreferencePlaneWidget()
+        self.plane.weightsChanged.connect(self.host.apply_weights)
+        self.plane.released.connect(self._on_released)
+        self.plane.pinsChanged.connect(self._on_pins_changed)
+        self.plane.layoutChanged.connect(self._save_session)
+        plane_box = QGroupBox("Preference plane")
+        self.direction_list = QListWidget()
+        self.direction_list.setObjectName("directions")
+        self.direction_list.setMaximumHeight(70)
+        pl = QVBoxLayout(plane_box)
+        pl.addWidget(self.plane, 1)
+        pl.addWidget(QLabel("Loaded directions (Directions menu to add or build more):"))
+        pl.addWidget(self.direction_list)
+
+        self.prompt = QPlainTextEdit(placeholderText="Ask something, then Generate (Ctrl+Enter). Drag the point to change the mix.")
         self.prompt.setObjectName("prompt")
+        self.prompt.setMaximumHeight(90)
         self.max_tokens = QSpinBox(minimum=1, maximum=4096, value=128)
         self.temperature = QDoubleSpinBox(minimum=0.0, maximum=2.0, singleStep=0.1, value=0.0, decimals=2)
         self.temperature.setSpecialValueText("greedy")
         self.top_p = QDoubleSpinBox(minimum=0.05, maximum=1.0, singleStep=0.05, value=1.0, decimals=2)
+        self.repetition = QDoubleSpinBox(minimum=0.5, maximum=2.0, singleStep=0.05, value=1.0, decimals=2)
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.generate_button = QPushButton("Generate")
         self.generate_button.setShortcut(QKeySequence("Ctrl+Return"))
-        self.generate_button.setDefault(True)
         self.stop_button = QPushButton("Stop")
         self.stop_button.setShortcut(QKeySequence("Escape"))
+        self.regen = QCheckBox("Regenerate when the point is released")
         self.generate_button.clicked.connect(self.start_generation)
-        self.stop_button.clicked.connect(self.stop)
-        form = QFormLayout()
-        form.addRow("Max new tokens", self.max_tokens)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top-p", self.top_p)
-        form.addRow("Seed", self.seed)
+        self.stop_button.clicked.connect(self.host.stop)
+        params = QHBoxLayout()
+        for label, w in (("max tokens", self.max_tokens), ("temperature", self.temperature), ("top-p", self.top_p),
+                         ("repetition", self.repetition), ("seed", self.seed)):
+            params.addWidget(QLabel(label))
+            params.addWidget(w)
+        params.addStretch(1)
         buttons = QHBoxLayout()
         buttons.addWidget(self.generate_button)
         buttons.addWidget(self.stop_button)
-        left = QVBoxLayout(prompt_box)
-        left.addWidget(self.prompt, 1)
-        left.addLayout(form)
-        left.addLayout(buttons)
-
-        out_box = QGroupBox("Base model")
-        self.output_box = out_box
-        self.output = QPlainTextEdit(readOnly=True)
-        self.output.setObjectName("output")
-        self.output.setPlaceholderText("The reply streams here.")
-        self.output_stats = QLabel("")
-        self.output_stats.setObjectName("output_stats")
-        right = QVBoxLayout(out_box)
-        right.addWidget(self.output, 1)
-        right.addWidget(self.output_stats)
+        buttons.addWidget(self.regen)
+        buttons.addStretch(1)
+        self.compare = ComparePanel()
+        self.compare.rated.connect(self._on_rated)
+        self.compare.n_columns.valueChanged.connect(self._save_session)
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.addWidget(self.prompt)
+        rl.addLayout(params)
+        rl.addLayout(buttons)
+        rl.addWidget(self.compare, 1)
 
         split = QSplitter(Qt.Horizontal)
-        split.addWidget(prompt_box)
-        split.addWidget(out_box)
+        split.addWidget(plane_box)
+        split.addWidget(right)
         split.setStretchFactor(0, 2)
-        split.setStretchFactor(1, 3)
+        split.setStretchFactor(1, 5)
+        split.setSizes([420, 980])
         self.splitter = split
         self.setCentralWidget(split)
 
+        self.history = QTreeWidget()
+        self.history.setHeaderLabels(["History", "tokens"])
+        self.history.setColumnWidth(0, 520)
+        self.history.itemDoubleClicked.connect(self._show_history_item)
+        self.job_panel = JobPanel()
+        self.job_panel.cancelRequested.connect(self.host.stop)
+        for title, widget, name in (("History", self.history, "history_dock"), ("Job", self.job_panel, "job_dock")):
+            dock = QDockWidget(title, self)
+            dock.setObjectName(name)
+            dock.setWidget(widget)
+            self.addDockWidget(Qt.BottomDockWidgetArea, dock)
+            setattr(self, name, dock)
+        self.tabifyDockWidget(self.history_dock, self.job_dock)
+        self.history_dock.raise_()
+        self.resizeDocks([self.history_dock], [150], Qt.Vertical)
+
         self.model_label = QLabel("No model")
+        self.session_label = QLabel("")
+        self.mix_label = QLabel("")
         self.memory_label = QLabel("")
         self.progress_label = QLabel("")
-        self.progress_bar = QProgressBar(maximumWidth=160, textVisible=False)
-        self.progress_bar.setRange(0, 0)  # busy indicator
+        self.progress_bar = QProgressBar(maximumWidth=140, textVisible=False)
+        self.progress_bar.setRange(0, 0)
         self.progress_bar.hide()
         sb = self.statusBar()
         sb.addWidget(self.model_label)
         sb.addWidget(self.progress_bar)
         sb.addWidget(self.progress_label, 1)
+        sb.addPermanentWidget(self.mix_label)
+        sb.addPermanentWidget(self.session_label)
         sb.addPermanentWidget(self.memory_label)
 
     def _build_menus(self) -> None:
-        file = self.menuBar().addMenu("&File")
-        self.open_folder_action = QAction("Open model &folder...", self, triggered=self.open_model_folder)
-        self.open_gguf_action = QAction("Open &GGUF file...", self, triggered=self.open_gguf)
-        self.open_hub_action = QAction("Open &hub model id...", self, triggered=self.open_hub_id)
-        self.open_embedded_action = QAction("Load the &embedded model", self, triggered=lambda: self.load_model(None))
-        for a in (self.open_folder_action, self.open_gguf_action, self.open_hub_action, self.open_embedded_action):
-            file.addAction(a)
-        file.addSeparator()
-        file.addAction(QAction("Show &log file", self, triggered=self.show_log))
-        file.addSeparator()
-        file.addAction(QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close))
+        bar = self.menuBar()
+        session = bar.addMenu("&Session")
+        session.addAction(QAction("&New session", self, shortcut=QKeySequence.New, triggered=self.new_session))
+        session.addAction(QAction("&Open session...", self, shortcut=QKeySequence.Open, triggered=self.open_session_dialog))
+        self.recent_menu = session.addMenu("&Recent")
+        self.recent_menu.aboutToShow.connect(self._fill_recent)
+        session.addAction(QAction("&Export ratings as TRL JSONL...", self, triggered=self.export_ratings))
+        session.addSeparator()
+        session.addAction(QAction("Show &log file", self, triggered=lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log_path())))))
+        session.addAction(QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close))
 
-    # ------------------------------------------------------------------ requests
+        model = bar.addMenu("&Model")
+        self.model_actions = [
+            QAction("Open model &folder...", self, triggered=self.open_model_folder),
+            QAction("Open &GGUF file...", self, triggered=self.open_gguf),
+            QAction("Open &hub model id...", self, triggered=self.open_hub_id),
+            QAction("Load the &embedded model", self, triggered=lambda: self.load_model(None)),
+        ]
+        for a in self.model_actions:
+            model.addAction(a)
+        device_menu = model.addMenu("&Device (next load)")
+        group = QActionGroup(self)
+        for dev in ("auto", "cpu", "cuda", "mps"):
+            a = QAction(dev, self, checkable=True)
+            a.setChecked(self.settings.value("device", "auto") == dev)
+            a.triggered.connect(lambda _=False, d=dev: self.settings.setValue("device", d))
+            group.addAction(a)
+            device_menu.addAction(a)
+
+        directions = bar.addMenu("&Directions")
+        self.job_actions = [
+            QAction("&Add a direction file...", self, triggered=self.add_direction_file),
+            QAction("&Extract a steering vector...", self, triggered=lambda: self.open_job("extract")),
+            QAction("&Train a TS-DPO direction...", self, triggered=lambda: self.open_job("train")),
+            QAction("Train a &scalarized-DPO baseline...", self, triggered=lambda: self.open_job("scalarized")),
+        ]
+        for a in self.job_actions:
+            directions.addAction(a)
+
+        view = bar.addMenu("&View")
+        self.dark_action = QAction("&Dark palette", self, checkable=True)
+        self.dark_action.setChecked(self.settings.value("dark", "false") in (True, "true"))
+        self.dark_action.toggled.connect(self._set_dark)
+        view.addAction(self.dark_action)
+        for dock in (self.history_dock, self.job_dock):
+            view.addAction(dock.toggleViewAction())
+
+    # ------------------------------------------------------------------ model
     def load_model(self, source) -> None:
         self.model_label.setText(f"Loading {source or 'the embedded model'}...")
         self.host.load(source, device=self.settings.value("device", "auto"))
@@ -147,9 +248,78 @@ class MainWindow(QMainWindow):
         if ok and model_id.strip():
             self.load_model(model_id.strip())
 
+    def _on_model_loaded(self, info: dict) -> None:
+        changed = self.model_info is None or self.model_info["fingerprint"] != info["fingerprint"]
+        self.model_info = info
+        self.settings.setValue("last_model", "" if info["source"]["kind"] == "embedded" else info["source"]["ref"])
+        if changed:
+            self.directions = {}
+            self.direction_list.clear()
+            self.plane.set_directions([])
+        restore = self._restore
+        if restore is not None:
+            self._restore_directions(restore)
+        elif self.session_id is None or changed:
+            self._create_session()
+            if self.demo_directions and info["source"]["kind"] == "embedded":
+                for path in sorted(DEMO_DIRECTIONS.glob("*.safetensors")):
+                    self.host.add_direction(str(path))
+        self._refresh_status()
+        self._update_actions()
+
+    # ------------------------------------------------------------------ directions
+    def add_direction_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Add a direction", str(data_dir()), "Directions (*.safetensors)")
+        if path:
+            self.host.add_direction(path)
+
+    def _on_direction_added(self, info: dict) -> None:
+        self.directions[info["name"]] = info
+        line = f"{info['name']}  ·  {info['kind']}  ·  {info['detail']}"
+        overlaps = [f"{b if a == info['name'] else a} (cosine {cos:+.2f})" for a, b, cos in info.get("interference", [])]
+        if overlaps:
+            # A warning, not an error: mixing still works, it just mostly adds up one effect.
+            line += "  ⚠ overlaps " + ", ".join(overlaps)
+            self.progress_label.setText(f"{info['name']} points nearly the same way as " + ", ".join(overlaps))
+        self.direction_list.addItem(line)
+        self._directions_changed()
+        if self._restore is not None:
+            self._restore["waiting"] -= 1
+            self._maybe_finish_restore()
+        else:
+            self._save_session()
+
+    def _directions_changed(self) -> None:
+        names = list(self.directions)
+        mixable = [n for n in names if self.directions[n]["kind"] != "scalarized"]
+        self.plane.set_directions(mixable)
+        self.compare.set_sources(list(self.plane.pins), [n for n in names if self.directions[n]["kind"] == "scalarized"],
+                                 any(d["kind"] == "steering" for d in self.directions.values()))
+        attrs = list(dict.fromkeys([*BASE_ATTRIBUTES, *(d["objective"] for d in self.directions.values())]))
+        self.compare.set_attributes(attrs)
+
+    def _on_mix_applied(self, weights: dict, seconds: float) -> None:
+        self.last_apply_s = seconds
+        self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms")
+
+    def _on_released(self, weights: dict) -> None:
+        self._save_session()
+        if self.regen.isChecked() and self.prompt.toPlainText().strip() and not self.busy_with:
+            self.start_generation()
+
+    def _on_pins_changed(self) -> None:
+        if self.store is not None and self.session_id is not None:
+            try:
+                for name, (x, y) in self.plane.pins.items():
+                    self.store.pin_point(self.session_id, name, x, y)
+            except TsdpoError as exc:
+                self.show_error("The pinned point was not saved", str(exc))
+        self._directions_changed()
+
+    # ------------------------------------------------------------------ generation and rating
     def sampling_params(self) -> dict:
         return {"max_new_tokens": self.max_tokens.value(), "temperature": self.temperature.value(),
-                "top_p": self.top_p.value(), "seed": self.seed.value()}
+                "top_p": self.top_p.value(), "repetition_penalty": self.repetition.value(), "seed": self.seed.value()}
 
     def start_generation(self) -> None:
         prompt = self.prompt.toPlainText().strip()
@@ -158,46 +328,214 @@ class MainWindow(QMainWindow):
             return
         if self.model_info is None or self.busy_with:
             return
-        self.output.clear()
-        self.output_stats.setText("")
+        kinds = {n: d["kind"] for n, d in self.directions.items()}
+        columns = [column_request(src, self.plane.point, self.plane.weights(), self.plane.pins, self.plane.plane.weights, kinds)
+                   for src in self.compare.chosen_sources()]
+        self.compare.start([c["label"] for c in columns])
         self.last_result = None
-        self.host.generate(prompt, self.sampling_params())
+        self.host.compare({"prompt": prompt, "columns": columns, "params": self.sampling_params(),
+                           "session_id": self.session_id if self.store is not None else None})
 
-    def stop(self) -> None:
-        self.host.stop()
-
-    def show_log(self) -> None:
-        QDesktopServices.openUrl(QUrl.fromLocalFile(str(log_path())))
-
-    # ------------------------------------------------------------------ worker events
-    def _on_busy(self, what: str) -> None:
-        self.busy_with = what
-        self.progress_bar.setVisible(bool(what))
-        if not what:
-            self.progress_label.setText("")
-        self._update_actions()
-
-    def _on_progress(self, message: str) -> None:
-        self.progress_label.setText(message)
-
-    def _on_model_loaded(self, info: dict) -> None:
-        self.model_info = info
-        self.output_box.setTitle(f"Base model: {info['model']}")
-        self.settings.setValue("last_model", info["source"]["ref"] if info["source"]["kind"] != "embedded" else "")
-        self._refresh_status()
-        self._update_actions()
-
-    def _on_text(self, piece: str) -> None:
-        cursor = self.output.textCursor()
-        cursor.movePosition(QTextCursor.End)
-        cursor.insertText(piece)
-        self.output.setTextCursor(cursor)
-
-    def _on_generated(self, result: dict) -> None:
+    def _on_compared(self, result: dict) -> None:
         self.last_result = result
-        stopped = " (stopped)" if result["stopped"] else ""
-        self.output_stats.setText(f"{result['n_tokens']} tokens · {result['seconds']:.1f} s · "
-                                  f"{result['tokens_per_s']:.1f} tokens/s{stopped}")
+        self.compare.finish(result)
+        self._add_history(result["prompt"], result["comparison_id"], result["columns"], None)
+
+    def _on_rated(self, r: dict) -> None:
+        result = self.compare.last
+        if self.store is None or result is None:
+            return
+        gen_ids = [c["generation_id"] for c in result["columns"]]
+        winner = None if r["winner_column"] is None else gen_ids[r["winner_column"]]
+        scores = {gen_ids[col]: vals for col, vals in r["scores"].items()}
+        try:
+            self.store.add_rating(result["comparison_id"], r["outcome"], winner_id=winner, scores=scores,
+                                  note=r["note"], blind=r["blind"])
+        except TsdpoError as exc:
+            self.show_error("The rating was not saved", f"{exc}\n\nRate again once the problem is solved.")
+            return
+        what = {"tie": "tie", "both_bad": "both bad"}.get(r["outcome"]) or \
+            f"{'ABCD'[self.compare.slot_of(r['winner_column'])]} ({result['columns'][r['winner_column']]['label']}) is better"
+        self.compare.rating_saved(f"Rating saved: {what}")
+        self._reload_history()
+
+    # ------------------------------------------------------------------ jobs
+    def open_job(self, kind: str) -> None:
+        if self.model_info is None:
+            self.show_error("No model", "Load a model before starting a job.")
+            return
+        out_dir = data_dir() / "directions"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dialog = JobDialog(kind, out_dir, str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), self)
+        if dialog.exec():
+            self.start_job(dialog.job())
+
+    def start_job(self, job: dict) -> None:
+        job["session_id"] = self.session_id
+        self.job_panel.started(job)
+        self.job_dock.raise_()
+        self.host.run_job(job)
+
+    def _on_job_finished(self, result: dict) -> None:
+        self.job_panel.finished(result)
+
+    # ------------------------------------------------------------------ sessions
+    def _create_session(self) -> None:
+        if self.store is None or self.model_info is None:
+            return
+        try:
+            row = self.store.create_session(time.strftime("Session %Y-%m-%d %H:%M"), self.model_info["source"],
+                                            self.model_info["fingerprint"], {})
+        except TsdpoError as exc:
+            self.show_error("The session was not created", str(exc))
+            return
+        self.session_id = row.id
+        self.plane.clear_pins()
+        self.history.clear()
+        self.session_label.setText(row.name)
+
+    def new_session(self) -> None:
+        """A fresh history and no pinned points, with the model and directions already loaded."""
+        self._create_session()
+        self._directions_changed()
+        self._save_session()
+
+    def session_settings(self) -> dict:
+        return {"directions": [{"name": n, "path": d["path"]} for n, d in self.directions.items() if d.get("path")],
+                "plane": self.plane.plane.to_json(), "point": list(self.plane.point),
+                "columns": self.compare.chosen_sources(), "n_columns": self.compare.n_columns.value()}
+
+    def _save_session(self, *_) -> None:
+        if self.store is None or self.session_id is None or self._restore is not None:
+            return
+        try:
+            self.store.update_session(self.session_id, settings=self.session_settings())
+        except TsdpoError as exc:
+            log.warning("session not saved: %s", exc)
+            self.mix_label.setText("session not saved (database busy)")
+
+    def open_session_dialog(self) -> None:
+        if self.store is None:
+            self.show_error("No database", "Sessions cannot be opened: the database is unavailable.")
+            return
+        sessions = self.store.sessions(limit=50)
+        if not sessions:
+            self.show_error("No sessions", "There are no saved sessions yet.")
+            return
+        labels = [f"{s.id}: {s.name}  ·  {s.model_ref.get('ref', '')[-40:] or 'embedded'}" for s in sessions]
+        label, ok = QInputDialog.getItem(self, "Open a session", "Session:", labels, 0, False)
+        if ok:
+            self.open_session(int(label.split(":", 1)[0]))
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        if self.store is None:
+            return
+        for s in self.store.sessions(limit=8):
+            self.recent_menu.addAction(QAction(f"{s.name} (#{s.id})", self, triggered=lambda _=False, i=s.id: self.open_session(i)))
+
+    def open_session(self, session_id: int) -> None:
+        """Restore a session: its model, directions, plane, pinned points and history."""
+        try:
+            row = self.store.session(session_id)
+        except TsdpoError as exc:
+            self.show_error("Could not open the session", str(exc))
+            return
+        self.session_id = row.id
+        self.session_label.setText(row.name)
+        self._restore = {"settings": dict(row.settings or {}), "waiting": 0,
+                         "pins": {p.name: (p.x, p.y) for p in row.pinned}}
+        self.plane.clear_pins()
+        for name, (x, y) in self._restore["pins"].items():
+            self.plane.add_pin(name, x, y, emit=False)
+        self._reload_history()
+        same_model = self.model_info is not None and self.model_info["fingerprint"] == row.model_fingerprint
+        if same_model:
+            self._restore_directions(self._restore)
+        else:
+            source = row.model_ref
+            self.load_model(None if source.get("kind") == "embedded" else source.get("ref"))
+
+    def _restore_directions(self, restore: dict) -> None:
+        wanted = restore["settings"].get("directions", [])
+        missing = [d for d in wanted if d["name"] not in self.directions]
+        restore["waiting"] = len(missing)
+        for d in missing:
+            self.host.add_direction(d["path"], d["name"])
+        self._maybe_finish_restore()
+
+    def _maybe_finish_restore(self) -> None:
+        r = self._restore
+        if r is None or r["waiting"] > 0:
+            return
+        self._restore = None
+        s = r["settings"]
+        self._directions_changed()
+        if "plane" in s:
+            try:
+                self.plane.set_plane(PreferencePlane.from_json(s["plane"]), tuple(s.get("point", (0.0, 0.0))))
+            except TsdpoError as exc:
+                self.show_error("The plane layout was not restored", str(exc))
+        if s.get("n_columns"):
+            self.compare.n_columns.setValue(int(s["n_columns"]))
+        for view, src in zip(self.compare.columns, s.get("columns", [])):
+            view.source.setCurrentText(src)
+        self.progress_label.setText("Session restored")
+
+    def _reload_history(self) -> None:
+        self.history.clear()
+        if self.store is None or self.session_id is None:
+            return
+        for comp in self.store.history(self.session_id):
+            cols = [{"label": g.label, "text": g.output, "n_tokens": g.n_tokens, "weights": g.weights,
+                     "point": (g.point_x, g.point_y) if g.point_x is not None else None, "seconds": g.seconds,
+                     "tokens_per_s": g.n_tokens / g.seconds if g.seconds else 0.0, "stopped": g.stopped,
+                     "generation_id": g.id} for g in comp.generations]
+            self._add_history(comp.prompt, comp.id, cols, comp.ratings[-1] if comp.ratings else None)
+
+    def _add_history(self, prompt: str, comparison_id, columns: list[dict], rating) -> None:
+        top = QTreeWidgetItem([prompt.replace("\n", " ")[:120], ""])
+        top.setData(0, Qt.UserRole, {"prompt": prompt, "comparison_id": comparison_id, "columns": columns})
+        for c in columns:
+            QTreeWidgetItem(top, [f"{c['label']}: {c['text'].replace(chr(10), ' ')[:160]}", str(c["n_tokens"])])
+        if rating is not None:
+            labels = {c["generation_id"]: c["label"] for c in columns}
+            verdict = f"{labels.get(rating.winner_id, '?')} better" if rating.outcome == "winner" else rating.outcome.replace("_", " ")
+            QTreeWidgetItem(top, [f"rating: {verdict}" + (" (blind)" if rating.blind else "") + (f" · {rating.note}" if rating.note else ""), ""])
+        self.history.insertTopLevelItem(0, top)
+
+    def _show_history_item(self, item: QTreeWidgetItem, _col: int) -> None:
+        while item.parent() is not None:
+            item = item.parent()
+        data = item.data(0, Qt.UserRole)
+        if not data:
+            return
+        self.prompt.setPlainText(data["prompt"])
+        self.compare.n_columns.setValue(max(2, len(data["columns"])))
+        self.compare.start([c["label"] for c in data["columns"]])
+        self.compare.finish({"comparison_id": data["comparison_id"], "columns": data["columns"], "prompt": data["prompt"]})
+
+    def export_ratings(self) -> None:
+        from engine.store import export_ratings_trl
+
+        if self.store is None or self.session_id is None:
+            self.show_error("Nothing to export", "There is no open session.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export ratings as TRL preference pairs", "ratings.jsonl", "JSON lines (*.jsonl)")
+        if path:
+            try:
+                n = export_ratings_trl(self.store, self.session_id, path)
+            except (TsdpoError, OSError) as exc:
+                self.show_error("Export failed", str(exc))
+                return
+            self.progress_label.setText(f"{n} preference pairs written to {path}")
+
+    # ------------------------------------------------------------------ errors, state, settings
+    def _on_failed(self, title: str, message: str) -> None:
+        if self._restore is not None and title == "Could not add the direction":
+            self._restore["waiting"] -= 1
+            self._maybe_finish_restore()
+        self.show_error(title, message)
 
     def show_error(self, title: str, message: str) -> None:
         """Non-modal, so a failing job never blocks the window (or a test)."""
@@ -207,48 +545,66 @@ class MainWindow(QMainWindow):
         self.error_dialogs.append(box)
         box.open()
 
-    # ------------------------------------------------------------------ state
+    def _on_busy(self, what: str) -> None:
+        self.busy_with = what
+        self.progress_bar.setVisible(bool(what))
+        if not what:
+            self.progress_label.setText("")
+        self._update_actions()
+
     def _update_actions(self) -> None:
         idle = not self.busy_with
-        self.generate_button.setEnabled(idle and self.model_info is not None)
+        loaded = self.model_info is not None
+        self.generate_button.setEnabled(idle and loaded)
         self.stop_button.setEnabled(self.busy_with == "Generating")
-        for a in (self.open_folder_action, self.open_gguf_action, self.open_hub_action, self.open_embedded_action):
+        for a in self.model_actions:
             a.setEnabled(idle)
+        for a in self.job_actions:
+            a.setEnabled(idle and loaded)
 
     def _refresh_status(self) -> None:
         info = self.model_info
         if info:
             self.model_label.setText(f"{info['model']} · {info['layers']} layers · {info['device']} ({info['dtype']})")
-        rss = psutil.Process(os.getpid()).memory_info().rss
-        text = f"memory {_fmt_bytes(rss)}"
+        text = f"memory {_fmt_bytes(psutil.Process(os.getpid()).memory_info().rss)}"
         if info and info["device"].startswith("cuda"):
             import torch
 
             text += f" · GPU {_fmt_bytes(torch.cuda.memory_allocated())}"
         self.memory_label.setText(text)
 
+    def _set_dark(self, on: bool) -> None:
+        apply_palette(QApplication.instance(), on)
+        self.settings.setValue("dark", on)
+
     def _restore_settings(self) -> None:
         geometry = self.settings.value("geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
-        state = self.settings.value("splitter")
+        state = self.settings.value("window_state")
         if state is not None:
-            self.splitter.restoreState(state)
+            self.restoreState(state)
         for key, box, cast in (("max_new_tokens", self.max_tokens, int), ("temperature", self.temperature, float),
-                               ("top_p", self.top_p, float), ("seed", self.seed, int)):
+                               ("top_p", self.top_p, float), ("repetition_penalty", self.repetition, float),
+                               ("seed", self.seed, int)):
             value = self.settings.value(f"sampling/{key}")
             if value is not None:
                 box.setValue(cast(value))
+        self.regen.setChecked(self.settings.value("regenerate_on_release", "false") in (True, "true"))
+        if self.dark_action.isChecked():
+            apply_palette(QApplication.instance(), True)
 
     def _save_settings(self) -> None:
         self.settings.setValue("geometry", self.saveGeometry())
-        self.settings.setValue("splitter", self.splitter.saveState())
+        self.settings.setValue("window_state", self.saveState())
         for key, value in self.sampling_params().items():
             self.settings.setValue(f"sampling/{key}", value)
+        self.settings.setValue("regenerate_on_release", self.regen.isChecked())
         self.settings.sync()
 
     def closeEvent(self, event) -> None:
         self._save_settings()
+        self._save_session()
         self._memory_timer.stop()
         if not self.host.shutdown():
             log.warning("the worker did not finish within the time limit; exiting anyway")

@@ -1,38 +1,61 @@
 """The one thread that owns the model. The GUI sends it requests through queued signals and only paints.
 
-Every request that touches the model runs here, one at a time, in order. Stop is a flag set directly
-from the GUI thread (not a queued request, since the worker is busy when it matters) and checked by
-generation between tokens.
+Every request that touches the model (load, add a direction, apply a mix, compare, extract, train) runs
+here, one at a time, in order. Two things are not queued because the worker is busy when they matter:
+Stop/Cancel is a flag checked between tokens and between batches, and the point being dragged is a
+"latest value" slot: many drag events collapse into one apply of the newest point.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import traceback
+from pathlib import Path
+from typing import Optional
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-from engine.errors import TsdpoError
-from engine.generation import SamplingParams, StopFlag, generate
+from engine.errors import Cancelled, TsdpoError
+from engine.generation import Column, SamplingParams, StopFlag, compare
 from engine.models import load_model
 
 log = logging.getLogger(__name__)
 
 
+def _direction_info(name: str, d) -> dict:
+    info = {"name": name, "kind": d.kind, "objective": d.objective, "path": d.meta.get("_path", "")}
+    if d.kind == "steering":
+        info["detail"] = f"layer {', '.join(map(str, d.layers))}, strength {d.strength:g}"
+    else:
+        val = d.meta.get("validation", {}).get("rewards/accuracies")
+        info["detail"] = f"{d.param}" + (f", held-out accuracy {val:.2f}" if val is not None else "")
+    return info
+
+
 class ModelWorker(QObject):
-    # to the GUI
     busy = Signal(str)  # what it is doing, "" when idle
     progress = Signal(str)
     modelLoaded = Signal(dict)
-    text = Signal(str)  # a streamed piece of the reply
-    generated = Signal(dict)
+    directionAdded = Signal(dict)
+    mixApplied = Signal(dict, float)  # weights, seconds from request to applied
+    text = Signal(int, str)  # column, streamed piece
+    compared = Signal(dict)
+    jobProgress = Signal(dict)
+    jobFinished = Signal(dict)
     failed = Signal(str, str)  # title, message
 
-    def __init__(self, stop: StopFlag):
+    def __init__(self, stop: StopFlag, store=None):
         super().__init__()
         self.stop = stop
+        self.store = store
         self.lm = None
+        self.mixer = None
+        self._pending_lock = threading.Lock()
+        self._pending: Optional[tuple[dict, float]] = None
 
+    # ------------------------------------------------------------------ helpers
     def _fail(self, title: str, exc: BaseException) -> None:
         if isinstance(exc, TsdpoError):
             log.warning("%s: %s", title, exc)
@@ -46,34 +69,163 @@ class ModelWorker(QObject):
         log.info("%s", message)
         self.progress.emit(message)
 
+    # ------------------------------------------------------------------ model and directions
     @Slot(dict)
     def load(self, request: dict) -> None:
+        from engine.mixer import Mixer
+
         self.busy.emit("Loading model")
         try:
             lm = load_model(request.get("source"), device=request.get("device", "auto"), dtype=request.get("dtype", "auto"),
-                            trust_remote_code=bool(request.get("trust_remote_code", False)),
-                            progress=self._progress)
+                            trust_remote_code=bool(request.get("trust_remote_code", False)), progress=self._progress)
             log.info("loaded %s", lm.describe())
-            self.lm = lm  # the old model (if any) stays in use until the new one has loaded
+            if self.mixer is not None:
+                self.mixer.clear()
+            self.lm, self.mixer = lm, Mixer(lm)  # the old model stays in use until the new one has loaded
             self.modelLoaded.emit(lm.describe())
         except BaseException as exc:  # noqa: BLE001 - any failure becomes a dialog, the app keeps running
             self._fail("Could not load the model", exc)
         finally:
             self.busy.emit("")
 
-    @Slot(str, dict)
-    def generate(self, prompt: str, params: dict) -> None:
+    @Slot(str, str)
+    def addDirection(self, path: str, name: str) -> None:
+        from engine.directions import load_direction
+
         if self.lm is None:
-            self.failed.emit("No model", "Load a model first (File > Open model).")
+            self.failed.emit("No model", "Load a model before adding directions.")
+            return
+        self.busy.emit("Loading direction")
+        try:
+            d = load_direction(path, self.lm)
+            d.meta["_path"] = str(Path(path).resolve())
+            if name and name in self.mixer.directions:
+                self.directionAdded.emit(_direction_info(name, self.mixer.directions[name]))
+                return
+            added = self.mixer.add(d, name=name or None)
+            info = _direction_info(added, d)
+            info["interference"] = [list(x) for x in self.mixer.interference() if added in x[:2]]
+            self.directionAdded.emit(info)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("Could not add the direction", exc)
+        finally:
+            self.busy.emit("")
+
+    # ------------------------------------------------------------------ the point on the plane
+    def offer_weights(self, weights: dict) -> None:
+        """Called from the GUI thread: replace whatever point is waiting to be applied."""
+        with self._pending_lock:
+            self._pending = (dict(weights), time.perf_counter())
+
+    @Slot()
+    def applyPending(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None or self.mixer is None:
+            return  # a newer request already took it
+        weights, asked = pending
+        try:
+            self.mixer.set_weights({k: v for k, v in weights.items() if k in self.mixer.directions})
+            self.mixApplied.emit(weights, time.perf_counter() - asked)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("Could not apply the mix", exc)
+
+    # ------------------------------------------------------------------ generation
+    @Slot(dict)
+    def compare(self, request: dict) -> None:
+        if self.lm is None:
+            self.failed.emit("No model", "Load a model first (Model > Open).")
             return
         self.busy.emit("Generating")
         try:
-            result = generate(self.lm, prompt, SamplingParams(**params), on_text=self.text.emit, stop=self.stop)
-            log.info("generated %d tokens in %.2f s%s", result.n_tokens, result.seconds, " (stopped)" if result.stopped else "")
-            self.generated.emit({"text": result.text, "n_tokens": result.n_tokens, "seconds": result.seconds,
-                                 "tokens_per_s": result.tokens_per_s, "stopped": result.stopped})
+            columns = [Column(c["label"], c.get("weights") or {}, tuple(c["point"]) if c.get("point") else None)
+                       for c in request["columns"]]
+            comp = compare(self.lm, request["prompt"], columns, SamplingParams(**request["params"]), mixer=self.mixer,
+                           on_text=self.text.emit, stop=self.stop, store=self.store if request.get("session_id") else None,
+                           session_id=request.get("session_id"))
+            log.info("compared %d columns (%s)", len(columns), "batched" if comp.batched else "sequential")
+            self.compared.emit({
+                "comparison_id": comp.comparison_id, "batched": comp.batched, "prompt": request["prompt"],
+                "columns": [{"label": cr.column.label, "weights": cr.column.weights, "point": cr.column.point,
+                             "text": cr.result.text, "n_tokens": cr.result.n_tokens, "seconds": cr.result.seconds,
+                             "tokens_per_s": cr.result.tokens_per_s, "stopped": cr.result.stopped,
+                             "generation_id": cr.generation_id} for cr in comp.columns]})
         except BaseException as exc:  # noqa: BLE001
             self._fail("Generation failed", exc)
+        finally:
+            self.busy.emit("")
+
+    # ------------------------------------------------------------------ jobs
+    @Slot(dict)
+    def runJob(self, job: dict) -> None:
+        """Extract a steering vector, or train a tangent / scalarized direction, then add it to the mix."""
+        from engine.data import load_pairs
+        from engine.directions import file_sha256
+
+        if self.lm is None:
+            self.failed.emit("No model", "Load a model before starting a job.")
+            return
+        kind = job["kind"]
+        self.busy.emit("Job")
+        t0 = time.perf_counter()
+        try:
+            out = Path(job["out"])
+            if out.exists() and not job.get("overwrite"):
+                raise TsdpoError(f"{out} already exists; choose another file name.")
+            if kind == "extract":
+                from engine.steering import extract
+
+                pairs = load_pairs(job["data"], format=job.get("format"), objective=job.get("objective"), limit=job.get("limit"))
+
+                def on_batch(done: int, total: int) -> None:
+                    el = time.perf_counter() - t0
+                    self.jobProgress.emit({"done": done, "total": total, "eta_s": el / done * (total - done) if done else None})
+
+                direction = extract(self.lm, pairs, progress=on_batch, should_stop=self.stop.is_set,
+                                    strength=job.get("strength"))
+            else:
+                from engine.train import TrainConfig, train_direction
+
+                cfg = TrainConfig(method="tangent" if kind == "train" else "ordinary", param=job.get("param", "lowrank"),
+                                  steps=int(job.get("steps", 60)), lr=float(job.get("lr", 0.0)),
+                                  beta=float(job.get("beta", 0.1)), batch_size=int(job.get("batch_size", 4)),
+                                  max_prompt_tokens=int(job.get("max_tokens", 128)),
+                                  max_response_tokens=int(job.get("max_tokens", 128)))
+                if kind == "train":
+                    data = load_pairs(job["data"], format=job.get("format"), objective=job.get("objective"), limit=job.get("limit"))
+                else:
+                    w = float(job["weight"])
+                    data = [(load_pairs(job["data"], format=job.get("format"), objective=job.get("objective"),
+                                        limit=job.get("limit")), w),
+                            (load_pairs(job["data_b"], format=job.get("format_b"), objective=job.get("objective_b"),
+                                        limit=job.get("limit")), 1.0 - w)]
+
+                def on_step(rec: dict) -> None:
+                    self.jobProgress.emit({"done": rec["step"], "total": cfg.steps, "eta_s": rec["eta_s"],
+                                           "loss": rec["loss"], "accuracy": rec["rewards/accuracies"]})
+
+                direction = train_direction(self.lm, data, cfg, progress=on_step, should_stop=self.stop.is_set,
+                                            objective=job.get("name")).direction
+            if job.get("name"):
+                direction.name = job["name"]
+            direction.save(out)
+            direction.meta["_path"] = str(out.resolve())
+            if self.store is not None:
+                self.store.add_direction(name=direction.name, kind=direction.kind, objective=direction.objective,
+                                         path=str(out.resolve()), sha256=file_sha256(out),
+                                         model_fingerprint=self.lm.fingerprint, session_id=job.get("session_id"))
+            if direction.name in self.mixer.directions:
+                direction.name = f"{direction.name} ({out.stem})"
+            added = self.mixer.add(direction, name=direction.name)
+            self.directionAdded.emit(_direction_info(added, direction))
+            self.jobFinished.emit({"kind": kind, "name": added, "path": str(out), "seconds": time.perf_counter() - t0,
+                                   "cancelled": False})
+        except Cancelled:
+            log.info("job %s cancelled", kind)
+            self.jobFinished.emit({"kind": kind, "cancelled": True, "seconds": time.perf_counter() - t0})
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("The job failed", exc)
+            self.jobFinished.emit({"kind": kind, "cancelled": True, "failed": True, "seconds": time.perf_counter() - t0})
         finally:
             self.busy.emit("")
 
@@ -82,26 +234,43 @@ class WorkerHost(QObject):
     """Lives in the GUI thread; starts the worker thread and forwards requests to it."""
 
     _load = Signal(dict)
-    _generate = Signal(str, dict)
+    _add = Signal(str, str)
+    _apply = Signal()
+    _compare = Signal(dict)
+    _job = Signal(dict)
 
-    def __init__(self, parent=None):
+    def __init__(self, store=None, parent=None):
         super().__init__(parent)
         self.stop_flag = StopFlag()
         self.thread = QThread()
         self.thread.setObjectName("model-worker")
-        self.worker = ModelWorker(self.stop_flag)
+        self.worker = ModelWorker(self.stop_flag, store)
         self.worker.moveToThread(self.thread)
         self._load.connect(self.worker.load)
-        self._generate.connect(self.worker.generate)
+        self._add.connect(self.worker.addDirection)
+        self._apply.connect(self.worker.applyPending)
+        self._compare.connect(self.worker.compare)
+        self._job.connect(self.worker.runJob)
         self.thread.start()
 
     def load(self, source=None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> None:
         self._load.emit({"source": source, "device": device, "dtype": dtype, "trust_remote_code": trust_remote_code})
 
-    def generate(self, prompt: str, params: dict) -> None:
+    def add_direction(self, path: str, name: str = "") -> None:
+        self._add.emit(str(path), name)
+
+    def apply_weights(self, weights: dict) -> None:
+        self.worker.offer_weights(weights)
+        self._apply.emit()
+
+    def compare(self, request: dict) -> None:
         # Cleared here, in request order, so a Stop pressed while the request waits in the queue still counts.
         self.stop_flag.clear()
-        self._generate.emit(prompt, params)
+        self._compare.emit(request)
+
+    def run_job(self, job: dict) -> None:
+        self.stop_flag.clear()
+        self._job.emit(job)
 
     def stop(self) -> None:
         self.stop_flag.set()

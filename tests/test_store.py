@@ -165,3 +165,23 @@ def test_store_is_usable_from_several_threads(tmp_path):
         t.join()
     assert errors == []
     assert len(store.session(s.id).comparisons[0].ratings) == 30
+
+
+def test_ratings_export_as_trl_pairs_that_load_back(tmp_path):
+    from engine.data import load_pairs
+    from engine.store import export_ratings_trl
+
+    store = Store(tmp_path / "s.db")
+    s, comp = _session_with_comparison(store)
+    base, mix = comp.generations
+    store.add_rating(comp.id, "winner", winner_id=base.id)
+    store.add_rating(comp.id, "winner", winner_id=mix.id)  # a later rating of the same comparison wins
+    comp2 = store.add_comparison(s.id, "Tie?", {}, 0, [{"label": "a", "output": "x", "n_tokens": 1, "seconds": 0.1},
+                                                      {"label": "b", "output": "y", "n_tokens": 1, "seconds": 0.1}])
+    store.add_rating(comp2.id, "tie")
+    n = export_ratings_trl(store, s.id, tmp_path / "rated.jsonl")
+    assert n == 1
+    pairs = load_pairs(tmp_path / "rated.jsonl")
+    assert pairs.format == "trl" and len(pairs) == 1
+    p = pairs.pairs[0]
+    assert (p.prompt_text, p.chosen, p.rejected) == ("Why is the sky blue?", mix.output, base.output)

@@ -1,0 +1,249 @@
+"""Side-by-side columns, each chosen from base / the point / a pinned point / a scalarized point / steering only,
+streamed as the worker generates, with the rating bar underneath.
+
+Blind mode shuffles the columns and hides what produced them until the rating is saved.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Optional
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeySequence, QShortcut, QTextCursor
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+BASE, POINT, STEERING = "Base model", "Mix at the point", "Steering only, at the point"
+LETTERS = "ABCD"
+
+
+class ColumnView(QFrame):
+    def __init__(self, index: int, parent=None):
+        super().__init__(parent)
+        self.index = index
+        self.setFrameShape(QFrame.StyledPanel)
+        self.source = QComboBox()
+        self.source.setObjectName(f"column_source_{index}")
+        self.title = QLabel(f"<b>{LETTERS[index]}</b>")
+        self.text = QPlainTextEdit(readOnly=True)
+        self.text.setObjectName(f"column_text_{index}")
+        self.stats = QLabel("")
+        self.stats.setWordWrap(True)
+        self.scores: dict[str, QSpinBox] = {}
+        self.scores_row = QHBoxLayout()
+        head = QHBoxLayout()
+        head.addWidget(self.title)
+        head.addWidget(self.source, 1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(head)
+        lay.addWidget(self.text, 1)
+        lay.addWidget(self.stats)
+        lay.addLayout(self.scores_row)
+
+    def set_attributes(self, attributes: list[str]) -> None:
+        while self.scores_row.count():
+            w = self.scores_row.takeAt(0).widget()
+            if w is not None:  # detach now: until deleteLater runs, a parented widget still paints over the column
+                w.hide()
+                w.setParent(None)
+                w.deleteLater()
+        self.scores = {}
+        for a in attributes:
+            box = QSpinBox(minimum=0, maximum=5, value=0)
+            box.setSpecialValueText("–")
+            box.setToolTip(f"{a}: 1 (worst) to 5 (best); – leaves it unscored")
+            self.scores_row.addWidget(QLabel(a))
+            self.scores_row.addWidget(box)
+            self.scores[a] = box
+        self.scores_row.addStretch(1)
+
+    def clear_output(self) -> None:
+        self.text.clear()
+        self.stats.setText("")
+        for box in self.scores.values():
+            box.setValue(0)
+
+    def append(self, piece: str) -> None:
+        cursor = self.text.textCursor()
+        cursor.movePosition(QTextCursor.End)
+        cursor.insertText(piece)
+
+
+class ComparePanel(QWidget):
+    rated = Signal(dict)  # {"outcome", "winner_column", "scores": {column: {attr: n}}, "note", "blind"}
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.columns = [ColumnView(i) for i in range(4)]
+        self.n_columns = QSpinBox(minimum=2, maximum=4, value=2)
+        self.n_columns.setObjectName("n_columns")
+        self.n_columns.valueChanged.connect(self._show_columns)
+        self.blind = QCheckBox("Blind (shuffle, hide labels until rated)")
+        self.blind.setObjectName("blind")
+        grid = QGridLayout()
+        for i, c in enumerate(self.columns):
+            grid.addWidget(c, 0, i)
+        self.grid = grid
+        self.order: list[int] = list(range(4))  # display slot -> request column (shuffled when blind)
+        self.last: Optional[dict] = None  # the finished comparison shown now
+        self.revealed = True
+
+        self.rate_buttons = []
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("Better:"))
+        for i in range(4):
+            b = QPushButton(f"{LETTERS[i]}  (Ctrl+{i + 1})")
+            b.setObjectName(f"rate_{LETTERS[i]}")
+            b.clicked.connect(lambda _=False, i=i: self.rate("winner", i))
+            bar.addWidget(b)
+            self.rate_buttons.append(b)
+        self.tie_button = QPushButton("Tie  (Ctrl+T)")
+        self.tie_button.clicked.connect(lambda: self.rate("tie"))
+        self.bad_button = QPushButton("Both bad  (Ctrl+B)")
+        self.bad_button.clicked.connect(lambda: self.rate("both_bad"))
+        bar.addWidget(self.tie_button)
+        bar.addWidget(self.bad_button)
+        self.note = QLineEdit(placeholderText="Note (optional)")
+        self.note.setObjectName("note")
+        bar.addWidget(self.note, 1)
+        self.rating_status = QLabel("")
+        self.shortcuts = []
+        # With Ctrl, so typing a prompt or a note never rates by accident.
+        for key, fn in [*((f"Ctrl+{i + 1}", lambda i=i: self.rate("winner", i)) for i in range(4)),
+                        ("Ctrl+T", lambda: self.rate("tie")), ("Ctrl+B", lambda: self.rate("both_bad"))]:
+            sc = QShortcut(QKeySequence(key), self, activated=fn, context=Qt.WindowShortcut)
+            self.shortcuts.append(sc)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Columns"))
+        top.addWidget(self.n_columns)
+        top.addWidget(self.blind)
+        top.addStretch(1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(top)
+        lay.addLayout(grid, 1)
+        lay.addLayout(bar)
+        lay.addWidget(self.rating_status)
+        self._show_columns()
+        self._enable_rating(False)
+
+    # ------------------------------------------------------------------ sources
+    def set_sources(self, pinned: list[str], scalarized: list[str], has_steering: bool) -> None:
+        items = [BASE, POINT, *(f"Pinned: {p}" for p in pinned), *(f"Scalarized: {s}" for s in scalarized)]
+        if has_steering:
+            items.append(STEERING)
+        for i, c in enumerate(self.columns):
+            current = c.source.currentText()
+            c.source.blockSignals(True)
+            c.source.clear()
+            c.source.addItems(items)
+            default = [BASE, POINT, *(f"Pinned: {p}" for p in pinned), BASE][min(i, 2 + len(pinned))]
+            c.source.setCurrentText(current if current in items else default)
+            c.source.blockSignals(False)
+
+    def chosen_sources(self) -> list[str]:
+        return [self.columns[i].source.currentText() for i in range(self.n_columns.value())]
+
+    def set_attributes(self, attributes: list[str]) -> None:
+        for c in self.columns:
+            c.set_attributes(attributes)
+
+    # ------------------------------------------------------------------ a run
+    def start(self, labels: list[str]) -> None:
+        """A new comparison: clear, shuffle when blind, and show headers (or hide them)."""
+        n = len(labels)
+        self.order = list(range(n))
+        if self.blind.isChecked():
+            random.shuffle(self.order)
+        self.revealed = not self.blind.isChecked()
+        self.last = None
+        for slot in range(n):
+            col = self.columns[slot]
+            col.clear_output()
+            col.source.setVisible(self.revealed)
+        self.rating_status.setText("")
+        self._enable_rating(False)
+
+    def slot_of(self, request_column: int) -> int:
+        return self.order.index(request_column)
+
+    def append(self, request_column: int, piece: str) -> None:
+        self.columns[self.slot_of(request_column)].append(piece)
+
+    def finish(self, result: dict) -> None:
+        self.last = result
+        for i, col in enumerate(result["columns"]):
+            view = self.columns[self.slot_of(i)]
+            view.text.setPlainText(col["text"])
+            self._stats(view, col, hidden=not self.revealed)
+        self._enable_rating(result.get("comparison_id") is not None)
+
+    def _stats(self, view: ColumnView, col: dict, hidden: bool) -> None:
+        stop = " (stopped)" if col["stopped"] else ""
+        line = f"{col['n_tokens']} tokens · {col['tokens_per_s']:.1f} tokens/s{stop}"
+        if not hidden:
+            w = col["weights"]
+            line += "<br>" + (f"{col['label']}: " + ", ".join(f"{k} {v:+.2f}" for k, v in w.items()) if w else col["label"])
+        view.stats.setText(line)
+
+    def rate(self, outcome: str, slot: Optional[int] = None) -> None:
+        if self.last is None or self.last.get("comparison_id") is None:
+            return
+        n = len(self.last["columns"])
+        if slot is not None and slot >= n:
+            return
+        scores = {}
+        for s in range(n):
+            vals = {a: b.value() for a, b in self.columns[s].scores.items() if b.value() > 0}
+            if vals:
+                scores[self.order[s]] = vals
+        self.rated.emit({"outcome": outcome, "winner_column": None if slot is None else self.order[slot],
+                         "scores": scores, "note": self.note.text().strip(), "blind": not self.revealed})
+
+    def rating_saved(self, text: str) -> None:
+        """Called by the window once the rating is on disk: reveal what blind mode hid."""
+        self.rating_status.setText(text)
+        self.note.clear()
+        if not self.revealed and self.last is not None:
+            self.revealed = True
+            for i, col in enumerate(self.last["columns"]):
+                view = self.columns[self.slot_of(i)]
+                view.source.setVisible(True)
+                self._stats(view, col, hidden=False)
+
+    def _enable_rating(self, on: bool) -> None:
+        n = len(self.last["columns"]) if self.last else self.n_columns.value()
+        for i, b in enumerate(self.rate_buttons):
+            b.setEnabled(on and i < n)
+            b.setVisible(i < self.n_columns.value())
+        self.tie_button.setEnabled(on)
+        self.bad_button.setEnabled(on)
+
+    def _show_columns(self) -> None:
+        n = self.n_columns.value()
+        for i, c in enumerate(self.columns):
+            c.setVisible(i < n)
+        self._enable_rating(self.last is not None and self.last.get("comparison_id") is not None)
+
+
+def column_request(source: str, point: tuple[float, float], weights: dict[str, float], pins: dict,
+                   weights_at: Callable[[float, float], dict], kinds: dict[str, str]) -> dict:
+    """What the worker needs for one column chosen as ``source``."""
+    if source == BASE:
+        return {"label": "base", "weights": {}, "point": None}
+    if source == POINT:
+        return {"label": f"point ({point[0]:+.2f}, {point[1]:+.2f})", "weights": weights, "point": list(point)}
+    if source == STEERING:
+        return {"label": "steering only", "weights": {k: v for k, v in weights.items() if kinds.get(k) == "steering"},
+                "point": list(point)}
+    if source.startswith("Pinned: "):
+        name = source[len("Pinned: "):]
+        x, y = pins[name]
+        return {"label": f"pinned {name}", "weights": weights_at(x, y), "point": [x, y]}
+    if source.startswith("Scalarized: "):
+        name = source[len("Scalarized: "):]
+        return {"label": f"scalarized {name}", "weights": {name: 1.0}, "point": None}
+    raise ValueError(source)

@@ -1,0 +1,179 @@
+"""Dialogs that describe a job (extract a steering vector, train a TS-DPO direction or the scalarized
+baseline) and the panel that follows it: progress with ETA, live loss/accuracy for training, Cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
+                               QWidget)
+
+from engine.data import FORMATS
+
+AUTO = "detect"
+TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO tangent direction",
+          "scalarized": "Train a scalarized-DPO baseline"}
+
+
+class DataPicker(QWidget):
+    """A file (or a `datasets` name), its format and the objective."""
+
+    def __init__(self, default_file: str = "", default_objective: str = "", parent=None):
+        super().__init__(parent)
+        self.path = QLineEdit(default_file, placeholderText="a .jsonl/.csv/.parquet file or a datasets name")
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse)
+        self.format = QComboBox()
+        self.format.addItems([AUTO, *FORMATS])
+        self.objective = QLineEdit(default_objective, placeholderText="e.g. helpfulness, or verbosity / conciseness (from length)")
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.path, 1)
+        row.addWidget(browse)
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("Data", row)
+        form.addRow("Format", self.format)
+        form.addRow("Objective", self.objective)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Preference data", "", "Preference pairs (*.jsonl *.json *.csv *.tsv *.parquet)")
+        if path:
+            self.path.setText(path)
+
+    def values(self, suffix: str = "") -> dict:
+        fmt = self.format.currentText()
+        return {f"data{suffix}": self.path.text().strip(), f"format{suffix}": None if fmt == AUTO else fmt,
+                f"objective{suffix}": self.objective.text().strip() or None}
+
+
+class JobDialog(QDialog):
+    def __init__(self, kind: str, out_dir: Path, default_data: str = "", parent=None):
+        super().__init__(parent)
+        self.kind = kind
+        self.out_dir = out_dir
+        self.setWindowTitle(TITLES[kind])
+        self.data = DataPicker(default_data, "verbosity" if kind == "extract" else "helpfulness")
+        self.data_b = DataPicker(default_data, "verbosity") if kind == "scalarized" else None
+        self.name = QLineEdit(placeholderText="default: the objective")
+        self.limit = QSpinBox(minimum=0, maximum=1_000_000, value=100 if kind == "extract" else 200)
+        self.limit.setSpecialValueText("all pairs")
+        form = QFormLayout()
+        form.addRow("Name", self.name)
+        form.addRow("Use the first", self.limit)
+        if kind == "extract":
+            self.strength = QDoubleSpinBox(minimum=0.01, maximum=5.0, singleStep=0.05, value=0.1, decimals=2)
+            form.addRow("Strength (x layer norm at weight 1)", self.strength)
+        else:
+            self.param = QComboBox()
+            self.param.addItems(["lowrank", "full"])
+            self.steps = QSpinBox(minimum=1, maximum=100_000, value=60)
+            self.lr = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=5, singleStep=1e-4, value=0.0)
+            self.lr.setSpecialValueText("default")
+            self.beta = QDoubleSpinBox(minimum=0.001, maximum=10.0, decimals=3, singleStep=0.05, value=0.1)
+            self.max_tokens = QSpinBox(minimum=16, maximum=4096, value=128)
+            form.addRow("Parameterization", self.param)
+            form.addRow("Steps", self.steps)
+            form.addRow("Learning rate", self.lr)
+            form.addRow("Beta", self.beta)
+            form.addRow("Max prompt / response tokens", self.max_tokens)
+            if kind == "scalarized":
+                self.weight = QDoubleSpinBox(minimum=0.0, maximum=1.0, singleStep=0.1, value=0.5, decimals=2)
+                form.addRow("Share of the first objective", self.weight)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.button(QDialogButtonBox.Ok).setText("Start")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addWidget(QLabel("<b>Preference pairs</b>"))
+        lay.addWidget(self.data)
+        if self.data_b is not None:
+            lay.addWidget(QLabel("<b>Second objective</b>"))
+            lay.addWidget(self.data_b)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+
+    def job(self) -> dict:
+        v = {"kind": self.kind, **self.data.values(), "limit": self.limit.value() or None}
+        if self.data_b is not None:
+            v.update(self.data_b.values("_b"))
+            v["weight"] = self.weight.value()
+        if self.kind == "extract":
+            v["strength"] = self.strength.value()
+        else:
+            v.update(param=self.param.currentText(), steps=self.steps.value(), lr=self.lr.value(),
+                     beta=self.beta.value(), max_tokens=self.max_tokens.value())
+        name = self.name.text().strip() or (f"scalarized {v['objective'] or 'a'}={v['weight']:g}" if self.kind == "scalarized"
+                                            else (v["objective"] or Path(v["data"]).stem))
+        suffix = {"extract": "steer", "train": "tsdpo", "scalarized": "scalarized"}[self.kind]
+        safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in name)
+        v.update(name=name, out=str(self.out_dir / f"{safe}.{suffix}.safetensors"))
+        return v
+
+
+class JobPanel(QWidget):
+    cancelRequested = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.title = QLabel("No job running")
+        self.bar = QProgressBar()
+        self.bar.setObjectName("job_progress")
+        self.eta = QLabel("")
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setObjectName("job_cancel")
+        self.cancel.setEnabled(False)
+        self.cancel.clicked.connect(self.cancelRequested.emit)
+        self.plot = pg.PlotWidget(background=None)
+        self.plot.setMinimumHeight(120)
+        self.plot.addLegend(offset=(5, 5))
+        self.plot.setLabel("bottom", "step")
+        self.loss_curve = self.plot.plot([], [], pen=pg.mkPen((220, 80, 60), width=2), name="loss")
+        self.acc_curve = self.plot.plot([], [], pen=pg.mkPen((40, 140, 220), width=2), name="accuracy")
+        self.plot.hide()
+        row = QHBoxLayout()
+        row.addWidget(self.bar, 1)
+        row.addWidget(self.eta)
+        row.addWidget(self.cancel)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.title)
+        lay.addLayout(row)
+        lay.addWidget(self.plot)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.accs: list[float] = []
+
+    def started(self, job: dict) -> None:
+        self.title.setText(f"{TITLES[job['kind']]}: {job['name']}")
+        self.bar.setRange(0, 0)
+        self.eta.setText("starting...")
+        self.cancel.setEnabled(True)
+        self.steps, self.losses, self.accs = [], [], []
+        self.loss_curve.setData([], [])
+        self.acc_curve.setData([], [])
+        self.plot.setVisible(job["kind"] != "extract")
+
+    def update_progress(self, p: dict) -> None:
+        self.bar.setRange(0, int(p["total"]))
+        self.bar.setValue(int(p["done"]))
+        eta = p.get("eta_s")
+        self.eta.setText(f"{p['done']}/{p['total']}" + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+        if "loss" in p:
+            self.steps.append(p["done"])
+            self.losses.append(p["loss"])
+            self.accs.append(p["accuracy"])
+            self.loss_curve.setData(self.steps, self.losses)
+            self.acc_curve.setData(self.steps, self.accs)
+
+    def finished(self, result: dict) -> None:
+        self.cancel.setEnabled(False)
+        self.bar.setRange(0, 1)
+        if result.get("cancelled"):
+            self.bar.setValue(0)
+            self.eta.setText("failed" if result.get("failed") else "cancelled")
+        else:
+            self.bar.setValue(1)
+            self.eta.setText(f"done in {result['seconds']:.0f} s: {result['name']} added")

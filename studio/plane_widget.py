@@ -1,0 +1,305 @@
+"""The preference plane: a draggable point whose position sets the combination weights.
+
+Only painting and the point-to-weights map (``engine.plane``) live here; applying the mix is the
+worker's job. While the point is dragged, ``weightsChanged`` fires on every move; ``released`` fires
+when the drag ends.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
+                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
+
+from engine.plane import Axis, PreferencePlane, circle_anchors
+
+NONE = "(none)"
+NUDGE = 0.05
+
+
+class PlaneView(pg.PlotWidget):
+    """The plot: arrow keys nudge the point (Shift for a finer step)."""
+
+    nudged = Signal(float, float)
+
+    def keyPressEvent(self, ev) -> None:
+        step = NUDGE / 5 if ev.modifiers() & Qt.ShiftModifier else NUDGE
+        moves = {Qt.Key_Left: (-step, 0), Qt.Key_Right: (step, 0), Qt.Key_Up: (0, step), Qt.Key_Down: (0, -step)}
+        if ev.key() in moves:
+            self.nudged.emit(*moves[ev.key()])
+            ev.accept()
+        else:
+            super().keyPressEvent(ev)
+
+
+class PreferencePlaneWidget(QWidget):
+    weightsChanged = Signal(dict)  # live, while dragging
+    released = Signal(dict)  # the drag ended here
+    pinsChanged = Signal()
+    layoutChanged = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.plane = PreferencePlane()
+        self.directions: list[str] = []
+        self.pins: dict[str, tuple[float, float]] = {}
+        self._anchor_items: dict[str, pg.TargetItem] = {}
+
+        self.view = PlaneView(background=None)
+        self.view.setObjectName("plane")
+        self.view.setAspectLocked(True)
+        self.view.setMinimumSize(300, 300)
+        self.view.showGrid(x=True, y=True, alpha=0.25)
+        self.view.setMenuEnabled(False)
+        self.view.setMouseEnabled(False, False)
+        self.view.hideButtons()
+        self.view.setFocusPolicy(Qt.StrongFocus)
+        self.heatmap = pg.ImageItem()  # filled by the evaluation views; hidden until then
+        self.heatmap.setZValue(-10)
+        self.heatmap.hide()
+        self.view.addItem(self.heatmap)
+        self.view.addItem(pg.InfiniteLine(0, angle=90, pen=pg.mkPen((128, 128, 128), width=1)))
+        self.view.addItem(pg.InfiniteLine(0, angle=0, pen=pg.mkPen((128, 128, 128), width=1)))
+        self.pin_scatter = pg.ScatterPlotItem(size=10, symbol="d", brush=pg.mkBrush(240, 160, 40), pen=pg.mkPen("k"))
+        self.pin_scatter.sigClicked.connect(self._pin_clicked)
+        self.view.addItem(self.pin_scatter)
+        self._pin_labels: list[pg.TextItem] = []
+        self.target = pg.TargetItem(pos=(0, 0), size=16, symbol="o", pen=pg.mkPen((30, 120, 220), width=2),
+                                    brush=pg.mkBrush(30, 120, 220, 90), movable=True)
+        self.target.sigPositionChanged.connect(self._moved)
+        self.target.sigPositionChangeFinished.connect(self._finished)
+        self.view.addItem(self.target)
+        self.view.nudged.connect(self.nudge)
+
+        self.x_combo, self.y_combo = QComboBox(), QComboBox()
+        self.x_combo.setObjectName("x_direction")
+        self.y_combo.setObjectName("y_direction")
+        self.x_scale, self.y_scale = (QDoubleSpinBox(minimum=0.05, maximum=20.0, singleStep=0.25, value=1.0, decimals=2)
+                                      for _ in range(2))
+        self.x_range, self.y_range = (QDoubleSpinBox(minimum=0.1, maximum=10.0, singleStep=0.5, value=1.0, decimals=1)
+                                      for _ in range(2))
+        self.anchor_mode = QCheckBox("Anchor layout (all directions)")
+        self.anchor_mode.setEnabled(False)
+        for w in (self.x_combo, self.y_combo):
+            w.currentTextChanged.connect(self._axes_edited)
+        for w in (self.x_scale, self.y_scale, self.x_range, self.y_range):
+            w.valueChanged.connect(self._axes_edited)
+        self.anchor_mode.toggled.connect(self._axes_edited)
+        self.weights_label = QLabel("")
+        self.weights_label.setObjectName("weights")
+        self.weights_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.point_label = QLabel("")
+        self.pin_button = QPushButton("Pin this point...")
+        self.pin_button.clicked.connect(self._ask_pin)
+        self.pin_list = QListWidget()
+        self.pin_list.setMaximumHeight(70)
+        self.pin_list.itemDoubleClicked.connect(lambda item: self.recall(item.data(Qt.UserRole)))
+
+        form = QFormLayout()
+        xrow, yrow = QHBoxLayout(), QHBoxLayout()
+        for row, combo, scale, rng in ((xrow, self.x_combo, self.x_scale, self.x_range),
+                                       (yrow, self.y_combo, self.y_scale, self.y_range)):
+            row.addWidget(combo, 2)
+            row.addWidget(QLabel("scale"))
+            row.addWidget(scale)
+            row.addWidget(QLabel("range ±"))
+            row.addWidget(rng)
+        form.addRow("x axis", xrow)
+        form.addRow("y axis", yrow)
+        form.addRow(self.anchor_mode)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.view, 1)
+        layout.addLayout(form)
+        layout.addWidget(self.point_label)
+        layout.addWidget(self.weights_label)
+        pins = QHBoxLayout()
+        pins.addWidget(self.pin_button)
+        pins.addStretch(1)
+        layout.addLayout(pins)
+        layout.addWidget(QLabel("Pinned points (double-click to recall):"))
+        layout.addWidget(self.pin_list)
+        self._refresh_axes()
+        self._show_weights()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def point(self) -> tuple[float, float]:
+        p = self.target.pos()
+        return float(p.x()), float(p.y())
+
+    def weights(self) -> dict[str, float]:
+        return self.plane.weights(*self.point)
+
+    def set_directions(self, names: list[str]) -> None:
+        """The loaded directions; unbound axes get the first free ones."""
+        self.directions = list(names)
+        for combo in (self.x_combo, self.y_combo):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([NONE, *self.directions])
+            combo.setCurrentText(current if current in self.directions else NONE)
+            combo.blockSignals(False)
+        free = [n for n in self.directions if n not in (self.x_combo.currentText(), self.y_combo.currentText())]
+        for combo in (self.x_combo, self.y_combo):
+            if combo.currentText() == NONE and free:
+                combo.setCurrentText(free.pop(0))
+        self.anchor_mode.setEnabled(len(self.directions) > 2)
+        if len(self.directions) <= 2:
+            self.anchor_mode.setChecked(False)
+        self._axes_edited()
+
+    def set_plane(self, plane: PreferencePlane, point: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Restore a saved layout (session reopen)."""
+        for combo, axis in ((self.x_combo, plane.x), (self.y_combo, plane.y)):
+            combo.blockSignals(True)
+            combo.setCurrentText(axis.direction if axis.direction in self.directions else NONE)
+            combo.blockSignals(False)
+        for box, value in ((self.x_scale, plane.x.scale), (self.y_scale, plane.y.scale),
+                           (self.x_range, plane.x.high), (self.y_range, plane.y.high)):
+            box.blockSignals(True)
+            box.setValue(value)
+            box.blockSignals(False)
+        self.anchor_mode.blockSignals(True)
+        self.anchor_mode.setChecked(bool(plane.anchors))
+        self.anchor_mode.blockSignals(False)
+        self.plane = plane
+        self._refresh_axes()
+        self.set_point(*point)
+
+    def set_point(self, x: float, y: float, emit: bool = True) -> None:
+        lim_x, lim_y = self._limits()
+        x, y = max(-lim_x, min(lim_x, x)), max(-lim_y, min(lim_y, y))
+        self.target.blockSignals(True)
+        self.target.setPos(x, y)
+        self.target.blockSignals(False)
+        self._show_weights()
+        if emit:
+            self.weightsChanged.emit(self.weights())
+            self.released.emit(self.weights())
+
+    def nudge(self, dx: float, dy: float) -> None:
+        x, y = self.point
+        self.set_point(x + dx, y + dy)
+
+    def recall(self, name: str) -> None:
+        if name in self.pins:
+            self.set_point(*self.pins[name])
+
+    def add_pin(self, name: str, x: float, y: float, emit: bool = True) -> None:
+        self.pins[name] = (x, y)
+        self._draw_pins()
+        if emit:
+            self.pinsChanged.emit()
+
+    def clear_pins(self) -> None:
+        self.pins = {}
+        self._draw_pins()
+
+    def set_heatmap(self, values: Optional[np.ndarray], extent: tuple[float, float, float, float] = (-1, 1, -1, 1)) -> None:
+        """Show a metric over the plane (rows = y, cols = x); None hides it."""
+        if values is None:
+            self.heatmap.hide()
+            return
+        x0, x1, y0, y1 = extent
+        self.heatmap.setImage(np.asarray(values).T, autoLevels=True)
+        self.heatmap.setRect(x0, y0, x1 - x0, y1 - y0)
+        self.heatmap.show()
+
+    # ------------------------------------------------------------------ internals
+    def _limits(self) -> tuple[float, float]:
+        if self.plane.anchors:
+            return 1.0, 1.0
+        return self.x_range.value(), self.y_range.value()
+
+    def _axes_edited(self, *_):
+        def name(combo):
+            return None if combo.currentText() in ("", NONE) else combo.currentText()
+
+        if self.anchor_mode.isChecked() and len(self.directions) > 2:
+            anchors = {k: v for k, v in self.plane.anchors.items() if k in self.directions}
+            if set(anchors) != set(self.directions):
+                anchors = circle_anchors(self.directions)
+            self.plane = PreferencePlane(anchors=anchors)
+        else:
+            xr, yr = self.x_range.value(), self.y_range.value()
+            self.plane = PreferencePlane(Axis(name(self.x_combo), self.x_scale.value(), -xr, xr),
+                                         Axis(name(self.y_combo), self.y_scale.value(), -yr, yr))
+        self._refresh_axes()
+        self.layoutChanged.emit()
+        self.weightsChanged.emit(self.weights())
+
+    def _refresh_axes(self) -> None:
+        anchors = bool(self.plane.anchors)
+        for w in (self.x_combo, self.y_combo, self.x_scale, self.y_scale, self.x_range, self.y_range):
+            w.setEnabled(not anchors)
+        lx, ly = self._limits()
+        self.view.setXRange(-lx * 1.08, lx * 1.08, padding=0)
+        self.view.setYRange(-ly * 1.08, ly * 1.08, padding=0)
+        self.view.setLabel("bottom", "(anchor layout)" if anchors else (self.plane.x.direction or "x: no direction"))
+        self.view.setLabel("left", "" if anchors else (self.plane.y.direction or "y: no direction"))
+        for item in self._anchor_items.values():
+            self.view.removeItem(item)
+        self._anchor_items = {}
+        for name, (ax, ay) in self.plane.anchors.items():
+            item = pg.TargetItem(pos=(ax, ay), size=12, symbol="s", pen=pg.mkPen((200, 60, 60), width=2),
+                                 movable=True, label=name, labelOpts={"color": (200, 60, 60), "offset": (8, -8)})
+            item.sigPositionChangeFinished.connect(lambda it, n=name: self._anchor_moved(n, it))
+            self.view.addItem(item)
+            self._anchor_items[name] = item
+        self._show_weights()
+
+    def _anchor_moved(self, name: str, item) -> None:
+        p = item.pos()
+        self.plane.anchors[name] = (float(p.x()), float(p.y()))
+        self.layoutChanged.emit()
+        self.weightsChanged.emit(self.weights())
+        self._show_weights()
+
+    def _moved(self, *_):
+        lim_x, lim_y = self._limits()
+        x, y = self.point
+        if abs(x) > lim_x or abs(y) > lim_y:  # keep the point on the plane
+            self.target.blockSignals(True)
+            self.target.setPos(max(-lim_x, min(lim_x, x)), max(-lim_y, min(lim_y, y)))
+            self.target.blockSignals(False)
+        self._show_weights()
+        self.weightsChanged.emit(self.weights())
+
+    def _finished(self, *_):
+        self.released.emit(self.weights())
+
+    def _show_weights(self) -> None:
+        x, y = self.point
+        self.point_label.setText(f"point ({x:+.2f}, {y:+.2f})")
+        w = self.weights()
+        self.weights_label.setText("weights: " + (", ".join(f"{k} {v:+.3f}" for k, v in w.items()) if w else "none (base model)"))
+
+    def _ask_pin(self) -> None:
+        name, ok = QInputDialog.getText(self, "Pin this point", "Name:", text=f"P{len(self.pins) + 1}")
+        if ok and name.strip():
+            self.add_pin(name.strip(), *self.point)
+
+    def _draw_pins(self) -> None:
+        self.pin_scatter.setData([{"pos": p, "data": n} for n, p in self.pins.items()])
+        for t in self._pin_labels:
+            self.view.removeItem(t)
+        self._pin_labels = []
+        self.pin_list.clear()
+        for n, (x, y) in self.pins.items():
+            t = pg.TextItem(n, anchor=(0, 1), color=(200, 120, 20))
+            t.setPos(x, y)
+            self.view.addItem(t)
+            self._pin_labels.append(t)
+            item = QListWidgetItem(f"{n}  ({x:+.2f}, {y:+.2f})")
+            item.setData(Qt.UserRole, n)
+            self.pin_list.addItem(item)
+
+    def _pin_clicked(self, _scatter, points, *_):
+        if len(points):
+            self.recall(points[0].data())

@@ -1,0 +1,244 @@
+"""The studio, offscreen, on the tiny model: drag, compare, rate, reopen, jobs, errors, responsiveness."""
+
+import time
+
+import pyqtgraph as pg
+import pytest
+from PySide6.QtCore import QEvent, QPointF, QSettings, Qt, QTimer
+from PySide6.QtGui import QMouseEvent
+from PySide6.QtWidgets import QApplication
+
+from engine.store import Store
+from studio.main_window import MainWindow
+
+pg.setConfigOptions(mouseRateLimit=-1)  # otherwise pyqtgraph drops synthetic drag events
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "studio.sqlite3")
+
+
+@pytest.fixture
+def vector_file(tiny_vector, tmp_path):
+    return tiny_vector.save(tmp_path / "vec.safetensors")
+
+
+def make_window(qtbot, tmp_path, store, model_dir, directions=()):
+    w = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(w)
+    w.show()
+    w.load_model(str(model_dir))
+    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
+    for path, name in directions:
+        w.host.add_direction(str(path), name)
+    qtbot.waitUntil(lambda: len(w.directions) == len(directions) and not w.busy_with, timeout=30000)
+    return w
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, store, tiny_model_dir, vector_file):
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(vector_file, "v1"), (vector_file, "v2")])
+    yield w
+    w.close()
+
+
+def _viewport_pos(view, x, y):
+    return view.mapFromScene(view.getViewBox().mapViewToScene(QPointF(x, y)))
+
+
+def drag(view, start, end, steps=8):
+    vp = view.viewport()
+    a, b = QPointF(_viewport_pos(view, *start)), QPointF(_viewport_pos(view, *end))
+
+    def send(kind, pos, buttons):
+        ev = QMouseEvent(kind, pos, vp.mapToGlobal(pos), Qt.LeftButton, buttons, Qt.NoModifier)
+        QApplication.sendEvent(vp, ev)
+
+    send(QEvent.MouseButtonPress, a, Qt.LeftButton)
+    for i in range(1, steps + 1):
+        p = a + (b - a) * (i / steps)
+        send(QEvent.MouseMove, p, Qt.LeftButton)
+        QApplication.processEvents()
+    send(QEvent.MouseButtonRelease, b, Qt.NoButton)
+    QApplication.processEvents()
+
+
+def test_dragging_the_point_sets_weights_and_applies_the_mix(qtbot, window):
+    plane = window.plane
+    assert plane.plane.x.direction == "v1" and plane.plane.y.direction == "v2"
+    drag(plane.view, (0.0, 0.0), (0.5, -0.25))
+    x, y = plane.point
+    assert x == pytest.approx(0.5, abs=0.03) and y == pytest.approx(-0.25, abs=0.03)
+    expected = plane.weights()
+    assert expected["v1"] == pytest.approx(x) and expected["v2"] == pytest.approx(y)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [expected], timeout=10000)
+    assert "mix applied in" in window.mix_label.text()
+    assert "v1 +0.5" in plane.weights_label.text()
+
+
+def test_arrow_keys_nudge_and_scale_changes_weights(qtbot, window):
+    plane = window.plane
+    plane.view.setFocus()
+    qtbot.keyClick(plane.view, Qt.Key_Right)
+    qtbot.keyClick(plane.view, Qt.Key_Up)
+    assert plane.point == pytest.approx((0.05, 0.05))
+    plane.x_scale.setValue(2.0)
+    assert plane.weights()["v1"] == pytest.approx(0.1)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [plane.weights()], timeout=10000)
+
+
+def test_two_columns_stream_and_are_stored_then_rated(qtbot, window, store):
+    window.plane.set_point(0.6, 0.0)
+    window.prompt.setPlainText("Tell me about the sea.")
+    window.max_tokens.setValue(12)
+    window.compare.n_columns.setValue(2)
+    window.compare.columns[0].source.setCurrentText("Base model")
+    window.compare.columns[1].source.setCurrentText("Mix at the point")
+    pieces = {0: [], 1: []}
+    window.host.worker.text.connect(lambda c, p: pieces[c].append(p))
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
+    cols = window.last_result["columns"]
+    assert [c["label"] for c in cols] == ["base", "point (+0.60, +0.00)"]
+    assert all(c["n_tokens"] > 0 for c in cols)
+    assert window.compare.columns[1].text.toPlainText() == cols[1]["text"] == "".join(pieces[1])
+    (comp,) = store.history(window.session_id)
+    assert [g.label for g in comp.generations] == ["base", "point (+0.60, +0.00)"]
+    assert comp.generations[1].weights == {"v1": pytest.approx(0.6), "v2": 0.0}
+    window.compare.columns[1].scores["helpfulness"].setValue(4)
+    window.compare.note.setText("more detail")
+    window.prompt.setFocus()  # even while typing in the prompt
+    qtbot.keyClick(window.prompt, Qt.Key_2, Qt.ControlModifier)
+    qtbot.waitUntil(lambda: "Rating saved" in window.compare.rating_status.text(), timeout=5000)
+    (rating,) = store.history(window.session_id)[0].ratings
+    assert rating.outcome == "winner" and rating.winner_id == comp.generations[1].id
+    assert rating.scores == {str(comp.generations[1].id): {"helpfulness": 4}} and rating.note == "more detail"
+    assert "rating: point (+0.60, +0.00) better" in window.history.topLevelItem(0).child(2).text(0)
+
+
+def test_blind_mode_hides_labels_until_rated(qtbot, window, store):
+    window.compare.blind.setChecked(True)
+    window.prompt.setPlainText("Hi.")
+    window.max_tokens.setValue(4)
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
+    assert not window.compare.columns[0].source.isVisible()
+    assert "base" not in window.compare.columns[0].stats.text() and "point" not in window.compare.columns[1].stats.text()
+    window.compare.tie_button.click()
+    assert window.compare.columns[0].source.isVisible()
+    (rating,) = store.history(window.session_id)[0].ratings
+    assert rating.blind and rating.outcome == "tie"
+
+
+def test_reopening_a_session_restores_everything(qtbot, tmp_path, store, tiny_model_dir, window):
+    window.plane.set_point(-0.3, 0.4)
+    window.plane.add_pin("favourite", -0.3, 0.4)
+    window.plane.y_scale.setValue(1.5)
+    window.prompt.setPlainText("Hello.")
+    window.max_tokens.setValue(4)
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
+    session_id = window.session_id
+    window.close()
+
+    again = MainWindow(QSettings(str(tmp_path / "other.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(again)
+    again.show()
+    again.open_session(session_id)
+    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
+    assert set(again.directions) == {"v1", "v2"}
+    assert again.plane.point == pytest.approx((-0.3, 0.4))
+    assert again.plane.plane.y.scale == 1.5 and again.plane.plane.x.direction == "v1"
+    assert again.plane.pins == {"favourite": (-0.3, 0.4)}
+    assert again.history.topLevelItemCount() == 1 and again.history.topLevelItem(0).text(0) == "Hello."
+    again.close()
+
+
+def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
+    seen = []
+    window.host.worker.jobProgress.connect(lambda p: (seen.append(p), window.job_panel.cancel.click() if len(seen) == 2 else None))
+    window.start_job({"kind": "train", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 20,
+                      "objective": "helpfulness", "steps": 500, "param": "lowrank", "max_tokens": 24,
+                      "name": "helpfulness", "out": str(tmp_path / "h.safetensors")})
+    qtbot.waitUntil(lambda: window.job_panel.eta.text() == "cancelled", timeout=60000)
+    assert 2 <= len(seen) < 10 and "loss" in seen[0]
+    assert len(window.job_panel.losses) >= 2
+    assert not (tmp_path / "h.safetensors").exists()
+    assert not window.busy_with and window.generate_button.isEnabled()
+
+
+def test_finished_job_adds_a_bindable_direction(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir)
+    w.start_job({"kind": "extract", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 12,
+                 "objective": "verbosity", "strength": 1.0, "name": "verbosity", "out": str(tmp_path / "v.safetensors")})
+    qtbot.waitUntil(lambda: "verbosity" in w.directions, timeout=60000)
+    assert w.plane.plane.x.direction == "verbosity"  # bound to the free axis at once
+    assert [d.name for d in store.directions()] == ["verbosity"]
+    w.close()
+
+
+def test_errors_become_dialogs_and_the_app_keeps_working(qtbot, window, tmp_path, other_tiny_dir, demo_data):
+    window.start_job({"kind": "extract", "data": str(tmp_path / "nope.jsonl"), "limit": 5, "objective": "x",
+                      "name": "x", "out": str(tmp_path / "x.safetensors")})
+    qtbot.waitUntil(lambda: bool(window.error_dialogs), timeout=30000)
+    assert "does not exist" in window.error_dialogs[-1].text()
+    from engine.models import load_model
+    from engine.steering import extract
+
+    other = load_model(other_tiny_dir)
+    from engine.data import load_pairs
+
+    foreign = extract(other, load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", limit=6), max_response_tokens=8)
+    foreign.save(tmp_path / "foreign.safetensors")
+    window.host.add_direction(str(tmp_path / "foreign.safetensors"), "")
+    qtbot.waitUntil(lambda: len(window.error_dialogs) >= 2, timeout=30000)
+    assert "not for the loaded model" in window.error_dialogs[-1].text()
+    window.prompt.setPlainText("Still fine?")
+    window.max_tokens.setValue(3)
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
+
+
+def test_window_paints_while_the_worker_generates(qtbot, window):
+    ticks = []
+    timer = QTimer(interval=10, timeout=lambda: ticks.append(time.perf_counter()))
+    window.prompt.setPlainText("Tell me a very long story.")
+    window.max_tokens.setValue(300)
+    window.generate_button.click()
+    timer.start()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=60000)
+    timer.stop()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert len(ticks) > 10 and max(gaps) < 0.5, f"the GUI thread was blocked for {max(gaps):.2f} s"
+
+
+def test_stop_and_close_during_generation(qtbot, window):
+    window.prompt.setPlainText("Tell me a very long story.")
+    window.max_tokens.setValue(4000)
+    window.host.worker.text.connect(lambda *_: window.stop_button.click())
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
+    assert all(c["stopped"] and c["n_tokens"] < 10 for c in window.last_result["columns"])
+    window.host.worker.text.disconnect()
+    window.generate_button.click()
+    qtbot.waitUntil(lambda: window.busy_with == "Generating", timeout=10000)
+    t0 = time.perf_counter()
+    window.close()
+    assert not window.host.thread.isRunning() and time.perf_counter() - t0 < 5
+
+
+def test_settings_persist(qtbot, tmp_path, store):
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    w.max_tokens.setValue(77)
+    w.temperature.setValue(0.7)
+    w.regen.setChecked(True)
+    w.close()
+    w2 = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    assert w2.max_tokens.value() == 77 and w2.temperature.value() == pytest.approx(0.7) and w2.regen.isChecked()
+    w2.close()
+
+
+def test_overlapping_directions_are_flagged_in_the_list(window):
+    assert "overlaps v1 (cosine +1.00)" in window.direction_list.item(1).text()
+    assert not window.error_dialogs
