@@ -27,3 +27,6 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: $(STAMP)
+	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

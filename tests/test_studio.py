@@ -74,7 +74,7 @@ def test_dragging_the_point_sets_weights_and_applies_the_mix(qtbot, window):
     assert expected["v1"] == pytest.approx(x) and expected["v2"] == pytest.approx(y)
     qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [expected], timeout=10000)
     assert "mix applied in" in window.mix_label.text()
-    assert "v1 +0.5" in plane.weights_label.text()
+    assert f"v1 {expected['v1']:+.3f}, v2 {expected['v2']:+.3f}" in plane.weights_label.text()
 
 
 def test_arrow_keys_nudge_and_scale_changes_weights(qtbot, window):
@@ -162,7 +162,7 @@ def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
                       "objective": "helpfulness", "steps": 500, "param": "lowrank", "max_tokens": 24,
                       "name": "helpfulness", "out": str(tmp_path / "h.safetensors")})
     qtbot.waitUntil(lambda: window.job_panel.eta.text() == "cancelled", timeout=60000)
-    assert 2 <= len(seen) < 10 and "loss" in seen[0]
+    assert 2 <= len(seen) < 100 and "loss" in seen[0]  # stopped long before its 500 steps
     assert len(window.job_panel.losses) >= 2
     assert not (tmp_path / "h.safetensors").exists()
     assert not window.busy_with and window.generate_button.isEnabled()
