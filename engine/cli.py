@@ -252,9 +252,11 @@ def cmd_steer_extract(args) -> int:
     sv.save(out)
     print(f"objective     {sv.objective}")
     print(f"pairs         {sv.meta['train_pairs']} for the vector, {sv.meta['heldout_pairs']} held out for scoring")
-    print(f"layer ranking (held-out accuracy, effect size):")
+    print("layer ranking   steerability  separation accuracy  effect size   (held-out pairs)")
+    steer = sv.meta.get("steerability") or [None] * len(sv.ranking)
     for l in sv.ranking[:5]:
-        print(f"  layer {l:>3}  {float(sv.accuracy[l]):.2f}  {float(sv.effect[l]):+.2f}")
+        st = f"{steer[l]:+.4f}" if steer[l] is not None else "-"
+        print(f"  layer {l:>3}     {st:>9}      {float(sv.accuracy[l]):.2f}                {float(sv.effect[l]):+.2f}")
     print(f"steered       layer(s) {', '.join(map(str, sv.layers))} at strength {sv.strength:g} x layer norm")
     print(f"saved         {out} ({sv.meta['seconds']:.1f} s)")
     if not args.no_store:

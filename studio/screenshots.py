@@ -1,0 +1,90 @@
+"""Render the main states of the window to PNG files (`make screenshots`), on the embedded model.
+
+    python -m studio.screenshots docs/
+
+Uses a throw-away database and settings, so it never touches the user's sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    out = Path((argv or sys.argv[1:] or ["docs"])[0])
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    tmp = Path(tempfile.mkdtemp(prefix="tsdpo-shots-"))
+    os.environ["TSDPO_DATA_DIR"] = str(tmp / "data")
+
+    import pyqtgraph as pg
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    from engine.store import Store
+    from studio.main_window import DEMO_DATA, MainWindow
+
+    app = QApplication.instance() or QApplication([])
+    app.setStyle("Fusion")
+    pg.setConfigOptions(antialias=True)
+
+    def wait(cond, seconds=300.0):
+        t0 = time.time()
+        while not cond():
+            if time.time() - t0 > seconds:
+                raise TimeoutError("the studio did not reach the state to screenshot")
+            app.processEvents()
+            time.sleep(0.02)
+
+    def settle(seconds=0.5):
+        t0 = time.time()
+        while time.time() - t0 < seconds:
+            app.processEvents()
+            time.sleep(0.02)
+
+    def shot(window, name):
+        settle()
+        path = out / name
+        window.grab().save(str(path))
+        print(f"wrote {path}")
+
+    t_launch = time.time()
+    w = MainWindow(QSettings(str(tmp / "studio.ini"), QSettings.IniFormat), store=Store(tmp / "studio.sqlite3"))
+    w.resize(1400, 900)
+    w.show()
+    w.load_model(None)
+    wait(lambda: w.model_info is not None and len(w.directions) >= 2 and not w.busy_with)
+    print(f"launch to usable plane: {time.time() - t_launch:.1f} s")
+    w.plane.set_point(0.6, 0.5)
+    w.plane.add_pin("concise + helpful", 0.6, -0.6)
+    shot(w, "screenshot-plane.png")
+
+    w.prompt.setPlainText("How do I make a good cup of tea?")
+    w.max_tokens.setValue(80)
+    w.compare.n_columns.setValue(3)
+    for view, src in zip(w.compare.columns, ["Base model", "Mix at the point", "Pinned: concise + helpful"]):
+        view.source.setCurrentText(src)
+    w.generate_button.click()
+    wait(lambda: w.last_result is not None)
+    w.compare.columns[1].scores["helpfulness"].setValue(4)
+    w.compare.note.setText("more complete")
+    w.compare.rate_buttons[1].click()
+    shot(w, "screenshot-compare.png")
+
+    w.start_job({"kind": "train", "data": str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), "limit": 200,
+                 "objective": "helpfulness", "steps": 200, "param": "lowrank", "max_tokens": 96,
+                 "name": "helpfulness (screenshot)", "out": str(tmp / "shot.safetensors")})
+    wait(lambda: len(w.job_panel.steps) >= 6)
+    shot(w, "screenshot-training.png")
+    w.host.stop()
+    wait(lambda: not w.busy_with)
+    w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
