@@ -532,9 +532,13 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ errors, state, settings
     def _on_failed(self, title: str, message: str) -> None:
-        if self._restore is not None and title == "Could not add the direction":
-            self._restore["waiting"] -= 1
-            self._maybe_finish_restore()
+        if self._restore is not None:
+            if title == "Could not add the direction":
+                self._restore["waiting"] -= 1
+                self._maybe_finish_restore()
+            elif title == "Could not load the model":  # the session's model is gone: keep its history, stop restoring
+                self._restore = None
+                message += "\n\nThe session's history is shown; open its model again to use its directions."
         self.show_error(title, message)
 
     def show_error(self, title: str, message: str) -> None:

@@ -242,3 +242,22 @@ def test_settings_persist(qtbot, tmp_path, store):
 def test_overlapping_directions_are_flagged_in_the_list(window):
     assert "overlaps v1 (cosine +1.00)" in window.direction_list.item(1).text()
     assert not window.error_dialogs
+
+
+def test_reopening_a_session_whose_model_is_gone(qtbot, tmp_path, store, tiny_model_dir):
+    import shutil
+
+    gone = tmp_path / "gone-model"
+    shutil.copytree(tiny_model_dir, gone)
+    w = make_window(qtbot, tmp_path, store, gone)
+    sid = w.session_id
+    w.close()
+    shutil.rmtree(gone)
+    again = MainWindow(QSettings(str(tmp_path / "o.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(again)
+    again.open_session(sid)
+    qtbot.waitUntil(lambda: bool(again.error_dialogs), timeout=30000)
+    assert "does not exist" in again.error_dialogs[-1].text() and again._restore is None
+    again.plane.set_point(0.1, 0.1)  # still usable, and the session still saves
+    assert store.session(sid).settings.get("point") == [pytest.approx(0.1), pytest.approx(0.1)]
+    again.close()
