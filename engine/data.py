@@ -216,6 +216,15 @@ def _dataset_rows(name: str, split: str) -> Iterator[tuple[int, Any]]:
 
 # --------------------------------------------------------------------------------------------- row parsing
 
+def _as_row(row: Any) -> dict:
+    """A row as read: an object, or the reason it could not be read."""
+    if isinstance(row, _RowError):
+        raise row
+    if not isinstance(row, dict):
+        raise _RowError("row is not an object")
+    return row
+
+
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise _RowError(f"{what} should be text, got {type(value).__name__}")
@@ -339,10 +348,7 @@ def _helpsteer_pairs(rows: Iterable[tuple[int, Any]], attribute: Optional[str], 
     groups: dict[str, list[tuple[int, str, Any]]] = {}
     for line, row in rows:
         try:
-            if isinstance(row, _RowError):
-                raise row
-            if not isinstance(row, dict):
-                raise _RowError("row is not an object")
+            row = _as_row(row)
             prompt = _text(row.get("prompt"), "prompt")
             response = _text(row.get("response"), "response")
             score = None
@@ -438,11 +444,7 @@ def load_pairs(
         pairs = []
         for line, row in rows:
             try:
-                if isinstance(row, _RowError):
-                    raise row
-                if not isinstance(row, dict):
-                    raise _RowError("row is not an object")
-                pairs.append(parse(row, line))
+                pairs.append(parse(_as_row(row), line))
             except _RowError as exc:
                 problems.append(RowProblem(line, str(exc), unit, exc.kind))
         name = objective or DEFAULT_OBJECTIVE.get(fmt) or Path(source).stem

@@ -84,6 +84,22 @@ def check_model(meta_model: dict, lm, path: Optional[str | Path] = None) -> None
                              "Load that model, or rebuild the direction for this one.")
 
 
+class DirectionFile:
+    """What every direction class shares: loading from its file, checked against a model."""
+
+    @classmethod
+    def load(cls, path: str | Path, lm=None):
+        kind, tensors, meta = read_direction_file(path)
+        direction = cls.from_file(kind, tensors, meta, Path(path))
+        if lm is not None:
+            check_model(direction.model, lm, path)
+            direction.check_weights(lm, path)
+        return direction
+
+    def check_weights(self, lm, path) -> None:
+        """Directions that change weights check that the model has them, with the right shapes."""
+
+
 def resolve_direction_path(ref: str | Path, store=None) -> Path:
     """A direction reference is a file path or the name of a stored direction."""
     path = Path(ref).expanduser()
@@ -106,10 +122,8 @@ def load_direction(ref: str | Path, lm, store=None):
     from engine.tangent import TangentDirection
 
     path = resolve_direction_path(ref, store)
-    kind, tensors, meta = read_direction_file(path)
+    kind, _, _ = read_direction_file(path)
     classes = {"steering": SteeringVector, "tangent": TangentDirection}
     if kind not in classes:
         raise DirectionError(f"{path} holds a {kind!r} direction, which this version cannot load.")
-    direction = classes[kind].from_file(kind, tensors, meta, path)
-    check_model(direction.model, lm, path)
-    return direction
+    return classes[kind].load(path, lm)

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from engine.data import PairSet
-from engine.directions import DirectionError, check_model, read_direction_file, save_direction_file
+from engine.directions import DirectionError, DirectionFile, save_direction_file
 from engine.errors import Cancelled
 from engine.models import LoadedModel
 
@@ -44,7 +44,7 @@ def _block_output(out):
 
 
 @dataclass
-class SteeringVector:
+class SteeringVector(DirectionFile):
     objective: str
     vectors: torch.Tensor  # [n_layers, hidden]: mean(chosen) - mean(rejected) at the output of each block
     norms: torch.Tensor  # [n_layers]: typical norm of the block output on response tokens
@@ -105,14 +105,6 @@ class SteeringVector:
             raise DirectionError(f"{path}: the steering tensors have inconsistent shapes {tuple(sv.vectors.shape)}.")
         if sv.vectors.shape[1] != meta["model"].get("hidden_size"):
             raise DirectionError(f"{path}: vectors of size {sv.vectors.shape[1]} do not match the recorded model.")
-        return sv
-
-    @classmethod
-    def load(cls, path: str | Path, lm: Optional[LoadedModel] = None) -> "SteeringVector":
-        kind, tensors, meta = read_direction_file(path)
-        sv = cls.from_file(kind, tensors, meta, Path(path))
-        if lm is not None:
-            check_model(sv.model, lm, path)
         return sv
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from engine.directions import DirectionError, check_model, read_direction_file, save_direction_file
+from engine.directions import DirectionError, DirectionFile, save_direction_file
 from engine.dpo import PairBatch, dpo_loss
 from engine.models import LoadedModel
 
@@ -69,7 +69,7 @@ def shared_A0(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor
 
 
 @dataclass
-class TangentDirection:
+class TangentDirection(DirectionFile):
     """A weight-space direction: a delta per selected weight matrix (full, or B @ A0)."""
 
     objective: str
@@ -118,17 +118,11 @@ class TangentDirection:
             raise DirectionError(f"{path}: unknown parameterization {d.param!r}.")
         return d
 
-    @classmethod
-    def load(cls, path: str | Path, lm: Optional[LoadedModel] = None) -> "TangentDirection":
-        kind, tensors, meta = read_direction_file(path)
-        d = cls.from_file(kind, tensors, meta, Path(path))
-        if lm is not None:
-            check_model(d.model, lm, path)
-            params = dict(lm.model.named_parameters())
-            for n in d.param_names():
-                if n not in params or tuple(params[n].shape) != tuple(d.delta(n).shape):
-                    raise DirectionError(f"{path}: weight {n} does not exist in {lm.name} with the shape the direction expects.")
-        return d
+    def check_weights(self, lm: LoadedModel, path) -> None:
+        params = dict(lm.model.named_parameters())
+        for n in self.param_names():
+            if n not in params or tuple(params[n].shape) != tuple(self.delta(n).shape):
+                raise DirectionError(f"{path}: weight {n} does not exist in {lm.name} with the shape the direction expects.")
 
 
 class DirectionModel(nn.Module):
