@@ -22,7 +22,8 @@ def setup_logging() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tsdpo-studio", description="The preference-mixing studio.")
     parser.add_argument("model", nargs="?", default=None,
-                        help="a Hugging Face folder, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                        help="a Hugging Face folder, hub id or .gguf file (default: reopen the last session, "
+                             "else the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, mps (default: the last one used, else auto)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -48,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     sys.excepthook = excepthook
     window.show()
-    window.load_model(args.model)
+    window.start(args.model)
     return app.exec()
 
 

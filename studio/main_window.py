@@ -228,6 +228,20 @@ class MainWindow(QMainWindow):
         for dock in (self.history_dock, self.job_dock):
             view.addAction(dock.toggleViewAction())
 
+    # ------------------------------------------------------------------ start-up
+    def start(self, model: Optional[str] = None) -> None:
+        """Open ``model`` in a new session; with none, reopen the last session, else the embedded model."""
+        last = self.settings.value("last_session")
+        if model is None and last is not None and self.store is not None:
+            try:
+                self.store.session(int(last))
+            except (TsdpoError, ValueError):
+                pass
+            else:
+                self.open_session(int(last))
+                return
+        self.load_model(model)
+
     # ------------------------------------------------------------------ model
     def load_model(self, source) -> None:
         self.model_label.setText(f"Loading {source or 'the embedded model'}...")
@@ -390,6 +404,7 @@ class MainWindow(QMainWindow):
             self.show_error("The session was not created", str(exc))
             return
         self.session_id = row.id
+        self.settings.setValue("last_session", row.id)
         self.plane.clear_pins()
         self.history.clear()
         self.session_label.setText(row.name)
@@ -442,6 +457,7 @@ class MainWindow(QMainWindow):
             self.show_error("Could not open the session", str(exc))
             return
         self.session_id = row.id
+        self.settings.setValue("last_session", row.id)
         self.session_label.setText(row.name)
         self._restore = {"settings": dict(row.settings or {}), "waiting": 0,
                          "pins": {p.name: (p.x, p.y) for p in row.pinned}}

@@ -261,3 +261,17 @@ def test_reopening_a_session_whose_model_is_gone(qtbot, tmp_path, store, tiny_mo
     again.plane.set_point(0.1, 0.1)  # still usable, and the session still saves
     assert store.session(sid).settings.get("point") == [pytest.approx(0.1), pytest.approx(0.1)]
     again.close()
+
+
+def test_launch_reopens_the_last_session(qtbot, tmp_path, store, tiny_model_dir, vector_file):
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(vector_file, "v1")])
+    w.plane.set_point(0.4, 0.0)
+    sid = w.session_id
+    w.close()
+    again = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(again)
+    again.start()
+    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
+    assert again.session_id == sid and again.model_info["model"] == "tiny-llama"
+    assert again.plane.point == pytest.approx((0.4, 0.0)) and set(again.directions) == {"v1"}
+    again.close()
