@@ -15,7 +15,7 @@ from engine.generation import Column, SamplingParams, compare, decode, _prompt_i
 from engine.mixer import Mixer  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.plane import Axis, PreferencePlane  # noqa: E402
-from engine.steering import extract  # noqa: E402
+from engine.steering import SteeringVector, extract  # noqa: E402
 
 
 def main() -> dict:
@@ -28,11 +28,11 @@ def main() -> dict:
     t0 = time.perf_counter()
     verb = extract(lm, pairs, batch_size=8)
     t_extract = time.perf_counter() - t0
-    # Baseline: one plain forward pass over the same 200 sequences is the floor of any training-free method.
     results["extract_100_pairs_s"] = round(t_extract, 2)
-    print(f"extraction, 100 pairs: {t_extract:.1f} s ({2 * len(pairs) / t_extract:.1f} sequences/s)")
+    print(f"extraction, 100 pairs: {t_extract:.1f} s ({2 * len(pairs) / t_extract:.1f} sequences/s, "
+          f"layer {verb.layers[0]} chosen)")
 
-    help_ = extract(lm, load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", limit=100), batch_size=8)
+    help_ = SteeringVector.load(DATA.parent / "directions" / "helpfulness.steer.safetensors", lm)
     mixer = Mixer(lm)
     mixer.add(verb, "verbosity")
     mixer.add(help_, "helpfulness")
