@@ -2,14 +2,15 @@
 (reference forward + policy forward/backward) on the same batch and weights, low-rank vs full, and
 the latency of applying a mix of weight-space directions.
 
-Each step measurement runs in its own process so its peak memory (RSS high-water mark above the
-loaded model, or CUDA max allocated) is its own.
+Each step measurement runs in its own process. Peak memory is what the steps add on top of the loaded
+model and batch: on CPU the highest resident size seen by a 2 ms sampler during warm-up and timed steps,
+minus the resident size just before them; on CUDA, max allocated minus allocated before them.
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import threading
 import subprocess
 import sys
 import time
@@ -20,8 +21,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, machine, median, pct  # noqa: E402
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+class PeakRSS:
+    """Samples this process's resident size in a thread; ru_maxrss cannot be reset, so it would
+    report the model load's peak instead of the steps'."""
+
+    def __init__(self, every_s: float = 0.002):
+        import psutil
+
+        self.proc, self.every_s, self.peak, self.running = psutil.Process(), every_s, 0, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every_s)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak / 2**20
 
 
 def one(method: str, param: str, steps: int = 3) -> dict:
@@ -46,13 +65,16 @@ def one(method: str, param: str, steps: int = 3) -> dict:
         opt.step()
         opt.zero_grad()
 
-    step()
     cuda = lm.device.type == "cuda"
+    import psutil
+
+    base_rss = psutil.Process().memory_info().rss / 2**20
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    base_rss = _rss_mb()
+    sampler = PeakRSS()
+    step()  # warm-up: the optimizer state is created here, and counts in the peak
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -60,7 +82,8 @@ def one(method: str, param: str, steps: int = 3) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _rss_mb() - base_rss
+    peak_rss = sampler.stop()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else peak_rss - base_rss
     return {"method": method, "param": param, "step_s": median(times), "peak_extra_mb": round(peak, 1),
             "tokens": int(batch.attention_mask.sum()), "weights": len(module.names)}
 
