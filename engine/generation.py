@@ -140,7 +140,7 @@ def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: Sampling
     gens = [torch.Generator().manual_seed(params.seed) for _ in range(n_rows)]
     deltas = [TextDeltas(lm.tokenizer, (lambda piece, r=r: on_text(r, piece)) if on_text else None) for r in range(n_rows)]
     ids = torch.tensor([prompt_ids] * n_rows, device=dev)
-    seen = ids.clone()
+    seen = ids.clone() if params.repetition_penalty != 1.0 else None  # only the penalty needs the history
     attn = torch.ones_like(ids)
     done = [False] * n_rows
     counts = [0] * n_rows
@@ -175,7 +175,8 @@ def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: Sampling
                 deltas[r].push([tok])
             if all(done) or stop.is_set() or step == params.max_new_tokens - 1:
                 break
-            seen = torch.cat([seen, nxt[:, None]], dim=1)
+            if seen is not None:
+                seen = torch.cat([seen, nxt[:, None]], dim=1)
             attn = torch.cat([attn, torch.ones_like(nxt)[:, None]], dim=1)
             out = lm.model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=out.past_key_values, use_cache=True)
     finally:

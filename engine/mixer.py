@@ -63,10 +63,6 @@ class Mixer:
         self.directions[name] = direction
         return name
 
-    def remove(self, name: str) -> None:
-        self.directions.pop(name, None)
-        self.set_row_weights([{k: v for k, v in row.items() if k != name} for row in self.rows])
-
     def interference(self, threshold: float = 0.7) -> list[tuple[str, str, float]]:
         """Pairs of directions whose vectors point nearly the same (or opposite) way at the layers they steer:
         summing them mostly adds up one effect, or cancels it."""

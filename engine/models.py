@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -237,7 +237,6 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     folder: Optional[Path] = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def config(self):
@@ -262,10 +261,6 @@ class LoadedModel:
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def identity(self) -> dict:
         """What a direction file records so it can later be refused for another model."""

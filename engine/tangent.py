@@ -161,10 +161,6 @@ class DirectionModel(nn.Module):
             out[n] = t if self.param == "full" else t @ self.A0(n)
         return out
 
-    def base_params(self) -> dict[str, torch.Tensor]:
-        params = dict(self.lm.model.named_parameters())
-        return {n: params[n].detach() for n in self.names}
-
     def forward(self, batch: PairBatch, beta: float = 0.1, loss_type: str = "sigmoid"):
         pol, ref = completion_logps(self.lm, batch, self.deltas(), self.method, average=(loss_type == "ipo"))
         b = batch.n_pairs

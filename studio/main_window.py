@@ -55,7 +55,6 @@ class MainWindow(QMainWindow):
         self.session_id: Optional[int] = None
         self.directions: dict[str, dict] = {}
         self.last_result: Optional[dict] = None
-        self.last_apply_s: Optional[float] = None
         self._restore: Optional[dict] = None
         self._build_ui()
         self._build_menus()
@@ -313,7 +312,6 @@ class MainWindow(QMainWindow):
         self.compare.set_attributes(attrs)
 
     def _on_mix_applied(self, weights: dict, seconds: float) -> None:
-        self.last_apply_s = seconds
         self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms")
 
     def _on_released(self, weights: dict) -> None:
