@@ -159,9 +159,7 @@ def _side_by_side(columns: list[tuple[str, str, str]], width: int) -> str:
 def cmd_generate(args) -> int:
     import shutil
 
-    from engine.directions import load_direction, resolve_direction_path
     from engine.generation import Column, SamplingParams, compare
-    from engine.mixer import Mixer
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
@@ -173,18 +171,7 @@ def cmd_generate(args) -> int:
             raise TsdpoError(f"--compare takes 'base' (add more mixes with another --mix), not {c!r}.")
     lm = _load(args, args.model)
     store = None if args.no_store else _store(args)
-    mixer = Mixer(lm, positions=args.positions)
-    names: dict[str, str] = {}  # reference as typed -> name in the mixer (one per file)
-    by_path: dict = {}
-    for ref in dict.fromkeys(r for m in mixes for r in m):
-        path = resolve_direction_path(ref, store)
-        if path not in by_path:
-            direction = load_direction(path, lm)
-            taken = direction.name in mixer.directions
-            by_path[path] = mixer.add(direction, name=f"{direction.name} ({path.stem})" if taken else None)
-        names[ref] = by_path[path]
-    for a, b, cos in mixer.interference():
-        print(f"note: {a} and {b} point nearly the same way (cosine {cos:+.2f}); their effects will overlap.", file=sys.stderr)
+    mixer, names = _mixer_for(lm, [r for m in mixes for r in m], store, args.positions)
     columns = []
     for mix in mixes:
         weights = {names[r]: w for r, w in mix.items()}
@@ -214,6 +201,27 @@ def cmd_generate(args) -> int:
     saved = f"; saved as comparison {comp.comparison_id} in {store.path}" if store is not None else ""
     print(f"[{len(columns)} column(s), {mode}, seed {params.seed}{saved}]", file=sys.stderr)
     return 0
+
+
+def _mixer_for(lm, refs, store, positions: str = "all"):
+    """A mixer holding each referenced direction once (a file or a stored name), and the name each
+    reference is mixed under."""
+    from engine.directions import load_direction, resolve_direction_path
+    from engine.mixer import Mixer
+
+    mixer = Mixer(lm, positions=positions)
+    names: dict[str, str] = {}  # reference as typed -> name in the mixer (one per file)
+    by_path: dict = {}
+    for ref in dict.fromkeys(refs):
+        path = resolve_direction_path(ref, store)
+        if path not in by_path:
+            direction = load_direction(path, lm)
+            taken = direction.name in mixer.directions
+            by_path[path] = mixer.add(direction, name=f"{direction.name} ({path.stem})" if taken else None)
+        names[ref] = by_path[path]
+    for a, b, cos in mixer.interference():
+        print(f"note: {a} and {b} point nearly the same way (cosine {cos:+.2f}); their effects will overlap.", file=sys.stderr)
+    return mixer, names
 
 
 def _cli_session(store, lm) -> int:
@@ -317,6 +325,70 @@ def cmd_lengths(args) -> int:
     means = [r["mean_tokens"] for r in rows]
     how = f"layers {direction.layers}, strength {direction.strength:g}" if direction.kind == "steering" else direction.param
     print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, {direction.kind}, {how})")
+    return 0
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise TsdpoError(f"--point takes X,Y (two numbers), not {text!r}.") from None
+    return x, y
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from engine.export import check_target, export_mix
+    from engine.plane import PreferencePlane
+
+    if bool(args.mix) == bool(args.session):
+        raise TsdpoError("Give either --mix DIRECTION=W[,...] or --session ID (with --point X,Y), not both or neither.")
+    check_target(Path(args.out).expanduser().resolve(), args.overwrite)  # before minutes of loading
+    store = _store(args) if (args.session or not args.no_store) else None
+    point = plane = None
+    if args.session:
+        row = store.session(args.session)
+        settings = row.settings or {}
+        saved = settings.get("directions", [])
+        if not saved:
+            raise TsdpoError(f"Session {row.id} ({row.name}) has no directions on its plane; nothing to export.")
+        source = args.model
+        if source is None and row.model_ref.get("kind") != "embedded":
+            source = row.model_ref.get("ref")
+        lm = _load(args, source)
+        if row.model_fingerprint and lm.fingerprint != row.model_fingerprint:
+            raise TsdpoError(f"Session {row.id} was made with another model (fingerprint {row.model_fingerprint}) than "
+                             f"{lm.name} ({lm.fingerprint}). Pass the session's model with --model.")
+        mixer, names = _mixer_for(lm, [d["path"] for d in saved], None)
+        renamed = {d["name"]: names[d["path"]] for d in saved}
+        plane_obj = PreferencePlane.from_json(settings.get("plane", {}))
+        point = _parse_point(args.point) if args.point else tuple(settings.get("point", (0.0, 0.0)))
+        weights = {renamed.get(k, k): w for k, w in plane_obj.weights(*point).items()}
+        plane = plane_obj.to_json()
+        print(f"  session {row.id} ({row.name}) at point ({point[0]:+.3f}, {point[1]:+.3f})", file=sys.stderr)
+    else:
+        if args.point:
+            raise TsdpoError("--point goes with --session (a stored plane); with --mix, give the weights directly.")
+        mix = _parse_mix(args.mix)
+        lm = _load(args, args.model)
+        mixer, names = _mixer_for(lm, list(mix), store)
+        weights = {names[r]: w for r, w in mix.items()}
+    print("  mix: " + (", ".join(f"{n} {w:+g}" for n, w in weights.items() if w) or "none (the base model)"), file=sys.stderr)
+    result = export_mix(lm, mixer, weights, args.out, format=args.format, overwrite=args.overwrite,
+                        bake_steering=args.bake_steering, dtype=args.out_dtype, max_shard_size=args.max_shard_size,
+                        verify=not args.no_verify, point=point, plane=plane, progress=_progress)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(f"format   {result.format}")
+    print(f"folder   {result.path}")
+    print(f"files    {len(result.files)} ({', '.join(result.files[:6])}{', ...' if len(result.files) > 6 else ''})")
+    print(f"size     {result.bytes / 1e6:.2f} MB, written in {result.seconds:.1f} s")
+    if result.check:
+        print(f"check    {result.check['what']} {result.check['result']}")
+    for note in result.notes:
+        print(f"note     {note}")
     return 0
 
 
@@ -540,6 +612,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     _training_args(p)
     p.set_defaults(func=cmd_train_scalarized)
+
+    p = sub.add_parser("export", help="write a mix as a Hugging Face checkpoint, a PEFT LoRA adapter or llama.cpp control vectors")
+    p.add_argument("--mix", metavar="DIRECTION=W[,DIRECTION=W...]", help="directions (files or stored names) and weights")
+    p.add_argument("--session", type=int, metavar="ID", help="export the mix of a stored session's plane instead")
+    p.add_argument("--point", metavar="X,Y", help="with --session: the point on the plane (default: the session's saved point)")
+    p.add_argument("--out", required=True, help="a new folder (an existing non-empty one needs --overwrite)")
+    p.add_argument("--format", choices=["hf", "peft", "controlvector"], default="hf",
+                   help="hf: merged checkpoint; peft: LoRA adapter from low-rank directions; controlvector: llama.cpp GGUF")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export (only once the new one is complete)")
+    p.add_argument("--bake-steering", action="store_true",
+                   help="hf: put steering vectors into the checkpoint as an MLP bias (Llama-style models)")
+    p.add_argument("--out-dtype", choices=["float32", "bfloat16", "float16"], help="hf: dtype of the saved weights (default: as loaded)")
+    p.add_argument("--max-shard-size", default="2GB", help="hf: split the weights into files of at most this size")
+    p.add_argument("--no-verify", action="store_true", help="skip reading the export back and comparing it")
+    p.add_argument("--model", default=None, help="model source (default: embedded, or the session's model)")
+    p.add_argument("--no-store", action="store_true", help="do not look up direction names in the database")
+    p.add_argument("--db", help="database path")
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("directions", help="list the directions stored in the database")
     p.add_argument("--db")

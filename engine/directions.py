@@ -41,6 +41,7 @@ def save_direction_file(path: str | Path, kind: str, tensors: dict[str, torch.Te
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {k: v for k, v in meta.items() if not k.startswith("_")}  # "_path" and the like describe this session only
     save_file(clean, str(tmp), metadata={FORMAT_KEY: kind, META_KEY: json.dumps(meta)})
     os.replace(tmp, path)
     return path
@@ -91,6 +92,7 @@ class DirectionFile:
     def load(cls, path: str | Path, lm=None):
         kind, tensors, meta = read_direction_file(path)
         direction = cls.from_file(kind, tensors, meta, Path(path))
+        direction.meta["_path"] = str(Path(path).resolve())
         if lm is not None:
             check_model(direction.model, lm, path)
             direction.check_weights(lm, path)

@@ -126,7 +126,8 @@ class Mixer:
             d = self.directions[name]
             for n in d.param_names():
                 w = self._params[n]
-                w.add_(d.delta(n).to(device=w.device, dtype=torch.float32).mul_(alpha).to(w.dtype))
+                # Not in place: for a full-rank direction delta() is the stored tensor itself.
+                w.add_((d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype))
                 touched.add(n)
         self._modified = touched
         self._weight_mix = dict(mix)

@@ -64,3 +64,30 @@ def test_first_launch_binds_the_demo_directions(qtbot, cache, tmp_path):
     qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=120000)
     assert {w.plane.plane.x.direction, w.plane.plane.y.direction} == {"helpfulness", "verbosity"}
     w.close()
+
+
+def test_export_from_the_gguf_base_loads_in_a_fresh_process(cache, tmp_path):
+    """The embedded model comes from a GGUF file: the export is de-quantized, with a tangent direction mixed
+    in and a demo steering vector baked in as a bias, and plain transformers reproduces the mixed logits."""
+    import json
+
+    from engine.directions import load_direction
+    from engine.export import export_mix
+    from engine.mixer import Mixer
+    from studio.main_window import DEMO_DIRECTIONS
+    from test_export import fresh_process_logits, mixed_logits
+    from tiny_model import random_tangent
+
+    lm = load_model()
+    mixer = Mixer(lm)
+    mixer.add(random_tangent(lm, "tangent", 1, scale=0.02))
+    mixer.add(load_direction(DEMO_DIRECTIONS / "verbosity.steer.safetensors", lm))
+    weights = {"tangent": 1.0, "verbosity": 0.8}
+    ids = lm.tokenizer(lm.chat_text("Name three colours."), add_special_tokens=False).input_ids
+    want = mixed_logits(mixer, weights, ids)
+    result = export_mix(lm, mixer, weights, tmp_path / "export", bake_steering=True)
+    assert result.check["max_abs_logit_diff"] <= 1e-4
+    got = fresh_process_logits(tmp_path / "export", tmp_path, ids)
+    assert float((got - want).abs().max()) <= 1e-4
+    assert "de-quantized" in (tmp_path / "export" / "README.md").read_text()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["mlp_bias"] is True

@@ -142,3 +142,19 @@ def test_errors(tiny_lm, tiny_vector, other_tiny_dir):
         Mixer(load_model(other_tiny_dir)).add(tiny_vector)
     with pytest.raises(DirectionError, match="positions"):
         Mixer(tiny_lm, positions="some")
+
+
+def test_full_rank_weight_direction_is_not_changed_by_applying_it(tiny_model_dir, ids):
+    from tiny_model import random_tangent
+
+    lm = load_model(tiny_model_dir)
+    direction = random_tangent(lm, "helpfulness", 1, param="full")
+    stored = {k: v.clone() for k, v in direction.tensors.items()}
+    mixer = Mixer(lm)
+    mixer.add(direction)
+    mixer.set_weights({"helpfulness": 0.5})
+    first = _logits(lm, ids)
+    for w in (-2.0, 3.0, 0.0, 0.5):
+        mixer.set_weights({"helpfulness": w})
+    assert all(torch.equal(direction.tensors[k], v) for k, v in stored.items())
+    assert torch.equal(_logits(lm, ids), first)

@@ -51,3 +51,23 @@ def build_tiny_model(folder: Path, seed: int = 0, n_layers: int = 3, hidden: int
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def random_tangent(lm, objective: str, seed: int, param: str = "lowrank", rank: int = 4, scale: float = 0.05,
+                   a0_seed: int = 0):
+    """A weight-space direction with random values on every linear weight: for checking the machinery
+    (mixing, export), not the training."""
+    import torch
+
+    from engine.tangent import TangentDirection, linear_weights, shared_A0
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for n in linear_weights(lm):
+        out_f, in_f = lm.model.get_parameter(n).shape
+        if param == "full":
+            tensors[n] = torch.randn(out_f, in_f, generator=g) * scale / in_f ** 0.5
+        else:
+            tensors[n + ":B"] = torch.randn(out_f, rank, generator=g) * scale
+            tensors[n + ":A"] = shared_A0(n, rank, in_f, a0_seed)
+    return TangentDirection(objective, param, tensors, lm.identity())
