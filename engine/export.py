@@ -276,9 +276,10 @@ class _HFExport:
         if self.mix.steering and not self.bake:
             names = ", ".join(n for n, _, _ in self.mix.steering)
             raise ExportError(
-                f"The mix includes steering vectors ({names}), which act on activations, not weights. Export them "
-                "with --format controlvector, set their weights to 0, or bake them into the checkpoint as a bias "
-                "with --bake-steering (architectures with an MLP bias, such as Llama).")
+                f"The mix includes steering vectors ({names}), which act on activations, not weights. Export them as "
+                "llama.cpp control vectors (--format controlvector), set their weights to 0, or bake them into the "
+                "checkpoint as an MLP bias (--bake-steering; in the studio, 'Bake steering vectors'), which Llama-style "
+                "models can carry.")
         if self.mix.steering:
             self._bias_names()  # refuses an architecture that cannot carry the bias
             self.notes.append("Steering is baked in as the down-projection bias of the steered blocks, so it acts at "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
@@ -15,7 +15,12 @@ from engine.data import FORMATS
 
 AUTO = "detect"
 TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO tangent direction",
-          "scalarized": "Train a scalarized-DPO baseline"}
+          "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix"}
+EXPORT_FORMATS = {
+    "hf": "Hugging Face checkpoint (merged weights; steering can be baked in as a bias)",
+    "peft": "PEFT LoRA adapter (low-rank TS-DPO directions only)",
+    "controlvector": "llama.cpp control vectors (steering vectors only)",
+}
 
 
 class DataPicker(QWidget):
@@ -114,6 +119,65 @@ class JobDialog(QDialog):
         return v
 
 
+class ExportDialog(QDialog):
+    """Where and how to export the mix at the current point."""
+
+    def __init__(self, weights: dict[str, float], kinds: dict[str, str], default_out: Path, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle(TITLES["export"])
+        active = {n: w for n, w in weights.items() if w}
+        mix = ", ".join(f"{n} {w:+.2f}" for n, w in active.items()) or "none: every weight is 0 (the base model)"
+        self.format = QComboBox()
+        for key, text in EXPORT_FORMATS.items():
+            self.format.addItem(text, key)
+        only_steering = active and all(kinds.get(n) == "steering" for n in active)
+        self.format.setCurrentIndex(list(EXPORT_FORMATS).index("controlvector" if only_steering else "hf"))
+        self.out = QLineEdit(str(default_out))
+        browse = QPushButton("Browse...")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.out, 1)
+        row.addWidget(browse)
+        self.overwrite = QCheckBox("Replace the folder if it is not empty (only once the new export is complete)")
+        self.bake = QCheckBox("Bake steering vectors into the weights as an MLP bias")
+        self.bake.setChecked(any(kinds.get(n) == "steering" for n in active))
+        self.dtype = QComboBox()
+        self.dtype.addItems(["as loaded", "float32", "bfloat16", "float16"])
+        self.format.currentIndexChanged.connect(self._format_changed)
+        form = QFormLayout()
+        form.addRow("Mix", QLabel(mix))
+        form.addRow("Format", self.format)
+        form.addRow("Folder", row)
+        form.addRow("", self.overwrite)
+        form.addRow("", self.bake)
+        form.addRow("Weights dtype", self.dtype)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.button(QDialogButtonBox.Ok).setText("Export")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+        self._format_changed()
+
+    def _format_changed(self, *_) -> None:
+        hf = self.format.currentData() == "hf"
+        self.bake.setEnabled(hf)
+        self.dtype.setEnabled(hf)
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Export into (a new or empty folder)", str(Path(self.out.text()).parent))
+        if path:
+            self.out.setText(path)
+
+    def job(self) -> dict:
+        dtype = self.dtype.currentText()
+        return {"kind": "export", "format": self.format.currentData(), "out": self.out.text().strip(),
+                "name": Path(self.out.text().strip()).name, "overwrite": self.overwrite.isChecked(),
+                "bake_steering": self.bake.isChecked() and self.format.currentData() == "hf",
+                "dtype": None if dtype == "as loaded" else dtype}
+
+
 class JobPanel(QWidget):
     cancelRequested = Signal()
 
@@ -154,7 +218,7 @@ class JobPanel(QWidget):
         self.steps, self.losses, self.accs = [], [], []
         self.loss_curve.setData([], [])
         self.acc_curve.setData([], [])
-        self.plot.setVisible(job["kind"] != "extract")
+        self.plot.setVisible(job["kind"] not in ("extract", "export"))
 
     def update_progress(self, p: dict) -> None:
         self.bar.setRange(0, int(p["total"]))
@@ -176,4 +240,4 @@ class JobPanel(QWidget):
             self.eta.setText("failed" if result.get("failed") else "cancelled")
         else:
             self.bar.setValue(1)
-            self.eta.setText(f"done in {result['seconds']:.0f} s: {result['name']} added")
+            self.eta.setText(result.get("summary") or f"done in {result['seconds']:.0f} s: {result['name']} added")

@@ -20,7 +20,7 @@ from engine.errors import TsdpoError
 from engine.paths import data_dir, log_path
 from engine.plane import PreferencePlane
 from studio.compare_panel import ComparePanel, column_request
-from studio.jobs import JobDialog, JobPanel
+from studio.jobs import ExportDialog, JobDialog, JobPanel
 from studio.plane_widget import PreferencePlaneWidget
 from studio.theme import apply_palette
 from studio.worker import WorkerHost
@@ -218,6 +218,10 @@ class MainWindow(QMainWindow):
         ]
         for a in self.job_actions:
             directions.addAction(a)
+        directions.addSeparator()
+        export = QAction("E&xport the mix at the point...", self, shortcut=QKeySequence("Ctrl+E"), triggered=self.open_export)
+        directions.addAction(export)
+        self.job_actions.append(export)
 
         view = bar.addMenu("&View")
         self.dark_action = QAction("&Dark palette", self, checkable=True)
@@ -382,6 +386,21 @@ class MainWindow(QMainWindow):
         if dialog.exec():
             self.start_job(dialog.job())
 
+    def open_export(self) -> None:
+        if self.model_info is None:
+            self.show_error("No model", "Load a model before exporting.")
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dialog = ExportDialog(self.plane.weights(), {n: d["kind"] for n, d in self.directions.items()},
+                              data_dir() / "exports" / f"mix-{stamp}", self)
+        if dialog.exec():
+            self.start_export(dialog.job())
+
+    def start_export(self, job: dict) -> None:
+        """Export the mix at the current point (the dialog's choices in ``job``)."""
+        job.update(weights=self.plane.weights(), point=list(self.plane.point), plane=self.plane.plane.to_json())
+        self.start_job(job)
+
     def start_job(self, job: dict) -> None:
         job["session_id"] = self.session_id
         self.job_panel.started(job)
@@ -390,6 +409,15 @@ class MainWindow(QMainWindow):
 
     def _on_job_finished(self, result: dict) -> None:
         self.job_panel.finished(result)
+        if result["kind"] == "export" and not result.get("cancelled"):
+            self.progress_label.setText(result["summary"])
+            box = QMessageBox(QMessageBox.Information, "Export finished", result["summary"], QMessageBox.Ok, self)
+            folder = box.addButton("Open folder", QMessageBox.ActionRole)
+            folder.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(result["path"])))
+            box.setAttribute(Qt.WA_DeleteOnClose)
+            box.setObjectName("export_done")
+            self.export_dialog = box
+            box.open()
 
     # ------------------------------------------------------------------ sessions
     def _create_session(self) -> None:

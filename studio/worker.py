@@ -168,6 +168,9 @@ class ModelWorker(QObject):
         kind = job["kind"]
         self.busy.emit("Job")
         t0 = time.perf_counter()
+        if kind == "export":
+            self._export(job, t0)
+            return
         try:
             out = Path(job["out"])
             if out.exists() and not job.get("overwrite"):
@@ -226,6 +229,37 @@ class ModelWorker(QObject):
         except BaseException as exc:  # noqa: BLE001
             self._fail("The job failed", exc)
             self.jobFinished.emit({"kind": kind, "cancelled": True, "failed": True, "seconds": time.perf_counter() - t0})
+        finally:
+            self.busy.emit("")
+
+
+    def _export(self, job: dict, t0: float) -> None:
+        """Write the mix the GUI saw at the point when Export was pressed."""
+        from engine.export import export_mix
+
+        def progress(message: str, fraction=None) -> None:
+            self._progress(message)
+            if fraction is not None:
+                self.jobProgress.emit({"done": int(round(fraction * 100)), "total": 100, "eta_s": None})
+
+        try:
+            weights = {k: v for k, v in job.get("weights", {}).items() if k in self.mixer.directions}
+            result = export_mix(self.lm, self.mixer, weights, job["out"], format=job.get("format", "hf"),
+                                overwrite=bool(job.get("overwrite")), bake_steering=bool(job.get("bake_steering")),
+                                dtype=job.get("dtype"), point=tuple(job["point"]) if job.get("point") else None,
+                                plane=job.get("plane"), progress=progress, should_stop=self.stop.is_set)
+            log.info("exported %s", result.to_json())
+            check = result.check.get("result", "")
+            self.jobFinished.emit({"kind": "export", "name": str(result.path), "path": str(result.path),
+                                   "seconds": result.seconds, "cancelled": False, "result": result.to_json(),
+                                   "summary": f"exported to {result.path} in {result.seconds:.1f} s"
+                                              + (f"; check: {check}" if check else "")})
+        except Cancelled:
+            log.info("export cancelled")
+            self.jobFinished.emit({"kind": "export", "cancelled": True, "seconds": time.perf_counter() - t0})
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("The export failed", exc)
+            self.jobFinished.emit({"kind": "export", "cancelled": True, "failed": True, "seconds": time.perf_counter() - t0})
         finally:
             self.busy.emit("")
 

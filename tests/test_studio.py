@@ -275,3 +275,33 @@ def test_launch_reopens_the_last_session(qtbot, tmp_path, store, tiny_model_dir,
     assert again.session_id == sid and again.model_info["model"] == "tiny-llama"
     assert again.plane.point == pytest.approx((0.4, 0.0)) and set(again.directions) == {"v1"}
     again.close()
+
+
+def test_export_the_mix_at_the_point(qtbot, window, tmp_path):
+    from engine.export import MANIFEST
+    from studio.jobs import ExportDialog
+
+    window.plane.set_point(0.5, -0.25)
+    weights = window.plane.weights()
+    dialog = ExportDialog(weights, {n: d["kind"] for n, d in window.directions.items()}, tmp_path / "cv")
+    assert dialog.format.currentData() == "controlvector"  # only steering vectors are on the plane
+    window.start_export(dialog.job())
+    qtbot.waitUntil(lambda: window.job_panel.eta.text().startswith("exported to"), timeout=30000)
+    manifest = __import__("json").loads((tmp_path / "cv" / MANIFEST).read_text())
+    assert manifest["point"] == [0.5, -0.25] and manifest["weights"] == {k: v for k, v in weights.items() if v}
+    assert (tmp_path / "cv" / "mix.gguf").is_file() and "Open folder" in [b.text() for b in window.export_dialog.buttons()]
+
+    # The same folder again, and a checkpoint without baking: each a dialog that says what to do; nothing is lost.
+    window.start_export(dialog.job())
+    qtbot.waitUntil(lambda: bool(window.error_dialogs), timeout=30000)
+    assert "already exists" in window.error_dialogs[-1].text() and (tmp_path / "cv" / "mix.gguf").is_file()
+    dialog.format.setCurrentIndex(0)
+    dialog.bake.setChecked(False)
+    dialog.out.setText(str(tmp_path / "hf"))
+    window.start_export(dialog.job())
+    qtbot.waitUntil(lambda: len(window.error_dialogs) >= 2, timeout=30000)
+    assert "--bake-steering" in window.error_dialogs[-1].text() and not (tmp_path / "hf").exists()
+    dialog.bake.setChecked(True)
+    window.start_export(dialog.job())
+    qtbot.waitUntil(lambda: (tmp_path / "hf" / "config.json").is_file() and not window.busy_with, timeout=30000)
+    assert window.generate_button.isEnabled()
