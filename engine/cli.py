@@ -288,23 +288,13 @@ def _new_output(path: str, overwrite: bool):
 
 
 def cmd_lengths(args) -> int:
-    import json
-    from pathlib import Path
-
     from engine.directions import load_direction
     from engine.evaluate import is_monotonic, response_lengths, summarize_lengths
     from engine.generation import SamplingParams
     from engine.mixer import Mixer
 
     weights = [float(w) for w in args.weights.split(",")]
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise TsdpoError(f"No prompts file at {path}: give a .jsonl with a 'prompt' field per line, or a .txt with one prompt per line.")
-    if path.suffix == ".jsonl":
-        prompts = [json.loads(l)["prompt"] for l in path.read_text().splitlines() if l.strip()]
-    else:
-        prompts = [l for l in path.read_text().splitlines() if l.strip()]
-    prompts = prompts[: args.limit] if args.limit else prompts
+    prompts = _read_prompts(args.prompts, args.limit)
     lm = _load(args, args.model)
     mixer = Mixer(lm, positions=args.positions)
     store = None if args.no_store else _store(args)
@@ -390,6 +380,99 @@ def cmd_export(args) -> int:
     for note in result.notes:
         print(f"note     {note}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from engine.data import load_pairs
+    from engine.directions import load_direction
+    from engine.sweep import Method, Sweep, SweepConfig, write_outputs
+
+    lo, hi = (float(v) for v in args.range.split(","))
+    prompts = _read_prompts(args.prompts, args.n_prompts) if args.prompts else []
+    cfg = SweepConfig(grid=args.grid, low=lo, high=hi, pairs=args.pairs, beta=args.beta, prompts=prompts,
+                      max_new_tokens=args.max_new_tokens, pareto_metric=args.metric,
+                      reference=_parse_point(args.reference) if args.reference else None,
+                      linearization_gap=not args.no_lin_gap, reward_model=args.reward_model)
+    cfg.coords()  # refuse a bad grid before loading anything
+    if not (args.x or args.steer_x or args.scalarized):
+        raise TsdpoError("Nothing to sweep: give tangent directions (--x, --y), steering vectors (--steer-x, --steer-y) "
+                         "and/or scalarized runs (--scalarized FILE, repeatable).")
+    data = {}
+    for spec in args.data:
+        objective, sep, path = spec.partition("=")
+        if not sep:
+            raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit)
+        data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
+        print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
+    lm = _load(args, args.model)
+    store = None if args.no_store else _store(args)
+    methods = []
+    for kind, x, y in (("tangent", args.x, args.y), ("steering", args.steer_x, args.steer_y)):
+        if x or y:
+            if not (x and y):
+                raise TsdpoError(f"The {kind} grid needs both axes (--{'x' if kind == 'tangent' else 'steer-x'} and "
+                                 f"--{'y' if kind == 'tangent' else 'steer-y'}).")
+            dx, dy = load_direction(x, lm, store), load_direction(y, lm, store)
+            for d, ref in ((dx, x), (dy, y)):
+                if d.kind != kind:
+                    raise TsdpoError(f"{ref} is a {d.kind} direction, not a {kind} one.")
+            methods.append(Method(kind, kind, dx, dy))
+    if args.scalarized:
+        points = []
+        for ref in args.scalarized:
+            d = load_direction(ref, lm, store)
+            if d.kind != "scalarized":
+                raise TsdpoError(f"{ref} is a {d.kind} direction, not a scalarized-DPO run.")
+            sources = d.meta.get("objective_sources", [])
+            share = float(sources[0]["weight"]) if sources else float("nan")
+            points.append((d.name, d, share))
+        methods.append(Method("scalarized", "scalarized", points=points))
+    bar = _progress_bar(1, "sweep", "point")
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(what[:40])
+        bar.refresh()
+
+    sweep = Sweep(lm, methods, data, cfg, args.out, progress=progress)
+    try:
+        result = sweep.run()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"tsdpo: stopped; {len(sweep.state['points'])} points are saved in {args.out}. Run the same command to "
+              "resume.", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    files = write_outputs(result, args.out)
+    ox, oy = result["objectives"]
+    print(f"{'method':<12} {'points':>6} {'hypervolume':>12} {'pareto':>6}  smoothness {ox} / {oy} (Kendall tau)")
+    for name, info in result["methods"].items():
+        sm = info["smoothness"]
+        taus = " / ".join("-" if sm.get(o, {}).get("kendall_tau") is None else f"{sm[o]['kendall_tau']:+.2f}" for o in (ox, oy))
+        print(f"{name:<12} {len(info['points']):>6} {info['hypervolume']:>12.4g} {len(info['pareto']):>6}  {taus}")
+    for name, c in result.get("cca", {}).items():
+        print(f"CCA {name}: mean canonical correlation {c['mean']:.3f} (largest {c['top']:.3f})")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise TsdpoError(f"No prompts file at {p}: give a .jsonl with a 'prompt' field per line, or a .txt with one prompt per line.")
+    if p.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(l)["prompt"] for l in p.read_text().splitlines() if l.strip()]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TsdpoError(f"{p}: every line must be a JSON object with a 'prompt' field ({exc}).") from exc
+    else:
+        prompts = [l for l in p.read_text().splitlines() if l.strip()]
+    return prompts[:limit] if limit else prompts
 
 
 def _train_config(args, method: str):
@@ -613,6 +696,36 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(p)
     p.set_defaults(func=cmd_train_scalarized)
 
+    p = sub.add_parser("sweep", help="measure a grid of plane points: Pareto fronts, smoothness, disentanglement, linearization gap")
+    p.add_argument("--x", help="tangent direction on the x axis (file or stored name)")
+    p.add_argument("--y", help="tangent direction on the y axis")
+    p.add_argument("--steer-x", help="steering vector on the x axis (the steering grid)")
+    p.add_argument("--steer-y", help="steering vector on the y axis")
+    p.add_argument("--scalarized", action="append", default=[], metavar="FILE", help="a scalarized-DPO run (repeatable)")
+    p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE",
+                   help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
+    p.add_argument("--format", default=None)
+    p.add_argument("--limit", type=int, help="as in training")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
+    p.add_argument("--seed", type=int, default=0, help="as in training")
+    p.add_argument("--pairs", type=int, default=16, help="held-out pairs per objective to score")
+    p.add_argument("--prompts", help="prompts for length / distinct-2 / reward (.jsonl with 'prompt', or .txt)")
+    p.add_argument("--n-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--reward-model", help="a sequence-classification model (folder or hub id) to score replies")
+    p.add_argument("--grid", type=int, default=5, help="points per axis (odd)")
+    p.add_argument("--range", default="-1,1", metavar="LOW,HIGH")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--metric", choices=["margin", "accuracy"], default="margin", help="Pareto front and hypervolume on this metric")
+    p.add_argument("--reference", metavar="X,Y", help="hypervolume reference point (default: the worst value of each objective)")
+    p.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per point)")
+    p.add_argument("--out", required=True, help="a folder: results, plots and report; rerun with the same --out to resume")
+    p.add_argument("--model", default=None)
+    p.add_argument("--no-store", action="store_true")
+    p.add_argument("--db")
+    _model_args(p)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("export", help="write a mix as a Hugging Face checkpoint, a PEFT LoRA adapter or llama.cpp control vectors")
     p.add_argument("--mix", metavar="DIRECTION=W[,DIRECTION=W...]", help="directions (files or stored names) and weights")
     p.add_argument("--session", type=int, metavar="ID", help="export the mix of a stored session's plane instead")
@@ -639,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NEGATIVE_OK = ("--weights", "--mix", "--point")
+_NEGATIVE_OK = ("--weights", "--mix", "--point", "--range", "--reference")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

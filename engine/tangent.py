@@ -209,7 +209,8 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
 
     if method == "tangent":
         use_eager_attention(lm)
-        ref_logits, dlogits = jvp(logits_at_completion, (params0,), ({n: d.to(dtype) for n, d in deltas.items()},))
+        # Tangents in the primals' key order: jvp compares the two dicts' tree structures, order included.
+        ref_logits, dlogits = jvp(logits_at_completion, (params0,), ({n: deltas[n].to(dtype) for n in params0},))
         pol_logits = ref_logits + dlogits
         ref_logits = ref_logits.detach()
     else:

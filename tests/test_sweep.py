@@ -1,0 +1,143 @@
+"""The sweep: metrics checked against hand computations, a tiny-model sweep, stop and resume, outputs, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.data import load_pairs
+from engine.errors import Cancelled
+from engine.models import load_model
+from engine.sweep import (Method, Sweep, SweepConfig, SweepError, canonical_correlations, distinct_n, hypervolume,
+                          monotonicity, pareto_front, write_outputs)
+from tiny_model import random_tangent
+
+
+def test_pareto_front_and_hypervolume_by_hand():
+    pts = [(0.0, 3.0), (1.0, 2.0), (2.0, 2.5), (3.0, 0.5), (1.5, 1.0), (2.0, 2.5)]
+    front = pareto_front(pts)
+    assert [pts[i] for i in front] == [(0.0, 3.0), (2.0, 2.5), (2.0, 2.5), (3.0, 0.5)]
+    # Against (0, 0): the union of the rectangles [0,3]x[0,0.5], [0,2]x[0,2.5], [0,0]x[..] = 1.5 + 2*2 = 5.5
+    assert hypervolume(pts, (0.0, 0.0)) == pytest.approx(3 * 0.5 + 2 * 2.0)
+    assert hypervolume(pts, (-1.0, 0.0)) == pytest.approx(4 * 0.5 + 3 * 2.0 + 1 * 0.5)
+    assert hypervolume(pts, (5.0, 5.0)) == 0.0
+
+
+def test_monotonicity_and_distinct_and_cca():
+    c = [-1, -0.5, 0, 0.5, 1]
+    assert monotonicity([1, 2, 3, 4, 5], c) == {"kendall_tau": 1.0, "tv_ratio": 1.0}
+    assert monotonicity([5, 4, 3, 2, 1], c)["kendall_tau"] == -1.0
+    wiggly = monotonicity([0, 2, 1, 3, 2], c)
+    assert wiggly["tv_ratio"] == pytest.approx(2 / 6) and 0 < wiggly["kendall_tau"] < 1
+    assert distinct_n(["a b a b", "a b c"]) == pytest.approx(3 / 5)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 4, generator=g) * 5  # a 4-dimensional signal both sides share, seen through other maps
+    a = z @ torch.randn(4, 32, generator=g) + 0.1 * torch.randn(400, 32, generator=g)
+    b = z @ torch.randn(4, 32, generator=g) + 0.1 * torch.randn(400, 32, generator=g)
+    corr = canonical_correlations(a, b, dims=8)
+    assert len(corr) == 8 and min(corr[:4]) > 0.95 and max(corr[4:]) < 0.5
+    assert canonical_correlations(a, a, dims=8)[0] == pytest.approx(1.0)
+    unrelated = canonical_correlations(a, torch.randn(400, 32, generator=g), dims=8)
+    assert max(unrelated) < 0.35
+
+
+@pytest.fixture
+def setup(tiny_model_dir, tiny_vector, demo_data):
+    lm = load_model(tiny_model_dir)
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    data = {"helpfulness": load_pairs(uf, limit=40).split(0.2)[1], "verbosity": load_pairs(uf, objective="verbosity", limit=40).split(0.2)[1]}
+    tx, ty = random_tangent(lm, "helpfulness", 1, scale=0.3), random_tangent(lm, "verbosity", 2, scale=0.3)
+    sx = tiny_vector.with_settings()
+    sy = tiny_vector.with_settings(layers=[1])
+    sy.objective = sy.name = "verbosity"
+    scal = [(f"s{w}", random_tangent(lm, "mix", 10 + i, scale=0.3), w) for i, w in enumerate((0.25, 0.5, 0.75))]
+    for _, d, _ in scal:
+        d.method = "ordinary"
+    methods = [Method("tangent", "tangent", tx, ty), Method("steering", "steering", sx, sy),
+               Method("scalarized", "scalarized", points=scal)]
+    cfg = SweepConfig(grid=3, pairs=4, batch_size=4, prompts=["Say hi.", "Name a colour."], max_new_tokens=6,
+                      max_prompt_tokens=32, max_response_tokens=32)
+    return lm, methods, data, cfg
+
+
+def test_sweep_measures_every_point(setup, tmp_path):
+    lm, methods, data, cfg = setup
+    result = Sweep(lm, methods, data, cfg, tmp_path / "s").run()
+    tangent, steering, scal = (result["methods"][k] for k in ("tangent", "steering", "scalarized"))
+    assert len(tangent["points"]) == len(steering["points"]) == 9 and len(scal["points"]) == 3
+    origin = next(e for e in tangent["points"] if e["x"] == 0 and e["y"] == 0)
+    assert origin["helpfulness/margin"] == 0.0 and origin["helpfulness/accuracy"] == 0.5 and origin["lin_gap"] == 0.0
+    for e in tangent["points"]:
+        assert all(math.isfinite(e[k]) for k in ("helpfulness/margin", "verbosity/accuracy", "length", "distinct2", "lin_gap"))
+        if (e["x"], e["y"]) != (0, 0):
+            assert e["lin_gap"] > 0  # the ordinary model is not exactly linear in the weights
+    corner = next(e for e in tangent["points"] if e["x"] == 1 and e["y"] == 1)
+    # A direction alone on its own axis: zero disentanglement error for its own objective, so only the other term.
+    alone = next(e for e in tangent["points"] if e["x"] == 1 and e["y"] == 0)
+    assert 0 < alone["disentanglement"] and corner["disentanglement"] > 0
+    assert all("lin_gap" not in e for e in steering["points"] if (e["x"], e["y"]) != (0, 0))
+    # Smoothness of the x objective: the mean over the grid's rows of the monotonicity of its margin along x.
+    grid = {(e["x"], e["y"]): e for e in tangent["points"]}
+    rows = [monotonicity([grid[(x, y)]["helpfulness/margin"] for x in (-1, 0, 1)], [-1, 0, 1]) for y in (-1, 0, 1)]
+    sm = tangent["smoothness"]["helpfulness"]
+    assert sm["lines"] == 3 and sm["along"] == "x"
+    assert sm["kendall_tau"] == pytest.approx(sum(r["kendall_tau"] for r in rows) / 3)
+    assert sm["tv_ratio"] == pytest.approx(sum(r["tv_ratio"] for r in rows) / 3)
+    for info in result["methods"].values():
+        assert info["hypervolume"] >= 0 and info["pareto"]
+    assert set(result["cca"]) == {"tangent", "steering"} and 0 <= result["cca"]["tangent"]["mean"] <= 1
+
+    files = write_outputs(result, tmp_path / "s")
+    assert {f.name for f in files} == {"sweep.json", "pareto.png", "heatmaps-tangent.png", "heatmaps-steering.png", "report.md"}
+    assert all(f.stat().st_size > 0 for f in files)
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["objectives"] == ["helpfulness", "verbosity"]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "| tangent (tangent) | 9 |" in report and "reference point" in report
+
+
+def test_a_stopped_sweep_resumes_to_the_same_result(setup, tmp_path):
+    lm, methods, data, cfg = setup
+    cfg.prompts = []
+    methods = methods[:1]
+    full = Sweep(lm, methods, data, cfg, tmp_path / "full").run()
+    calls = []
+    stopping = Sweep(lm, methods, data, cfg, tmp_path / "part", should_stop=lambda: calls.append(1) or len(calls) > 3)
+    with pytest.raises(Cancelled, match="resume"):
+        stopping.run()
+    saved = json.loads((tmp_path / "part" / "sweep-state.json").read_text())
+    assert len(saved["points"]) == 3
+    seen = []
+    resumed = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda d, t, what: seen.append(what)).run()
+    assert seen[0] != "base model" and len([w for w in seen if w.startswith("tangent|")]) == 8 - 3
+    for a, b in zip(full["methods"]["tangent"]["points"], resumed["methods"]["tangent"]["points"]):
+        a.pop("seconds", None), b.pop("seconds", None)
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+    cfg.beta = 0.5
+    with pytest.raises(SweepError, match="other settings"):
+        Sweep(lm, methods, data, cfg, tmp_path / "part")
+
+
+def test_sweep_refuses_bad_grids_and_missing_data(setup, tmp_path):
+    lm, methods, data, cfg = setup
+    for grid, low in ((4, -1.0), (1, -1.0), (3, 0.0)):
+        with pytest.raises(SweepError):
+            SweepConfig(grid=grid, low=low).coords()
+    with pytest.raises(SweepError, match="No held-out data for objective"):
+        Sweep(lm, methods, {"helpfulness": data["helpfulness"]}, cfg, tmp_path / "x")
+
+
+def test_cli_sweep(tiny_model_dir, demo_data, tmp_path, capsys):
+    lm = load_model(tiny_model_dir)
+    paths = [random_tangent(lm, o, s, scale=0.3).save(tmp_path / f"{o}.safetensors") for o, s in (("helpfulness", 1), ("verbosity", 2))]
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    args = ["sweep", "--model", str(tiny_model_dir), "--x", str(paths[0]), "--y", str(paths[1]), "--data", f"helpfulness={uf}",
+            "--data", f"verbosity={uf}", "--limit", "40", "--pairs", "2", "--grid", "3", "--out", str(tmp_path / "sw"), "--no-store"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "tangent" in out and "CCA tangent" in out and (tmp_path / "sw" / "pareto.png").is_file()
+    assert main(args) == 0  # everything measured already: only the outputs are rewritten
+    assert main(args[:-5] + ["--grid", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "must be odd" in capsys.readouterr().err
