@@ -35,7 +35,7 @@ from engine.errors import Cancelled, TsdpoError
 from engine.mixer import Mixer
 from engine.models import LoadedModel
 from engine.steering import SteeringVector
-from engine.tangent import TangentDirection, completion_logps, use_eager_attention
+from engine.tangent import TangentDirection, completion_logp_derivative, completion_logps, use_eager_attention
 
 STATE = "sweep-state.json"
 RESULT = "sweep.json"
@@ -238,13 +238,15 @@ class Sweep:
         return w
 
     def _logps(self) -> dict[str, list[list[float]]]:
-        """Per objective, per pair row (chosen, rejected interleaved as encoded), the response-token log-probs."""
+        """Per objective, the response-token log-probs of each pair's chosen reply, then its rejected one."""
         out = {}
         for o, batches in self.batches.items():
             rows = []
             for b in batches:
                 lp = _token_logps(self.lm, b)
-                rows += [lp[i][b.target_mask[i].bool()].tolist() for i in range(lp.shape[0])]
+                n = b.n_pairs  # a batch holds every chosen reply, then every rejected one
+                for i in range(n):
+                    rows += [lp[k][b.target_mask[k].bool()].tolist() for k in (i, n + i)]
             out[o] = rows
         return out
 
@@ -596,3 +598,70 @@ def report(result: dict) -> str:
         if info["kind"] != "scalarized":
             lines.append(f"![{name}](heatmaps-{_slug(name)}.png)")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- predicted map
+
+def heldout_pairs_of(direction: TangentDirection, limit: Optional[int] = None) -> dict[str, list]:
+    """The held-out pairs a tangent direction was validated on, rebuilt from what its file records: the data
+    source, objective and pair count, and the split's fraction and seed."""
+    from engine.data import load_pairs
+
+    hp = direction.meta.get("hyperparameters", {})
+    out = {}
+    for src in direction.meta.get("objective_sources", []):
+        path = src.get("source")
+        if not path or not Path(path).exists():
+            raise SweepError(f"{direction.name} was trained on {path or 'data it did not record'}, which is not there now; "
+                             "the held-out pairs cannot be rebuilt. Put the file back, or run `tsdpo sweep` with --data.")
+        ps = load_pairs(path, objective=src.get("objective"), limit=src.get("pairs"))
+        _, val = ps.split(float(hp.get("val_fraction", 0.1)), int(hp.get("seed", 0)))
+        out[val.objective] = val.pairs[:limit] if limit else val.pairs
+    if not out:
+        raise SweepError(f"{direction.name} records no training data, so its held-out pairs are unknown.")
+    return out
+
+
+def margin_gradients(lm: LoadedModel, pairs: list, directions: dict[str, TangentDirection], beta: float = 0.1,
+                     batch_size: int = 4, max_tokens: int = 128,
+                     progress: Optional[Callable[[int, int], None]] = None,
+                     should_stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
+    """g[i, j] = beta * d/de [log p(y_w) - log p(y_l)] along tau_j at theta0, for pair i: to first order the
+    margin of pair i at weights alpha is sum_j alpha_j g[i, j] (the tangent model is linear in the weights up
+    to the final softmax). One JVP per direction per batch."""
+    names = list(directions)
+    g = torch.zeros(len(pairs), len(names), dtype=torch.float64)
+    batches = list(range(0, len(pairs), batch_size))
+    total, done = len(batches) * len(names), 0
+    for j, name in enumerate(names):
+        d = directions[name]
+        deltas = {n: d.delta(n).to(lm.device, torch.float32) for n in d.param_names()}
+        for start in batches:
+            if should_stop():
+                raise Cancelled("the prediction")
+            batch = encode_pairs(lm, pairs[start:start + batch_size], max_tokens, max_tokens).to(lm.device)
+            _, jt = completion_logp_derivative(lm, batch, deltas)
+            jt = jt.double().cpu()
+            n = batch.n_pairs  # every chosen reply, then every rejected one
+            g[start:start + n, j] = beta * (jt[:n] - jt[n:])
+            done += 1
+            if progress:
+                progress(done, total)
+    return g
+
+
+def predicted_maps(grads: torch.Tensor, names: list[str], weights_at: Callable[[float, float], dict[str, float]],
+                   xs: list[float], ys: list[float]) -> dict[str, list[list[float]]]:
+    """Predicted mean margin and implicit-reward accuracy over a grid of plane points (rows = y)."""
+    margin, accuracy = [], []
+    for y in ys:
+        mrow, arow = [], []
+        for x in xs:
+            w = weights_at(x, y)
+            alpha = torch.tensor([float(w.get(n, 0.0)) for n in names], dtype=torch.float64)
+            m = grads @ alpha
+            mrow.append(float(m.mean()))
+            arow.append(float(((m > 0).double() + 0.5 * (m == 0).double()).mean()))
+        margin.append(mrow)
+        accuracy.append(arow)
+    return {"margin": margin, "accuracy": accuracy}

@@ -228,6 +228,26 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
     return per_sequence(pol_logits), per_sequence(ref_logits)
 
 
+def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence completion log-probs at theta0 and their directional derivative along tau (one JVP):
+    d/de log p(y | x; theta0 + e tau) at e = 0, through the softmax."""
+    model = lm.model
+    mask = batch.target_mask.bool()
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    params0 = {n: p.detach() for n, p in model.named_parameters() if n in deltas}
+    dtype = next(iter(params0.values())).dtype
+    rows = mask.nonzero()[:, 0]
+
+    def seq_logps(params):
+        tok = _completion_token_logps(functional_call(model, params, args=(), kwargs=kwargs).logits[mask], batch, mask)
+        return torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+    use_eager_attention(lm)
+    with torch.no_grad():
+        return jvp(seq_logps, (params0,), ({n: deltas[n].to(dtype) for n in params0},))
+
+
 @torch.no_grad()
 def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]]) -> dict:
     """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau.

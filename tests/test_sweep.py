@@ -141,3 +141,54 @@ def test_cli_sweep(tiny_model_dir, demo_data, tmp_path, capsys):
     assert main(args) == 0  # everything measured already: only the outputs are rewritten
     assert main(args[:-5] + ["--grid", "4", "--out", str(tmp_path / "x")]) == 2
     assert "must be odd" in capsys.readouterr().err
+
+
+def test_margins_match_a_direct_dpo_computation_and_the_prediction_is_exact_for_the_linearized_model(setup, tmp_path):
+    from engine.dpo import encode_pairs
+    from engine.sweep import margin_gradients, predicted_maps
+    from engine.tangent import completion_logps
+
+    lm, methods, data, cfg = setup
+    cfg.prompts, cfg.linearization_gap = [], False
+    tx, ty = methods[0].x, methods[0].y
+    result = Sweep(lm, methods[:1], data, cfg, tmp_path / "s").run()
+    pairs = data["helpfulness"].pairs[:4]
+    batch = encode_pairs(lm, pairs, 32, 32)
+    deltas = {n: tx.delta(n) for n in tx.param_names()}
+    with torch.no_grad():
+        pol, ref = completion_logps(lm, batch, deltas, "ordinary")
+    n = len(pairs)
+    margins = 0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
+    point = next(e for e in result["methods"]["tangent"]["points"] if (e["x"], e["y"]) == (1, 0))
+    assert point["helpfulness/margin"] == pytest.approx(float(margins.mean()), rel=1e-4, abs=1e-6)
+    assert point["helpfulness/accuracy"] == pytest.approx(float((margins > 0).double().mean()))
+
+    g = margin_gradients(lm, pairs, {"x": tx, "y": ty}, beta=0.1, max_tokens=32)
+    # First order: the derivative of the margins along 0.7 tau_x - 0.4 tau_y, by finite differences in float64.
+    combo = {n: 0.7 * tx.delta(n).double() - 0.4 * ty.delta(n).double() for n in tx.param_names()}
+    predicted = g @ torch.tensor([0.7, -0.4], dtype=torch.float64)
+    assert torch.allclose(predicted, torch.tensor(margins_grad(lm, batch, combo, n), dtype=torch.float64), atol=5e-4)
+    maps = predicted_maps(g, ["x", "y"], lambda x, y: {"x": x, "y": y}, [0.0, 0.7], [-0.4, 0.0])
+    assert maps["margin"][0][1] == pytest.approx(float(predicted.mean()))
+    assert maps["accuracy"][0][1] == pytest.approx(float((predicted > 0).double().mean()))
+    assert maps["margin"][1][0] == 0.0 and maps["accuracy"][1][0] == 0.5
+
+
+def margins_grad(lm, batch, deltas, n):
+    """The same derivative by central finite differences in float64 (a hand check of the JVP)."""
+    model64 = __import__("copy").deepcopy(lm.model).double()
+    params = dict(model64.named_parameters())
+
+    def margins(e):
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                params[name].copy_(base[name] + e * delta)
+            logits = model64(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids).logits
+            lp = torch.log_softmax(logits, -1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+            seq = lp.sum(-1)
+        return 0.1 * (seq[:n] - seq[n:])
+
+    base = {name: params[name].detach().clone() for name in deltas}
+    h = 1e-4
+    return ((margins(h) - margins(-h)) / (2 * h)).tolist()
