@@ -15,7 +15,8 @@ from engine.data import FORMATS
 
 AUTO = "detect"
 TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO tangent direction",
-          "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix"}
+          "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix",
+          "predict": "Predict margin maps"}
 EXPORT_FORMATS = {
     "hf": "Hugging Face checkpoint (merged weights; steering can be baked in as a bias)",
     "peft": "PEFT LoRA adapter (low-rank TS-DPO directions only)",
@@ -218,7 +219,7 @@ class JobPanel(QWidget):
         self.steps, self.losses, self.accs = [], [], []
         self.loss_curve.setData([], [])
         self.acc_curve.setData([], [])
-        self.plot.setVisible(job["kind"] not in ("extract", "export"))
+        self.plot.setVisible(job["kind"] not in ("extract", "export", "predict"))
 
     def update_progress(self, p: dict) -> None:
         self.bar.setRange(0, int(p["total"]))

@@ -56,6 +56,8 @@ class MainWindow(QMainWindow):
         self.directions: dict[str, dict] = {}
         self.last_result: Optional[dict] = None
         self._restore: Optional[dict] = None
+        self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
+        self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self._build_ui()
         self._build_menus()
         w = self.host.worker
@@ -92,6 +94,7 @@ class MainWindow(QMainWindow):
         self.plane.released.connect(self._on_released)
         self.plane.pinsChanged.connect(self._on_pins_changed)
         self.plane.layoutChanged.connect(self._save_session)
+        self.plane.layoutChanged.connect(self.refresh_heatmaps)
         plane_box = QGroupBox("Preference plane")
         self.direction_list = QListWidget()
         self.direction_list.setObjectName("directions")
@@ -218,6 +221,9 @@ class MainWindow(QMainWindow):
         ]
         for a in self.job_actions:
             directions.addAction(a)
+        predict = QAction("&Predict margin maps (TS-DPO directions)", self, triggered=self.start_prediction)
+        directions.addAction(predict)
+        self.job_actions.append(predict)
         directions.addSeparator()
         export = QAction("E&xport the mix at the point...", self, shortcut=QKeySequence("Ctrl+E"), triggered=self.open_export)
         directions.addAction(export)
@@ -228,6 +234,7 @@ class MainWindow(QMainWindow):
         self.dark_action.setChecked(self.settings.value("dark", "false") in (True, "true"))
         self.dark_action.toggled.connect(self._set_dark)
         view.addAction(self.dark_action)
+        view.addAction(QAction("&Load sweep results (sweep.json)...", self, triggered=self.load_sweep_dialog))
         for dock in (self.history_dock, self.job_dock):
             view.addAction(dock.toggleViewAction())
 
@@ -386,6 +393,52 @@ class MainWindow(QMainWindow):
         if dialog.exec():
             self.start_job(dialog.job())
 
+    # ------------------------------------------------------------------ heatmaps
+    def start_prediction(self) -> None:
+        if self.model_info is None:
+            self.show_error("No model", "Load a model first.")
+            return
+        self.start_job({"kind": "predict", "name": "margin maps", "pairs": 16})
+
+    def load_sweep_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Sweep results", str(data_dir()), "Sweep results (sweep.json)")
+        if path:
+            self.load_sweep(path)
+
+    def load_sweep(self, path: str) -> None:
+        import json
+
+        try:
+            result = json.loads(Path(path).read_text())
+            if not {"methods", "objectives", "coords"} <= set(result):
+                raise ValueError("it has no methods, objectives or coords")
+        except (OSError, ValueError) as exc:
+            self.show_error("Not a sweep result", f"{path} could not be read as the sweep.json `tsdpo sweep` writes ({exc}).")
+            return
+        self.sweep_result = result
+        self.refresh_heatmaps()
+        if not any(k.startswith("measured") for k in self.plane.layers):
+            self.progress_label.setText(f"Bind the sweep's objectives ({', '.join(result['objectives'])}) to the plane's "
+                                        "axes to see its measurements.")
+
+    def _plane_axes(self) -> dict:
+        p = self.plane.plane
+        if p.anchors:
+            return {}
+        return {k: (self.directions.get(a.direction, {}).get("objective"), a.scale)
+                for k, a in (("x", p.x), ("y", p.y)) if a.direction}
+
+    def refresh_heatmaps(self, *_) -> None:
+        from engine.sweep import predicted_layers, sweep_layers
+
+        axes = self._plane_axes()
+        layers = sweep_layers(self.sweep_result, axes) if self.sweep_result else {}
+        if self.prediction:
+            xr, yr = self.plane._limits()
+            layers.update(predicted_layers(self.prediction, self.plane.plane.weights, xr, yr,
+                                           sweep=self.sweep_result, axes=axes))
+        self.plane.set_layers(layers)
+
     def open_export(self) -> None:
         if self.model_info is None:
             self.show_error("No model", "Load a model before exporting.")
@@ -409,6 +462,12 @@ class MainWindow(QMainWindow):
 
     def _on_job_finished(self, result: dict) -> None:
         self.job_panel.finished(result)
+        if result["kind"] == "predict" and not result.get("cancelled"):
+            self.prediction = result["prediction"]
+            self.refresh_heatmaps()
+            first = next((k for k in self.plane.layers if k.startswith("predicted") and k.endswith("margin")), None)
+            if first:
+                self.plane.heat_combo.setCurrentText(first)
         if result["kind"] == "export" and not result.get("cancelled"):
             self.progress_label.setText(result["summary"])
             box = QMessageBox(QMessageBox.Information, "Export finished", result["summary"], QMessageBox.Ok, self)

@@ -18,6 +18,10 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from engine.plane import Axis, PreferencePlane, circle_anchors
 
 NONE = "(none)"
+NO_HEATMAP = "(no heatmap)"
+MARKS = {"measured": dict(symbol="o", brush=pg.mkBrush(255, 255, 255, 200), pen=pg.mkPen("k")),
+         "confirmed": dict(symbol="o", brush=pg.mkBrush(40, 170, 70), pen=pg.mkPen("w")),
+         "contradicted": dict(symbol="x", brush=pg.mkBrush(220, 40, 40), pen=pg.mkPen(220, 40, 40, width=2))}
 NUDGE = 0.05
 
 
@@ -58,10 +62,17 @@ class PreferencePlaneWidget(QWidget):
         self.view.setMouseEnabled(False, False)
         self.view.hideButtons()
         self.view.setFocusPolicy(Qt.StrongFocus)
-        self.heatmap = pg.ImageItem()  # filled by the evaluation views; hidden until then
+        self.heatmap = pg.ImageItem()  # a measured or predicted metric over the plane; hidden until chosen
         self.heatmap.setZValue(-10)
         self.heatmap.hide()
         self.view.addItem(self.heatmap)
+        self.colorbar = pg.ColorBarItem(colorMap="viridis", interactive=False, width=14)
+        self.colorbar.setImageItem(self.heatmap, insert_in=self.view.getPlotItem())
+        self.colorbar.hide()
+        self.marks = pg.ScatterPlotItem(size=9, pxMode=True)  # measured points; green / red where they confirm / contradict
+        self.marks.setZValue(5)
+        self.view.addItem(self.marks)
+        self.layers: dict[str, dict] = {}
         self.view.addItem(pg.InfiniteLine(0, angle=90, pen=pg.mkPen((128, 128, 128), width=1)))
         self.view.addItem(pg.InfiniteLine(0, angle=0, pen=pg.mkPen((128, 128, 128), width=1)))
         self.pin_scatter = pg.ScatterPlotItem(size=10, symbol="d", brush=pg.mkBrush(240, 160, 40), pen=pg.mkPen("k"))
@@ -89,6 +100,12 @@ class PreferencePlaneWidget(QWidget):
         for w in (self.x_scale, self.y_scale, self.x_range, self.y_range):
             w.valueChanged.connect(self._axes_edited)
         self.anchor_mode.toggled.connect(self._axes_edited)
+        self.heat_combo = QComboBox()
+        self.heat_combo.setObjectName("heatmap")
+        self.heat_combo.addItem(NO_HEATMAP)
+        self.heat_combo.currentTextChanged.connect(self._show_layer)
+        self.heat_note = QLabel("")
+        self.heat_note.setWordWrap(True)
         self.weights_label = QLabel("")
         self.weights_label.setObjectName("weights")
         self.weights_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -111,6 +128,8 @@ class PreferencePlaneWidget(QWidget):
         form.addRow("x axis", xrow)
         form.addRow("y axis", yrow)
         form.addRow(self.anchor_mode)
+        form.addRow("Heatmap", self.heat_combo)
+        form.addRow(self.heat_note)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.view, 1)
@@ -202,14 +221,45 @@ class PreferencePlaneWidget(QWidget):
         self._draw_pins()
 
     def set_heatmap(self, values: Optional[np.ndarray], extent: tuple[float, float, float, float] = (-1, 1, -1, 1)) -> None:
-        """Show a metric over the plane (rows = y, cols = x); None hides it."""
+        """Show a metric over the plane (rows = y, cols = x) with its colour bar; None hides it."""
         if values is None:
             self.heatmap.hide()
+            self.colorbar.hide()
             return
         x0, x1, y0, y1 = extent
-        self.heatmap.setImage(np.asarray(values).T, autoLevels=True)
+        data = np.asarray(values, dtype=float)
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        self.heatmap.setImage(data.T, autoLevels=False)
         self.heatmap.setRect(x0, y0, x1 - x0, y1 - y0)
+        self.colorbar.setLevels((lo, hi))
         self.heatmap.show()
+        self.colorbar.show()
+
+    def set_layers(self, layers: dict[str, dict], show: Optional[str] = None) -> None:
+        """Heatmap layers by name: {"values": rows of y, "extent": (x0, x1, y0, y1), "points": [(x, y, mark)],
+        "note": str}. Keeps the chosen layer if it is still there."""
+        current = show or self.heat_combo.currentText()
+        self.layers = dict(layers)
+        self.heat_combo.blockSignals(True)
+        self.heat_combo.clear()
+        self.heat_combo.addItems([NO_HEATMAP, *self.layers])
+        self.heat_combo.setCurrentText(current if current in self.layers else NO_HEATMAP)
+        self.heat_combo.blockSignals(False)
+        self._show_layer(self.heat_combo.currentText())
+
+    def _show_layer(self, name: str) -> None:
+        layer = self.layers.get(name)
+        if layer is None:
+            self.set_heatmap(None)
+            self.marks.setData([])
+            self.heat_note.setText("")
+            return
+        self.set_heatmap(layer["values"], tuple(layer["extent"]))
+        self.marks.setData([{"pos": (x, y), **MARKS[mark]} for x, y, mark in layer.get("points", [])])
+        self.heat_note.setText(layer.get("note", ""))
 
     # ------------------------------------------------------------------ internals
     def _limits(self) -> tuple[float, float]:

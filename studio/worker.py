@@ -171,6 +171,9 @@ class ModelWorker(QObject):
         if kind == "export":
             self._export(job, t0)
             return
+        if kind == "predict":
+            self._predict(job, t0)
+            return
         try:
             out = Path(job["out"])
             if out.exists() and not job.get("overwrite"):
@@ -232,6 +235,48 @@ class ModelWorker(QObject):
         finally:
             self.busy.emit("")
 
+
+    def _predict(self, job: dict, t0: float) -> None:
+        """One JVP per tangent direction per batch of held-out pairs: the gradients behind the predicted maps."""
+        from engine.sweep import heldout_pairs_of, margin_gradients
+
+        model = self.lm.model
+        attention = getattr(model.config, "_attn_implementation", None)
+        try:
+            tangent = {n: d for n, d in self.mixer.directions.items() if d.kind == "tangent"}
+            if not tangent:
+                raise TsdpoError("No TS-DPO tangent direction is loaded. The predicted map needs one (steering vectors and "
+                                 "scalarized runs have no tangent model to predict from).")
+            pairs: dict[str, list] = {}
+            for d in tangent.values():
+                for objective, p in heldout_pairs_of(d, limit=int(job.get("pairs", 16))).items():
+                    pairs.setdefault(objective, p)
+            batches = sum(-(-len(p) // 4) for p in pairs.values()) * len(tangent)
+            grads, done = {}, 0
+            self.mixer.clear()  # the gradients are taken at the base weights
+            for objective, p in pairs.items():
+                def on_batch(k: int, total: int, offset=done) -> None:
+                    el = time.perf_counter() - t0
+                    d = offset + k
+                    self.jobProgress.emit({"done": d, "total": batches, "eta_s": el / d * (batches - d)})
+
+                grads[objective] = margin_gradients(self.lm, p, tangent, progress=on_batch,
+                                                    should_stop=self.stop.is_set).tolist()
+                done += -(-len(p) // 4) * len(tangent)
+            seconds = time.perf_counter() - t0
+            self.jobFinished.emit({"kind": "predict", "name": "margin maps", "seconds": seconds, "cancelled": False,
+                                   "prediction": {"names": list(tangent), "grads": grads},
+                                   "summary": f"predicted maps for {', '.join(grads)} from {len(tangent)} direction(s) "
+                                              f"in {seconds:.0f} s"})
+        except Cancelled:
+            self.jobFinished.emit({"kind": "predict", "cancelled": True, "seconds": time.perf_counter() - t0})
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("The prediction failed", exc)
+            self.jobFinished.emit({"kind": "predict", "cancelled": True, "failed": True, "seconds": time.perf_counter() - t0})
+        finally:
+            if attention and getattr(model.config, "_attn_implementation", None) != attention:
+                model.set_attn_implementation(attention)  # the JVP needed eager attention; generation is faster without
+            self.busy.emit("")
 
     def _export(self, job: dict, t0: float) -> None:
         """Write the mix the GUI saw at the point when Export was pressed."""

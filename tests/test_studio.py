@@ -305,3 +305,53 @@ def test_export_the_mix_at_the_point(qtbot, window, tmp_path):
     window.start_export(dialog.job())
     qtbot.waitUntil(lambda: (tmp_path / "hf" / "config.json").is_file() and not window.busy_with, timeout=30000)
     assert window.generate_button.isEnabled()
+
+
+def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    import json
+
+    from engine.data import load_pairs
+    from engine.models import load_model
+    from engine.sweep import Method, Sweep, SweepConfig, write_outputs
+    from tiny_model import random_tangent
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    lm = load_model(tiny_model_dir)
+    paths = []
+    for objective, seed in (("helpfulness", 1), ("verbosity", 2)):
+        d = random_tangent(lm, objective, seed, scale=0.3)
+        d.meta.update(objective_sources=[{"objective": objective, "source": str(uf), "weight": 1.0, "pairs": 40}],
+                      hyperparameters={"val_fraction": 0.2, "seed": 0})
+        paths.append(d.save(tmp_path / f"{objective}.safetensors"))
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(paths[0], "helpfulness"), (paths[1], "verbosity")])
+    assert (w.plane.plane.x.direction, w.plane.plane.y.direction) == ("helpfulness", "verbosity")
+    w.start_prediction()
+    qtbot.waitUntil(lambda: w.prediction is not None and not w.busy_with, timeout=60000)
+    assert w.plane.heat_combo.currentText() == "predicted · helpfulness · margin"
+    assert w.plane.heatmap.isVisible() and w.plane.colorbar.isVisible()
+    layer = w.plane.layers["predicted · helpfulness · margin"]
+    assert layer["values"][20][20] == 0.0  # the centre of the 41 x 41 map is the base model
+    assert w.plane.layers["predicted · verbosity · accuracy"]["values"][20][20] == 0.5
+
+    # Measured points from a sweep of the same directions: heatmap layers, and marks on the prediction.
+    data = {o: load_pairs(uf, objective=o, limit=40).split(0.2)[1] for o in ("helpfulness", "verbosity")}
+    dirs = [__import__("engine.directions", fromlist=["x"]).load_direction(p, lm) for p in paths]
+    cfg = SweepConfig(grid=3, pairs=4, max_prompt_tokens=32, max_response_tokens=32, linearization_gap=False)
+    write_outputs(Sweep(lm, [Method("tangent", "tangent", *dirs)], data, cfg, tmp_path / "sw").run(), tmp_path / "sw")
+    w.load_sweep(str(tmp_path / "sw" / "sweep.json"))
+    assert "measured · tangent · helpfulness/margin" in w.plane.layers
+    marks = [m for _, _, m in w.plane.layers["predicted · helpfulness · margin"]["points"]]
+    assert len(marks) == 9 and set(marks) <= {"confirmed", "contradicted"}
+    w.plane.heat_combo.setCurrentText("measured · tangent · helpfulness/margin")
+    measured = w.plane.layers["measured · tangent · helpfulness/margin"]
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    corner = next(e for e in sweep["methods"]["tangent"]["points"] if (e["x"], e["y"]) == (1, -1))
+    assert measured["values"][0][2] == pytest.approx(corner["helpfulness/margin"])  # row y=-1, column x=+1
+    assert len(w.plane.marks.data) == 9
+
+    # Halving the x scale maps the measured weights to twice the plane coordinate.
+    w.plane.x_scale.setValue(0.5)
+    assert max(x for x, _, _ in w.plane.layers["measured · tangent · helpfulness/margin"]["points"]) == pytest.approx(2.0)
+    w.load_sweep(str(tmp_path / "nope.json"))
+    assert "could not be read" in w.error_dialogs[-1].text()
+    w.close()
