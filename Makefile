@@ -29,7 +29,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 bench: $(STAMP)
-	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	QT_QPA_PLATFORM=offscreen $(BIN)/python tests/benchmarks/run_all.py $(BENCH)
 
 screenshots: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m studio.screenshots docs

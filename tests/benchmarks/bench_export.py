@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, machine, median, timed  # noqa: E402
+from common import REPO, machine, median, record, timed  # noqa: E402
 from tiny_model import random_tangent  # noqa: E402
 
 from engine.directions import load_direction  # noqa: E402
@@ -68,4 +68,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    record("export", main())

@@ -8,7 +8,7 @@ import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
-from common import DATA, machine, median, pct, timed  # noqa: E402
+from common import DATA, machine, median, pct, record, timed  # noqa: E402
 
 from engine.data import load_pairs  # noqa: E402
 from engine.generation import Column, SamplingParams, compare, decode, _prompt_ids  # noqa: E402
@@ -23,14 +23,27 @@ def main() -> dict:
     results: dict = {"machine": machine()}
     print(f"machine: {results['machine']}")
 
-    # 1. Extraction: 100 pairs (200 teacher-forced sequences, responses capped at 192 tokens).
-    pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", objective="verbosity", limit=100)
+    # 1. Extraction vs an ordinary DPO run on the same pairs (one epoch, batch 4, the same token caps).
+    n_pairs = int(__import__("os").environ.get("BENCH_PAIRS", 48))
+    pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", objective="verbosity", limit=n_pairs)
     t0 = time.perf_counter()
     verb = extract(lm, pairs, batch_size=8)
     t_extract = time.perf_counter() - t0
-    results["extract_100_pairs_s"] = round(t_extract, 2)
-    print(f"extraction, 100 pairs: {t_extract:.1f} s ({2 * len(pairs) / t_extract:.1f} sequences/s, "
+    results["extract_pairs"] = len(pairs)
+    results["extract_s"] = round(t_extract, 2)
+    print(f"extraction, {len(pairs)} pairs: {t_extract:.1f} s ({2 * len(pairs) / t_extract:.1f} sequences/s, "
           f"layer {verb.layers[0]} chosen)")
+    from engine.train import TrainConfig, train_direction
+
+    cfg = TrainConfig(method="ordinary", param="full", batch_size=4, steps=-(-len(pairs) // 4), val_fraction=0.0,
+                      max_prompt_tokens=192, max_response_tokens=192)
+    t0 = time.perf_counter()
+    train_direction(lm, pairs, cfg)
+    t_dpo = time.perf_counter() - t0
+    results["dpo_epoch_s"] = round(t_dpo, 2)
+    results["extraction_vs_dpo_run"] = round(t_extract / t_dpo, 3)
+    print(f"ordinary DPO, one epoch over the same {len(pairs)} pairs ({cfg.steps} steps of 4): {t_dpo:.1f} s "
+          f"-> extraction takes {t_extract / t_dpo:.3f}x the time of the DPO run")
 
     help_ = SteeringVector.load(DATA.parent / "directions" / "helpfulness.steer.safetensors", lm)
     mixer = Mixer(lm)
@@ -91,4 +104,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2))
+    record("steering", main())

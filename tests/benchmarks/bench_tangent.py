@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, machine, median, pct  # noqa: E402
+from common import DATA, machine, median, pct, record  # noqa: E402
 
 
 class PeakRSS:
@@ -156,4 +156,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--one":
         print(json.dumps(one(sys.argv[2], sys.argv[3])))
     else:
-        print(json.dumps(main(), indent=2))
+        record("tangent", main())

@@ -44,3 +44,12 @@ def pct(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def record(name: str, results: dict) -> None:
+    """Hand a benchmark's figures to run_all.py (which sets TSDPO_BENCH_JSON to a folder)."""
+    import json
+
+    folder = os.environ.get("TSDPO_BENCH_JSON")
+    if folder:
+        Path(folder, f"{name}.json").write_text(json.dumps(results, indent=2))

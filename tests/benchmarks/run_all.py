@@ -1,0 +1,68 @@
+"""`make bench`: every benchmark, each in its own process (so peak memory is its own), then one summary of
+the ratios against their baselines measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import machine  # noqa: E402
+
+ORDER = ["bench_steering.py", "bench_tangent.py", "bench_export.py", "bench_studio.py"]
+SUMMARY = [
+    ("steering", "extraction_vs_dpo_run", "steering extraction time / ordinary DPO run on the same pairs"),
+    ("tangent", "ts_dpo_vs_dpo_step_time_full", "TS-DPO step time / ordinary DPO step (full deltas)"),
+    ("tangent", "ts_dpo_vs_dpo_peak_memory_full", "TS-DPO peak memory / ordinary DPO (full deltas)"),
+    ("tangent", "ts_dpo_vs_dpo_step_time_lowrank", "TS-DPO step time / ordinary DPO step (low-rank)"),
+    ("tangent", "ts_dpo_vs_dpo_peak_memory_lowrank", "TS-DPO peak memory / ordinary DPO (low-rank)"),
+    ("steering", "apply_vs_decode_step", "steering mix-apply latency / one decode step"),
+    ("tangent", "apply_full_vs_lowrank", "weight-space mix-apply latency, full / low-rank"),
+    ("steering", "mix_vs_base_tokens_per_s", "generation tokens/s, mixed / base"),
+    ("steering", "sequential_vs_batched", "3 columns one after another / in one batch (time)"),
+    ("studio", "launch_vs_model_load", "launch to usable plane / bare model load"),
+    ("export", "export_vs_save_pretrained: hf, 2 tangent directions + check",
+     "HF export with its check / plain save_pretrained"),
+]
+
+
+def main() -> int:
+    only = sys.argv[1:] or ORDER
+    print(f"machine: {machine()}")
+    folder = Path(tempfile.mkdtemp(prefix="tsdpo-bench-"))
+    env = {**os.environ, "TSDPO_BENCH_JSON": str(folder), "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    for name in only:
+        print(f"\n== {name}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name)], env=env).returncode:
+            print(f"{name} failed", file=sys.stderr)
+            return 1
+    figures = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    print(f"\n== summary (ratios against baselines measured in this run; {time.time() - t0:.0f} s in all)")
+    for bench, key, what in SUMMARY:
+        value = figures.get(bench, {}).get(key)
+        if value is not None:
+            print(f"{value:>10.4g}  {what}")
+    absolute = [("steering", "apply_latency_median_ms", "ms, steering mix-apply latency (median)"),
+                ("tangent", "apply_latency", "ms, weight-space mix-apply latency full / low-rank (median)"),
+                ("steering", "tokens_per_s_base", "tokens/s, base model"),
+                ("studio", "launch_to_usable_plane_s", "s, launch to usable plane"),
+                ("export", "export_hf_checked_s", "s, HF export of the embedded model, with its check")]
+    for bench, key, what in absolute:
+        value = figures.get(bench, {}).get(key)
+        if isinstance(value, dict):
+            value = " / ".join(str(v["median_ms"]) for v in value.values())
+        if value is not None:
+            print(f"{value:>10}  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
