@@ -25,6 +25,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run custom model code from the model's repository (only for sources you trust)")
 
 
+def _model_store_args(p: argparse.ArgumentParser) -> None:
+    """--model, the database options and the model options most commands share."""
+    p.add_argument("--model", default=None, help="model source (default: embedded)")
+    p.add_argument("--no-store", action="store_true", help="do not use the database")
+    p.add_argument("--db", help="database path")
+    _model_args(p)
+
+
 def _load(args, source):
     from engine.models import load_model
 
@@ -574,10 +582,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--checkpoint-dir", help="save checkpoints here, and resume from one found here")
     p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--model", default=None)
-    p.add_argument("--no-store", action="store_true")
-    p.add_argument("--db")
-    _model_args(p)
+    _model_store_args(p)
 
 
 def cmd_directions(args) -> int:
@@ -677,10 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="steering only: override the steered layers")
     p.add_argument("--strength", type=float, help="steering only: override the strength")
     p.add_argument("--positions", choices=["all", "generated"], default="all")
-    p.add_argument("--model", default=None)
-    p.add_argument("--no-store", action="store_true")
-    p.add_argument("--db")
-    _model_args(p)
+    _model_store_args(p)
     p.set_defaults(func=cmd_lengths)
 
     p = sub.add_parser("train", help="train a TS-DPO tangent direction for one objective")
@@ -720,10 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="X,Y", help="hypervolume reference point (default: the worst value of each objective)")
     p.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per point)")
     p.add_argument("--out", required=True, help="a folder: results, plots and report; rerun with the same --out to resume")
-    p.add_argument("--model", default=None)
-    p.add_argument("--no-store", action="store_true")
-    p.add_argument("--db")
-    _model_args(p)
+    _model_store_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("export", help="write a mix as a Hugging Face checkpoint, a PEFT LoRA adapter or llama.cpp control vectors")

@@ -190,6 +190,28 @@ def _completion_token_logps(logits: torch.Tensor, batch: PairBatch, mask: torch.
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
 
 
+def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]):
+    """What the completion functions share: theta0 for the touched weights, a forward that returns the logits
+    at response positions for given weights, and a per-sequence sum of per-token values."""
+    mask = batch.target_mask.bool()
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    params0 = {n: p.detach() for n, p in lm.model.named_parameters() if n in deltas}
+    rows = mask.nonzero()[:, 0]
+
+    def logits(params):
+        return functional_call(lm.model, params, args=(), kwargs=kwargs).logits[mask]
+
+    def seq_sum(logits_at_completion):
+        tok = _completion_token_logps(logits_at_completion, batch, mask)
+        return torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+
+    # Tangents in the primals' key order: jvp compares the two dicts' tree structures, order included.
+    dtype = next(iter(params0.values())).dtype
+    tangents = {n: deltas[n].to(dtype) for n in params0}
+    return params0, tangents, logits, seq_sum, mask
+
+
 def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor], method: str = "tangent",
                      average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``.
@@ -197,32 +219,20 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
     tangent: policy logits = f(theta0) + J.tau from one jvp call, whose primal output is the reference.
     ordinary: policy = f(theta0 + tau) with gradients, reference = f(theta0) without.
     """
-    model = lm.model
-    mask = batch.target_mask.bool()
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
-    params0 = {n: p.detach() for n, p in model.named_parameters() if n in deltas}
-    dtype = next(iter(params0.values())).dtype
-
-    def logits_at_completion(params):
-        return functional_call(model, params, args=(), kwargs=kwargs).logits[mask]
-
+    params0, tangents, logits_at_completion, seq_sum, mask = _at_completion(lm, batch, deltas)
     if method == "tangent":
         use_eager_attention(lm)
-        # Tangents in the primals' key order: jvp compares the two dicts' tree structures, order included.
-        ref_logits, dlogits = jvp(logits_at_completion, (params0,), ({n: deltas[n].to(dtype) for n in params0},))
+        ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
         pol_logits = ref_logits + dlogits
         ref_logits = ref_logits.detach()
     else:
         with torch.no_grad():
             ref_logits = logits_at_completion(params0)
-        pol_logits = logits_at_completion({n: params0[n] + deltas[n].to(dtype) for n in deltas})
-    rows = mask.nonzero()[:, 0]
+        pol_logits = logits_at_completion({n: params0[n] + tangents[n] for n in params0})
     counts = mask.sum(-1).clamp_min(1).float()
 
     def per_sequence(logits):
-        tok = _completion_token_logps(logits, batch, mask)
-        seq = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+        seq = seq_sum(logits)
         return seq / counts if average else seq
 
     return per_sequence(pol_logits), per_sequence(ref_logits)
@@ -231,21 +241,10 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
 def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-probs at theta0 and their directional derivative along tau (one JVP):
     d/de log p(y | x; theta0 + e tau) at e = 0, through the softmax."""
-    model = lm.model
-    mask = batch.target_mask.bool()
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
-    params0 = {n: p.detach() for n, p in model.named_parameters() if n in deltas}
-    dtype = next(iter(params0.values())).dtype
-    rows = mask.nonzero()[:, 0]
-
-    def seq_logps(params):
-        tok = _completion_token_logps(functional_call(model, params, args=(), kwargs=kwargs).logits[mask], batch, mask)
-        return torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
-
+    params0, tangents, logits_at_completion, seq_sum, _ = _at_completion(lm, batch, deltas)
     use_eager_attention(lm)
     with torch.no_grad():
-        return jvp(seq_logps, (params0,), ({n: deltas[n].to(dtype) for n in params0},))
+        return jvp(lambda params: seq_sum(logits_at_completion(params)), (params0,), (tangents,))
 
 
 @torch.no_grad()
