@@ -63,6 +63,15 @@ def main(argv=None) -> int:
     w.plane.add_pin("concise + helpful", 0.6, -0.6)
     shot(w, "screenshot-plane.png")
 
+    sweep = Path(__file__).resolve().parents[1] / "docs" / "sweep" / "sweep.json"
+    if sweep.is_file():  # the recorded evidence sweep of the embedded model (tests/benchmarks/evidence_sweep.sh)
+        w.load_sweep(str(sweep))
+        layer = next((k for k in w.plane.layers if k.endswith("tangent · verbosity/margin")), None)
+        if layer:
+            w.plane.heat_combo.setCurrentText(layer)
+            shot(w, "screenshot-heatmap.png")
+        w.plane.heat_combo.setCurrentIndex(0)
+
     w.prompt.setPlainText("How do I make a good cup of tea?")
     w.max_tokens.setValue(80)
     w.compare.n_columns.setValue(3)
