@@ -192,3 +192,22 @@ def margins_grad(lm, batch, deltas, n):
     base = {name: params[name].detach().clone() for name in deltas}
     h = 1e-4
     return ((margins(h) - margins(-h)) / (2 * h)).tolist()
+
+
+def test_reward_model_scores_the_replies(setup, tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(config)
+    rm.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    lm, methods, data, cfg = setup
+    cfg.reward_model, cfg.linearization_gap = str(tmp_path / "rm"), False
+    result = Sweep(lm, methods[1:2], data, cfg, tmp_path / "s").run()
+    rewards = [e["reward"] for e in result["methods"]["steering"]["points"]]
+    assert len(rewards) == 9 and all(math.isfinite(r) for r in rewards) and len(set(rewards)) > 1
+
+    cfg.reward_model = str(tmp_path / "missing")
+    with pytest.raises(SweepError, match="Could not load the reward model"):
+        Sweep(lm, methods[1:2], data, cfg, tmp_path / "s2").run()
