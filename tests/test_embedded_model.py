@@ -82,12 +82,17 @@ def test_export_from_the_gguf_base_loads_in_a_fresh_process(cache, tmp_path):
     mixer = Mixer(lm)
     mixer.add(random_tangent(lm, "tangent", 1, scale=0.02))
     mixer.add(load_direction(DEMO_DIRECTIONS / "verbosity.steer.safetensors", lm))
-    weights = {"tangent": 1.0, "verbosity": 0.8}
     ids = lm.tokenizer(lm.chat_text("Name three colours."), add_special_tokens=False).input_ids
-    want = mixed_logits(mixer, weights, ids)
-    result = export_mix(lm, mixer, weights, tmp_path / "export", bake_steering=True)
-    assert result.check["max_abs_logit_diff"] <= 1e-4
-    got = fresh_process_logits(tmp_path / "export", tmp_path, ids)
-    assert float((got - want).abs().max()) <= 1e-4
-    assert "de-quantized" in (tmp_path / "export" / "README.md").read_text()
-    assert json.loads((tmp_path / "export" / "config.json").read_text())["mlp_bias"] is True
+    cases = [({"tangent": 1.0}, {}, 1e-4),
+             # The bias is added inside the MLP's sum, the hook after the residual add: another rounding order,
+             # measured at 4.8e-5 here; the bound leaves room for another CPU's kernels.
+             ({"tangent": 1.0, "verbosity": 0.8}, {"bake_steering": True}, 5e-4)]
+    for i, (weights, options, bound) in enumerate(cases):
+        want = mixed_logits(mixer, weights, ids)
+        out = tmp_path / f"export-{i}"
+        result = export_mix(lm, mixer, weights, out, **options)
+        assert result.check["max_abs_logit_diff"] <= bound
+        got = fresh_process_logits(out, tmp_path, ids)
+        assert float((got - want).abs().max()) <= bound
+        assert "de-quantized" in (out / "README.md").read_text()
+        assert json.loads((out / "config.json").read_text()).get("mlp_bias", False) is bool(options)
