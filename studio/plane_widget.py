@@ -56,7 +56,7 @@ class PreferencePlaneWidget(QWidget):
         self.view = PlaneView(background=None)
         self.view.setObjectName("plane")
         self.view.setAspectLocked(True)
-        self.view.setMinimumSize(300, 300)
+        self.view.setMinimumSize(280, 240)
         self.view.showGrid(x=True, y=True, alpha=0.25)
         self.view.setMenuEnabled(False)
         self.view.setMouseEnabled(False, False)
