@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
+from engine import __version__
 from engine.directions import file_sha256
 from engine.errors import Cancelled, TsdpoError
 from engine.models import LoadedModel
@@ -167,7 +168,7 @@ def _mix(mixer, weights: dict[str, float]) -> _Mix:
 
 
 def _direction_record(name: str, d, alpha: float) -> dict:
-    path = d.meta.get("_path") or d.meta.get("path")
+    path = d.meta.get("_path")
     rec = {"name": name, "weight": alpha, "objective": d.objective, "kind": d.kind}
     if isinstance(d, TangentDirection):
         rec.update(method=d.method, param=d.param, norm=round(d.norm(), 6))
@@ -215,7 +216,7 @@ def export_mix(lm: LoadedModel, mixer, weights: dict[str, float], out: str | os.
             result.check = writer.verify(tmp)
         result.notes = writer.notes
         manifest = {
-            "tsdpo_studio": __import__("engine").__version__, "format": format,
+            "tsdpo_studio": __version__, "format": format,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "base_model": {**lm.identity(), "source": lm.source.to_json()},
             "directions": [_direction_record(n, d, a) for n, d, a in mix.weight_space + mix.steering],
@@ -293,7 +294,7 @@ class _HFExport:
             raise ExportError(f"A {self.lm.model_type} model has no MLP bias to carry a steering vector; export the "
                               "steering vectors with --format controlvector instead.")
         blocks = self.lm.decoder_layers()
-        prefix = next(name for name, mod in self.lm.model.named_modules() if mod is blocks)
+        prefix = self.lm.decoder_prefix()
         names = {}
         for layer in self.mix.steering_deltas():
             down = getattr(getattr(blocks[layer], "mlp", None), "down_proj", None)
@@ -307,9 +308,6 @@ class _HFExport:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return int(self.lm.n_params * elem * 1.02) + (64 << 20)
 
-    def _weights(self) -> dict[str, float]:
-        return {n: a for n, _, a in self.mix.weight_space} | {n: a for n, _, a in self.mix.steering}
-
     def _fixed_input(self) -> torch.Tensor:
         ids = self.lm.tokenizer(self.lm.chat_text(VERIFY_PROMPT), return_tensors="pt", add_special_tokens=False).input_ids
         return ids.to(self.lm.device)
@@ -321,7 +319,7 @@ class _HFExport:
         lm = self.lm
         before_positions = self.mixer.positions
         progress("Applying the mix to the weights...", 0.05)
-        with self.mixer.applied([self._weights()]):
+        with self.mixer.applied([self.mix.weights]):
             try:
                 self.mixer.positions = "all"  # what a baked bias does
                 self._reference = lm.model(self._fixed_input()).logits.float().cpu()
@@ -341,8 +339,9 @@ class _HFExport:
                 for name, p in wanted.items():  # zero biases where the base had none
                     if name not in state and name.endswith(".bias"):
                         state[name] = torch.zeros(p.shape, dtype=self.dtype, device=lm.device)
+                deltas = self.mix.steering_deltas()
                 for layer, name in self._bias_names().items():
-                    delta = self.mix.steering_deltas()[layer].to(device=lm.device)
+                    delta = deltas[layer].to(device=lm.device)
                     state[name] = (state[name].float() + delta).to(self.dtype)
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
             missing, unexpected = plain.load_state_dict(state, assign=True, strict=False)
@@ -364,7 +363,7 @@ class _HFExport:
     def _write_yaml(self, tmp: Path) -> None:
         import yaml
 
-        base = self.lm.source.ref if self.lm.source.kind in ("hub", "folder") else str(self.lm.folder or self.lm.source.ref)
+        base = self.lm.base_ref()
         doc = {
             "merge_method": "task_arithmetic",
             "base_model": base,
@@ -481,7 +480,7 @@ class _PeftExport:
         r = max(set(ranks.values()), key=list(ranks.values()).count)
         pattern = {m: k for m, k in ranks.items() if k != r}
         src = self.lm.source
-        base = src.ref if src.kind in ("hub", "folder") else str(self.lm.folder)
+        base = self.lm.base_ref()
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,  # scaling = alpha / r = 1

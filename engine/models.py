@@ -274,6 +274,15 @@ class LoadedModel:
                 return module
         raise ModelLoadError(f"Could not find the {self.n_layers} decoder layers of this {self.model_type} model.")
 
+    def decoder_prefix(self) -> str:
+        """The module name of the decoder blocks' list (e.g. ``model.layers``)."""
+        blocks = self.decoder_layers()
+        return next(name for name, mod in self.model.named_modules() if mod is blocks)
+
+    def base_ref(self) -> str:
+        """Where another tool finds this base model: the hub id or folder, or the de-quantized copy of a GGUF file."""
+        return self.source.ref if self.source.kind in ("hub", "folder") else str(self.folder or self.source.ref)
+
     def chat_text(self, prompt: str | list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt in the model's own chat format, ready to be tokenized (special tokens included)."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -34,8 +34,7 @@ from engine.dpo import PairBatch, encode_pairs
 from engine.errors import Cancelled, TsdpoError
 from engine.mixer import Mixer
 from engine.models import LoadedModel
-from engine.steering import SteeringVector
-from engine.tangent import TangentDirection, completion_logp_derivative, completion_logps, use_eager_attention
+from engine.tangent import TangentDirection, completion_logp_derivative, linearization_gap, use_eager_attention
 
 STATE = "sweep-state.json"
 RESULT = "sweep.json"
@@ -83,6 +82,13 @@ class Method:
     x: Optional[object] = None
     y: Optional[object] = None
     points: list[tuple[str, object, float]] = field(default_factory=list)  # scalarized: (label, direction, share)
+
+    def axes(self) -> list:
+        """The directions bound to the x and y axes (none for scalarized runs)."""
+        return [d for d in (self.x, self.y) if d is not None] if self.kind != "scalarized" else []
+
+    def directions(self) -> list:
+        return self.axes() if self.kind != "scalarized" else [d for _, d, _ in self.points]
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -168,8 +174,8 @@ class Sweep:
         self.coords = cfg.coords()
         objectives = []
         for m in methods:
-            for d in ([m.x, m.y] if m.kind != "scalarized" else []):
-                if d is not None and d.objective not in objectives:
+            for d in m.axes():
+                if d.objective not in objectives:
                     objectives.append(d.objective)
         self.objectives = objectives or list(data)
         missing = [o for o in self.objectives if o not in data]
@@ -187,8 +193,8 @@ class Sweep:
         self.mixer = Mixer(lm)
         self.names: dict[int, str] = {}
         for m in methods:
-            for d in ([m.x, m.y] if m.kind != "scalarized" else [d for _, d, _ in m.points]):
-                if d is not None and id(d) not in self.names:
+            for d in m.directions():
+                if id(d) not in self.names:
                     name = f"{m.name}:{d.name}:{len(self.names)}"
                     self.mixer.add(d, name=name)
                     self.names[id(d)] = name
@@ -200,11 +206,9 @@ class Sweep:
 
     # ---------------------------------------------------------------- resume
     def _key(self, data: dict[str, PairSet]) -> str:
-        desc = {"model": self.lm.fingerprint, "config": {k: v for k, v in asdict(self.cfg).items()},
+        desc = {"model": self.lm.fingerprint, "config": asdict(self.cfg),
                 "data": {o: data[o].data_hash() for o in self.objectives},
-                "methods": [[m.name, m.kind] + [d.meta.get("_path", d.name) for d in
-                            ([m.x, m.y] if m.kind != "scalarized" else [d for _, d, _ in m.points]) if d is not None]
-                            for m in self.methods]}
+                "methods": [[m.name, m.kind] + [d.meta.get("_path", d.name) for d in m.directions()] for m in self.methods]}
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_state(self) -> dict:
@@ -286,21 +290,10 @@ class Sweep:
 
     def _lin_gap(self, weighted: list[tuple[TangentDirection, float]]) -> float:
         """Mean |log pi_lin - log pi| per response token on the first batch of each objective (mix cleared)."""
-        deltas: dict[str, torch.Tensor] = {}
-        for d, alpha in weighted:
-            if alpha:
-                for n in d.param_names():
-                    x = alpha * d.delta(n).to(self.lm.device, torch.float32)
-                    deltas[n] = deltas[n] + x if n in deltas else x
-        if not deltas:
+        if not any(alpha for _, alpha in weighted):
             return 0.0
-        gaps = []
-        for batches in self.batches.values():
-            b = batches[0]
-            with torch.no_grad():
-                lin, _ = completion_logps(self.lm, b, deltas, "tangent", average=True)
-                ordinary, _ = completion_logps(self.lm, b, deltas, "ordinary", average=True)
-            gaps.append(float((lin - ordinary).abs().mean()))
+        gaps = [linearization_gap(self.lm, batches[0], weighted, average=True)["gap_mean"]
+                for batches in self.batches.values()]
         return sum(gaps) / len(gaps)
 
     def _metrics(self, lp: dict, base: dict) -> dict:
@@ -316,7 +309,7 @@ class Sweep:
             res[f"{o}/margin"] = sum(margins) / len(margins)
         return res
 
-    def _measure(self, key: str, weights: dict[str, float], tangent: list[tuple[TangentDirection, float]]) -> dict:
+    def _measure(self, weights: dict[str, float], tangent: list[tuple[TangentDirection, float]]) -> dict:
         self.mixer.set_weights(weights)
         try:
             lp = self._logps()
@@ -360,10 +353,10 @@ class Sweep:
                 self.progress(done, total, key)
                 t0 = time.perf_counter()
                 if m.kind == "scalarized":
-                    rec = self._measure(key, {self.names[id(single)]: 1.0}, [])
+                    rec = self._measure({self.names[id(single)]: 1.0}, [])
                 else:
                     tangent = [(m.x, x), (m.y, y)] if m.kind == "tangent" else []
-                    rec = self._measure(key, self._weights(m, x, y), tangent)
+                    rec = self._measure(self._weights(m, x, y), tangent)
                 rec["seconds"] = round(time.perf_counter() - t0, 2)
                 self.state["points"][key] = rec
                 self._save_state()
@@ -445,7 +438,7 @@ class Sweep:
                         e["disentanglement"] = 0.0 if x == 0 and y == 0 else self._disentanglement(m, x, y)
                         entries.append(e)
             result["methods"][m.name] = {"kind": m.kind, "points": entries,
-                                         "directions": [d.name for d in ([m.x, m.y] if m.kind != "scalarized" else [])]}
+                                         "directions": [d.name for d in m.axes()]}
             all_points += [(e[f"{ox}/{metric}"], e[f"{oy}/{metric}"]) for e in entries]
         ref = tuple(cfg.reference) if cfg.reference else (min(p[0] for p in all_points), min(p[1] for p in all_points))
         result["reference"] = {"point": list(ref), "metric": metric,

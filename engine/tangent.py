@@ -43,8 +43,7 @@ def linear_weights(lm: LoadedModel, layers: Optional[list[int]] = None, modules:
 
     ``layers``: block indices (default all); ``modules``: keep names containing any of these
     substrings (e.g. ``mlp``, ``q_proj``)."""
-    blocks = lm.decoder_layers()
-    prefix = next(name for name, mod in lm.model.named_modules() if mod is blocks)
+    prefix = lm.decoder_prefix()
     wanted = set(range(lm.n_layers)) if layers is None else set(layers)
     bad = [l for l in wanted if not 0 <= l < lm.n_layers]
     if bad:
@@ -248,17 +247,19 @@ def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[s
 
 
 @torch.no_grad()
-def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]]) -> dict:
-    """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau.
-
-    The difference shows where the tangent approximation holds."""
+def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]],
+                      average: bool = False) -> dict:
+    """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau
+    (per response token with ``average``). The difference shows where the tangent approximation holds."""
     deltas: dict[str, torch.Tensor] = {}
     for d, alpha in weighted:
+        if not alpha:
+            continue
         for n in d.param_names():
             x = alpha * d.delta(n).to(lm.device)
             deltas[n] = deltas[n] + x if n in deltas else x
-    lin, base = completion_logps(lm, batch, deltas, "tangent")
-    ordinary, _ = completion_logps(lm, batch, deltas, "ordinary")
+    lin, base = completion_logps(lm, batch, deltas, "tangent", average=average)
+    ordinary, _ = completion_logps(lm, batch, deltas, "ordinary", average=average)
     gap = (lin - ordinary).abs()
     return {"linearized": lin, "ordinary": ordinary, "base": base, "gap_mean": float(gap.mean()),
             "gap_max": float(gap.max())}

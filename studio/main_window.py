@@ -434,7 +434,7 @@ class MainWindow(QMainWindow):
         axes = self._plane_axes()
         layers = sweep_layers(self.sweep_result, axes) if self.sweep_result else {}
         if self.prediction:
-            xr, yr = self.plane._limits()
+            xr, yr = self.plane.limits()
             layers.update(predicted_layers(self.prediction, self.plane.plane.weights, xr, yr,
                                            sweep=self.sweep_result, axes=axes))
         self.plane.set_layers(layers)

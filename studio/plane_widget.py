@@ -192,7 +192,7 @@ class PreferencePlaneWidget(QWidget):
         self.set_point(*point)
 
     def set_point(self, x: float, y: float, emit: bool = True) -> None:
-        lim_x, lim_y = self._limits()
+        lim_x, lim_y = self.limits()
         x, y = max(-lim_x, min(lim_x, x)), max(-lim_y, min(lim_y, y))
         self.target.blockSignals(True)
         self.target.setPos(x, y)
@@ -262,7 +262,7 @@ class PreferencePlaneWidget(QWidget):
         self.heat_note.setText(layer.get("note", ""))
 
     # ------------------------------------------------------------------ internals
-    def _limits(self) -> tuple[float, float]:
+    def limits(self) -> tuple[float, float]:
         if self.plane.anchors:
             return 1.0, 1.0
         return self.x_range.value(), self.y_range.value()
@@ -288,7 +288,7 @@ class PreferencePlaneWidget(QWidget):
         anchors = bool(self.plane.anchors)
         for w in (self.x_combo, self.y_combo, self.x_scale, self.y_scale, self.x_range, self.y_range):
             w.setEnabled(not anchors)
-        lx, ly = self._limits()
+        lx, ly = self.limits()
         self.view.setXRange(-lx * 1.08, lx * 1.08, padding=0)
         self.view.setYRange(-ly * 1.08, ly * 1.08, padding=0)
         self.view.setLabel("bottom", "(anchor layout)" if anchors else (self.plane.x.direction or "x: no direction"))
@@ -312,7 +312,7 @@ class PreferencePlaneWidget(QWidget):
         self._show_weights()
 
     def _moved(self, *_):
-        lim_x, lim_y = self._limits()
+        lim_x, lim_y = self.limits()
         x, y = self.point
         if abs(x) > lim_x or abs(y) > lim_y:  # keep the point on the plane
             self.target.blockSignals(True)
