@@ -253,16 +253,16 @@ class ModelWorker(QObject):
                     pairs.setdefault(objective, p)
             batches = sum(-(-len(p) // 4) for p in pairs.values()) * len(tangent)
             grads, done = {}, 0
-            self.mixer.clear()  # the gradients are taken at the base weights
-            for objective, p in pairs.items():
-                def on_batch(k: int, total: int, offset=done) -> None:
-                    el = time.perf_counter() - t0
-                    d = offset + k
-                    self.jobProgress.emit({"done": d, "total": batches, "eta_s": el / d * (batches - d)})
+            with self.mixer.applied([{}]):  # the gradients are taken at the base weights; the point's mix comes back
+                for objective, p in pairs.items():
+                    def on_batch(k: int, total: int, offset=done) -> None:
+                        el = time.perf_counter() - t0
+                        d = offset + k
+                        self.jobProgress.emit({"done": d, "total": batches, "eta_s": el / d * (batches - d)})
 
-                grads[objective] = margin_gradients(self.lm, p, tangent, progress=on_batch,
-                                                    should_stop=self.stop.is_set).tolist()
-                done += -(-len(p) // 4) * len(tangent)
+                    grads[objective] = margin_gradients(self.lm, p, tangent, progress=on_batch,
+                                                        should_stop=self.stop.is_set).tolist()
+                    done += -(-len(p) // 4) * len(tangent)
             seconds = time.perf_counter() - t0
             self.jobFinished.emit({"kind": "predict", "name": "margin maps", "seconds": seconds, "cancelled": False,
                                    "prediction": {"names": list(tangent), "grads": grads},

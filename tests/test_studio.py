@@ -325,8 +325,11 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
         paths.append(d.save(tmp_path / f"{objective}.safetensors"))
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(paths[0], "helpfulness"), (paths[1], "verbosity")])
     assert (w.plane.plane.x.direction, w.plane.plane.y.direction) == ("helpfulness", "verbosity")
+    w.plane.set_point(0.5, 0.25)
+    qtbot.waitUntil(lambda: w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}], timeout=30000)
     w.start_prediction()
     qtbot.waitUntil(lambda: w.prediction is not None and not w.busy_with, timeout=60000)
+    assert w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}]  # the point's mix is back
     assert w.plane.heat_combo.currentText() == "predicted · helpfulness · margin"
     assert w.plane.heatmap.isVisible() and w.plane.colorbar.isVisible()
     layer = w.plane.layers["predicted · helpfulness · margin"]
