@@ -326,11 +326,11 @@ def cmd_lengths(args) -> int:
     return 0
 
 
-def _parse_point(text: str) -> tuple[float, float]:
+def _parse_point(text: str, option: str = "--point", names: str = "X,Y") -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise TsdpoError(f"--point takes X,Y (two numbers), not {text!r}.") from None
+        raise TsdpoError(f"{option} takes {names} (two numbers), not {text!r}.") from None
     return x, y
 
 
@@ -395,11 +395,11 @@ def cmd_sweep(args) -> int:
     from engine.directions import load_direction
     from engine.sweep import Method, Sweep, SweepConfig, write_outputs
 
-    lo, hi = (float(v) for v in args.range.split(","))
+    lo, hi = _parse_point(args.range, "--range", "LOW,HIGH")
     prompts = _read_prompts(args.prompts, args.n_prompts) if args.prompts else []
     cfg = SweepConfig(grid=args.grid, low=lo, high=hi, pairs=args.pairs, beta=args.beta, prompts=prompts,
                       max_new_tokens=args.max_new_tokens, pareto_metric=args.metric,
-                      reference=_parse_point(args.reference) if args.reference else None,
+                      reference=_parse_point(args.reference, "--reference") if args.reference else None,
                       linearization_gap=not args.no_lin_gap, reward_model=args.reward_model)
     cfg.coords()  # refuse a bad grid before loading anything
     if not (args.x or args.steer_x or args.scalarized):
