@@ -9,6 +9,7 @@ Metrics carry TRL's names so runs can be read side by side with TRL's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +21,22 @@ LOSSES = ("sigmoid", "ipo")
 
 
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-             beta: float = 0.1, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-batch loss and metrics from per-sequence log-probs of policy and reference."""
+             beta: float = 0.1, loss_type: str = "sigmoid",
+             lengths: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-batch loss and metrics from per-sequence *summed* log-probs of policy and reference.
+
+    IPO averages over completion tokens inside its loss (``lengths``: token counts of chosen and rejected);
+    the metrics are always computed from the sums, as TRL does."""
     if loss_type not in LOSSES:
         raise TsdpoError(f"loss must be one of {LOSSES}, not {loss_type!r}.")
     chosen_logratio = pi_c - ref_c
     rejected_logratio = pi_r - ref_r
-    logits = chosen_logratio - rejected_logratio
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)
+        losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
     else:
+        if lengths is None:
+            raise TsdpoError("The IPO loss needs the completion lengths to average the log-probs over tokens.")
+        logits = chosen_logratio / lengths[0] - rejected_logratio / lengths[1]
         losses = (logits - 1.0 / (2.0 * beta)) ** 2
     chosen_rewards = beta * chosen_logratio.detach()
     rejected_rewards = beta * rejected_logratio.detach()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 from engine.errors import TsdpoError
+from engine.progress import CancelToken
 from engine.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -52,27 +53,12 @@ class GenerationResult:
     text: str
     n_tokens: int
     seconds: float
-    stopped: bool = False
+    stopped: bool = False  # Stop was pressed before the reply ended
+    truncated: bool = False  # the reply reached max_new_tokens without ending
 
     @property
     def tokens_per_s(self) -> float:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-class StopFlag:
-    """Set from any thread (the GUI's Stop button); checked by generation between tokens."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
 
 
 class TextDeltas:
@@ -129,11 +115,11 @@ def _top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: SamplingParams,
-           on_text: Optional[Callable[[int, str], None]] = None, stop: Optional[StopFlag] = None,
+           on_text: Optional[Callable[[int, str], None]] = None, stop: Optional[CancelToken] = None,
            mixer: Optional["Mixer"] = None) -> list[GenerationResult]:
     """Generate ``n_rows`` continuations of one prompt in a batch (rows differ only by the mix's per-row weights)."""
     params.validate()
-    stop = stop or StopFlag()
+    stop = stop or CancelToken()
     eos = eos_ids(lm)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else next(iter(eos), 0)
     dev = lm.device
@@ -184,12 +170,13 @@ def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: Sampling
             mixer.prompt_len = None
     total = time.perf_counter() - t0
     stopped = stop.is_set()
-    return [GenerationResult(deltas[r].finish(), counts[r], ended[r] if done[r] else total, stopped=stopped and not done[r])
+    return [GenerationResult(deltas[r].finish(), counts[r], ended[r] if done[r] else total, stopped=stopped and not done[r],
+                             truncated=not done[r] and counts[r] >= params.max_new_tokens)
             for r in range(n_rows)]
 
 
 def generate(lm: LoadedModel, prompt: str | list[dict], params: SamplingParams = SamplingParams(),
-             on_text: Optional[Callable[[str], None]] = None, stop: Optional[StopFlag] = None,
+             on_text: Optional[Callable[[str], None]] = None, stop: Optional[CancelToken] = None,
              mixer: Optional["Mixer"] = None) -> GenerationResult:
     """One reply to ``prompt`` in the model's chat format (with whatever mix is applied), streamed to ``on_text``."""
     cb = (lambda _row, piece: on_text(piece)) if on_text else None
@@ -215,16 +202,19 @@ class Comparison:
     columns: list[ColumnResult]
     batched: bool
     comparison_id: Optional[int] = None
+    save_error: Optional[str] = None  # the store could not keep the generations; they are still here
 
 
 def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column], params: SamplingParams = SamplingParams(),
             *, mixer: Optional["Mixer"] = None, on_text: Optional[Callable[[int, str], None]] = None,
-            stop: Optional[StopFlag] = None, store: Optional["Store"] = None, session_id: Optional[int] = None,
-            batched: Optional[bool] = None) -> Comparison:
+            stop: Optional[CancelToken] = None, store: Optional["Store"] = None, session_id: Optional[int] = None,
+            batched: Optional[bool] = None, blind: bool = False) -> Comparison:
     """Run ``prompt`` through 1-4 columns (a label and weights each; base = no weights) and store the result.
 
     Columns that differ only in steering coefficients run as one batch with per-row coefficients, unless
-    ``batched=False``. Whatever mix was applied before is applied again afterwards.
+    ``batched=False``. Whatever mix was applied before is applied again afterwards. A store that cannot save
+    them (a locked database) does not lose them: they come back with ``save_error`` set. ``blind`` is recorded
+    with the comparison, so its sources stay hidden wherever it is shown until it is rated.
     """
     from engine.mixer import steering_only
 
@@ -258,10 +248,14 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched)
     if store is not None and session_id is not None:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
-        row = store.add_comparison(session_id, text, params.to_json(), params.seed, [
-            {"label": cr.column.label, "output": cr.result.text, "n_tokens": cr.result.n_tokens,
-             "seconds": cr.result.seconds, "point": cr.column.point, "weights": cr.column.weights,
-             "stopped": cr.result.stopped} for cr in comp.columns])
+        try:
+            row = store.add_comparison(session_id, text, {**params.to_json(), "blind": bool(blind)}, params.seed, [
+                {"label": cr.column.label, "output": cr.result.text, "n_tokens": cr.result.n_tokens,
+                 "seconds": cr.result.seconds, "point": cr.column.point, "weights": cr.column.weights,
+                 "stopped": cr.result.stopped} for cr in comp.columns])
+        except TsdpoError as exc:  # the replies were generated: hand them back with the reason they are not saved
+            comp.save_error = str(exc)
+            return comp
         comp.comparison_id = row.id
         for cr, g in zip(comp.columns, row.generations):
             cr.generation_id = g.id

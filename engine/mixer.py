@@ -10,6 +10,11 @@ each touched weight is first copied back from an exact copy of the base, then su
 added. Restoring is a copy, not a subtraction, so the base comes back bit for bit.
 
 With every weight at zero no hook is left and every weight is the base copy: logits are bit-identical.
+
+Applying is transactional: weights must be finite (and so must what they add), an invalid request changes
+nothing, and a failure while the weights are being edited puts the model back at its exact base before the
+error is raised. The mixer registers itself with the loaded model, so engine functions that need the base
+can set whatever it applied aside (``LoadedModel.at_base``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Mixer:
         self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._blocks = lm.decoder_layers()
+        lm.mixers.add(self)
 
     # ------------------------------------------------------------------ directions
     def add(self, direction: Direction, name: Optional[str] = None) -> str:
@@ -54,6 +60,11 @@ class Mixer:
         name = name or direction.name
         if name in self.directions:
             raise DirectionError(f"A direction named {name!r} is already loaded; give this one another name.")
+        if isinstance(direction, SteeringVector):
+            bad = [l for l in direction.layers if not 0 <= l < self.lm.n_layers]
+            if bad or not direction.layers:
+                raise DirectionError(f"{name} steers layers {direction.layers}, but {self.lm.name} has layers 0 to "
+                                     f"{self.lm.n_layers - 1}. Rebuild the direction for this model, or choose its layers.")
         if isinstance(direction, TangentDirection):
             for n in direction.param_names():
                 if n not in self._params:
@@ -85,16 +96,21 @@ class Mixer:
         self.set_row_weights([weights])
 
     def set_row_weights(self, rows: Sequence[dict[str, float]]) -> None:
-        """Apply one weight dict per batch row (a single dict applies to every row)."""
+        """Apply one weight dict per batch row (a single dict applies to every row).
+
+        A request that is not valid (an unknown direction, a weight that is not a finite number, rows that
+        differ in weight-space weights) changes nothing. A failure while applying leaves the exact base model."""
         unknown = {k for row in rows for k in row} - set(self.directions)
         if unknown:
             raise DirectionError(f"No loaded direction named {', '.join(sorted(unknown))}; load it first.")
-        rows = [dict(r) for r in rows] or [{}]
+        rows = [{k: float(v) for k, v in r.items()} for r in rows] or [{}]
+        bad = sorted({f"{k}={v}" for r in rows for k, v in r.items() if not math.isfinite(v)})
+        if bad:
+            raise DirectionError(f"Weights must be finite numbers; got {', '.join(bad)}. Nothing was applied.")
         weight_parts = [{k: v for k, v in r.items() if v and isinstance(self.directions[k], TangentDirection)} for r in rows]
         if any(w != weight_parts[0] for w in weight_parts[1:]):
             raise DirectionError("Rows of one batch must share their weight-space directions' weights; "
                                  "only steering coefficients can differ per row.")
-        self._apply_weights(weight_parts[0])
         p = next(self.lm.model.parameters())
         delta: dict[int, torch.Tensor] = {}
         for i, row in enumerate(rows):
@@ -105,31 +121,58 @@ class Mixer:
                 for layer in sv.layers:
                     if layer not in delta:
                         delta[layer] = torch.zeros(len(rows), self.lm.hidden_size, dtype=torch.float32)
-                    delta[layer][i] += sv.delta(layer, float(alpha))
-        self._delta = {l: d.to(device=p.device, dtype=p.dtype) for l, d in delta.items()}
-        for layer in list(self._hooks):
-            if layer not in self._delta:
-                self._hooks.pop(layer).remove()
-        for layer in self._delta:
-            if layer not in self._hooks:
-                self._hooks[layer] = self._blocks[layer].register_forward_hook(self._hook(layer))
-        self.rows = rows
+                    delta[layer][i] += sv.delta(layer, alpha)
+        delta = {l: d.to(device=p.device, dtype=p.dtype) for l, d in delta.items()}
+        for layer, d in delta.items():
+            if not torch.isfinite(d).all():
+                raise DirectionError(f"The steering weights {_describe(rows)} add values too large to represent at layer "
+                                     f"{layer} (they overflow to infinity). Use smaller weights; nothing was applied.")
+        try:
+            self._apply_weights(weight_parts[0])
+            self._delta = delta
+            for layer in list(self._hooks):
+                if layer not in self._delta:
+                    self._hooks.pop(layer).remove()
+            for layer in self._delta:
+                if layer not in self._hooks:
+                    self._hooks[layer] = self._blocks[layer].register_forward_hook(self._hook(layer))
+            self.rows = rows
+        except BaseException:
+            self._reset()
+            raise
+
+    def _reset(self) -> None:
+        """The exact base model: every touched weight copied back, no hook."""
+        with torch.no_grad():
+            for n in self._modified:
+                self._params[n].copy_(self._base[n])
+        self._modified = set()
+        self._weight_mix = {}
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+        self._delta = {}
+        self.rows = [{}]
 
     @torch.no_grad()
     def _apply_weights(self, mix: dict[str, float]) -> None:
         if mix == self._weight_mix:
             return
+        self._weight_mix = {}  # until every delta is in, the applied mix is unknown; a failure resets to the base
         for n in self._modified:
             self._params[n].copy_(self._base[n])
-        touched: set[str] = set()
+        self._modified = set()
         for name, alpha in mix.items():
             d = self.directions[name]
             for n in d.param_names():
                 w = self._params[n]
                 # Not in place: for a full-rank direction delta() is the stored tensor itself.
-                w.add_((d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype))
-                touched.add(n)
-        self._modified = touched
+                add = (d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype)
+                if not torch.isfinite(add).all():
+                    raise DirectionError(f"Weight {alpha:g} of {name} makes {n} overflow to infinity; use a smaller weight. "
+                                         "The model is back at its base weights.")
+                self._modified.add(n)  # before the edit: a failure inside it is still undone
+                w.add_(add)
         self._weight_mix = dict(mix)
 
     def clear(self) -> None:
@@ -170,6 +213,10 @@ class Mixer:
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return hook
+
+
+def _describe(rows: Sequence[dict[str, float]]) -> str:
+    return "; ".join(", ".join(f"{k}={v:g}" for k, v in r.items()) for r in rows if r) or "(none)"
 
 
 def _weight_cosine(a: TangentDirection, b: TangentDirection) -> float:

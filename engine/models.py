@@ -15,13 +15,16 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from engine.errors import ModelLoadError
+from engine.errors import Cancelled, ModelLoadError
 from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -183,8 +186,9 @@ def convert_gguf(path: Path, dest: Path, progress: Progress = _quiet) -> Path:
 
     progress(f"Converting {path.name} to safetensors (first load only)...", None)
     try:
-        gmodel = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        gmodel = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for unsupported or damaged GGUF files
         raise ModelLoadError(
             f"Could not read {path} as a GGUF model: {exc}. Check that the file is complete and that its "
@@ -237,6 +241,47 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     folder: Optional[Path] = None
+    # The mixers that can change this model (weights in place, hooks on blocks): what is applied is the
+    # model's own state, so any function that needs the base can put it aside and bring it back.
+    mixers: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False, compare=False)
+
+    def applied(self) -> list[list[dict]]:
+        """What every mixer has applied to the model now (one weight dict per batch row); [] at the base."""
+        return [[dict(r) for r in m.rows] for m in list(self.mixers) if m.active]
+
+    @contextmanager
+    def at_base(self) -> Iterator[None]:
+        """Run a block at the exact base weights with no steering hook, whatever a caller left applied,
+        then apply again what was there."""
+        saved = [(m, [dict(r) for r in m.rows]) for m in list(self.mixers) if m.active]
+        for m, _ in saved:
+            m.clear()
+        try:
+            yield
+        finally:
+            for m, rows in saved:
+                m.set_row_weights(rows)
+
+    @contextmanager
+    def forward_ad_kernels(self) -> Iterator[None]:
+        """Forward-mode AD has no rule for fused attention kernels or grouped expert matmuls: use the eager
+        implementations inside the block, and put back whatever was set before."""
+        model, config = self.model, self.model.config
+        attn = getattr(config, "_attn_implementation", None)
+        experts = getattr(config, "_experts_implementation", None)
+        switch_attn = attn not in (None, "eager")
+        switch_experts = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
+        if switch_attn:
+            model.set_attn_implementation("eager")
+        if switch_experts:
+            model.set_experts_implementation("eager")
+        try:
+            yield
+        finally:
+            if switch_attn:
+                model.set_attn_implementation(attn)
+            if switch_experts:
+                model.set_experts_implementation(experts)
 
     @property
     def config(self):
@@ -309,6 +354,17 @@ class LoadedModel:
         }
 
 
+def runs_at_base(fn):
+    """For engine functions that must see the base model (``fn(lm, ...)``): the mix is set aside while they run."""
+
+    @wraps(fn)
+    def at_base(lm, *args, **kwargs):
+        with lm.at_base():
+            return fn(lm, *args, **kwargs)
+
+    return at_base
+
+
 def load_model(
     source: str | os.PathLike | ModelSource | None = None,
     *,
@@ -317,9 +373,17 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: Optional[str] = None,
     progress: Progress = _quiet,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> LoadedModel:
-    """Load a causal LM from a folder, hub id, GGUF file or (``None``) the embedded default model."""
+    """Load a causal LM from a folder, hub id, GGUF file or (``None``) the embedded default model.
+
+    ``should_stop`` is checked between the phases (conversion, tokenizer, weights, fingerprint): a cancelled
+    load raises ``Cancelled`` and leaves nothing behind but what the cache already had."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def check(what: str) -> None:
+        if should_stop():
+            raise Cancelled(f"loading the model ({what})")
 
     t0 = time.perf_counter()
     src = resolve_source(source)
@@ -332,6 +396,7 @@ def load_model(
         folder = gguf_cache_folder(gguf)
         from_cache = (folder / "config.json").is_file()
         if not from_cache:
+            check("before converting")
             convert_gguf(gguf, folder, progress)
         ref = str(folder)
     elif src.kind == "folder":
@@ -344,6 +409,7 @@ def load_model(
     kwargs = dict(dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    check("before reading the weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
@@ -368,6 +434,7 @@ def load_model(
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
+    check("after reading the weights")
     progress("Fingerprinting the base weights...", None)
     handle = LoadedModel(model=model, tokenizer=tokenizer, source=src, device=dev, dtype=dt,
                          fingerprint=weights_fingerprint(model), load_seconds=0.0, from_cache=from_cache,

@@ -7,13 +7,42 @@ from pathlib import Path
 
 import platformdirs
 
+from engine.errors import TsdpoError
+
 APP = "tsdpo-studio"
 
 
 def _dir(env: str, default: str) -> Path:
     p = Path(os.environ.get(env) or default).expanduser()
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a regular file, or a folder we may not write
+        raise TsdpoError(f"Cannot use {p} as the studio's {'cache' if 'CACHE' in env else 'data'} folder "
+                         f"({exc.strerror or exc}). Set {env} to a folder you can write to.") from exc
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise TsdpoError(f"Cannot write in {p}, the studio's {'cache' if 'CACHE' in env else 'data'} folder "
+                         f"(permission denied). Set {env} to a folder you can write to.")
     return p
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a whole file or nothing: a crash leaves the old file (or none), never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def cache_dir() -> Path:

@@ -71,11 +71,17 @@ class PreferencePlane:
 
     @classmethod
     def from_json(cls, d: dict) -> "PreferencePlane":
+        """A plane from a session file; refused (with the reason) when a number in it is not finite."""
         try:
-            return cls(Axis(**d.get("x", {})), Axis(**d.get("y", {})),
-                       {k: (float(v[0]), float(v[1])) for k, v in d.get("anchors", {}).items()}, float(d.get("power", 2.0)))
+            plane = cls(Axis(**d.get("x", {})), Axis(**d.get("y", {})),
+                        {k: (float(v[0]), float(v[1])) for k, v in d.get("anchors", {}).items()}, float(d.get("power", 2.0)))
+            numbers = [plane.x.scale, plane.x.low, plane.x.high, plane.y.scale, plane.y.low, plane.y.high, plane.power,
+                       *(c for xy in plane.anchors.values() for c in xy)]
+            if not all(math.isfinite(float(v)) for v in numbers):
+                raise ValueError("it holds a number that is not finite")
         except (TypeError, ValueError, IndexError) as exc:
             raise TsdpoError(f"The saved plane layout is damaged ({exc}); reset the plane.") from exc
+        return plane
 
 
 def circle_anchors(names: list[str]) -> dict[str, tuple[float, float]]:

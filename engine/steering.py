@@ -16,6 +16,7 @@ on any model.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 from engine.data import PairSet
 from engine.directions import DirectionError, DirectionFile, save_direction_file
 from engine.errors import Cancelled
-from engine.models import LoadedModel
+from engine.models import LoadedModel, runs_at_base
+from engine.progress import Phase, ProgressFn, abort_on_cancel
 
 KIND = "steering"
 DEFAULT_MAX_RESPONSE_TOKENS = 192
@@ -34,8 +36,7 @@ DEFAULT_MAX_RESPONSE_TOKENS = 192
 # rejected mean is 4-7% of that norm; at 0.5 the model degenerated into repetition at both ends of the axis,
 # at 0.05-0.1 it stayed fluent (see docs/evidence.md).
 DEFAULT_STRENGTH = 0.1
-
-ProgressFn = Callable[[int, int], None]
+MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
 
 
 def _block_output(out):
@@ -101,10 +102,18 @@ class SteeringVector(DirectionFile):
                      meta, meta.get("name") or meta["objective"])
         except KeyError as exc:
             raise DirectionError(f"{path}: the steering vector lacks {exc}; the file is incomplete. Rebuild it.") from exc
+        except (TypeError, ValueError) as exc:
+            raise DirectionError(f"{path}: its layers or strength are not numbers ({exc}); the file is damaged. Rebuild it.") from exc
+        if not math.isfinite(sv.strength):
+            raise DirectionError(f"{path}: its strength is {sv.strength}, not a finite number; the file is damaged. Rebuild it.")
         if sv.vectors.ndim != 2 or sv.vectors.shape[0] != sv.norms.shape[0]:
             raise DirectionError(f"{path}: the steering tensors have inconsistent shapes {tuple(sv.vectors.shape)}.")
         if sv.vectors.shape[1] != meta["model"].get("hidden_size"):
             raise DirectionError(f"{path}: vectors of size {sv.vectors.shape[1]} do not match the recorded model.")
+        n = sv.vectors.shape[0]
+        if not sv.layers or any(not 0 <= l < n for l in sv.layers):
+            raise DirectionError(f"{path}: it steers layers {sv.layers}, but its vectors cover layers 0 to {n - 1}. "
+                                 "The file is damaged or was edited; rebuild it.")
         return sv
 
 
@@ -150,9 +159,9 @@ class _Collector:
 
 @torch.no_grad()
 def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *, aggregate: str = "mean",
-                         batch_size: int = 8, padding_side: str = "right", progress: Optional[ProgressFn] = None,
-                         should_stop: Optional[Callable[[], bool]] = None, progress_offset: int = 0,
-                         progress_total: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         batch_size: int = 8, padding_side: str = "right",
+                         progress: Optional[Callable[[int, int], None]] = None,
+                         should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregated block outputs over response tokens: ([N, L, H] vectors, [N, L] mean token norms).
 
     Sequences are batched by length; padding (left or right) never enters the aggregates, and position
@@ -168,7 +177,6 @@ def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *,
     order = sorted(range(n), key=lambda i: len(items[i][0]))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     collector = _Collector(lm.decoder_layers(), aggregate)
-    total = progress_total or n
     try:
         for start in range(0, n, batch_size):
             if should_stop is not None and should_stop():
@@ -194,7 +202,7 @@ def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *,
                 vecs[idx, layer] = v.cpu()
                 norms[idx, layer] = nm.cpu()
             if progress is not None:
-                progress(progress_offset + min(start + batch_size, n), total)
+                progress(min(start + batch_size, n), n)
     finally:
         collector.remove()
     return vecs, norms
@@ -220,7 +228,8 @@ def score_layers(vectors: torch.Tensor, chosen: torch.Tensor, rejected: torch.Te
 @torch.no_grad()
 def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pairs: list, layers: list[int],
                  strength: float, max_prompt_tokens: int = 128, max_response_tokens: int = 96,
-                 should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """How much steering at each layer moves the model's preference, on held-out pairs.
 
     For layer l, the vector is added at +strength and at -strength (all positions, teacher forcing) and
@@ -248,46 +257,70 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
         per_seq = torch.zeros(mask.shape[0], device=tok.device).index_add(0, rows, tok) / counts
         return float((per_seq[:n] - per_seq[n:]).mean())
 
+    done = 0
     for layer in layers:
-        if should_stop is not None and should_stop():
-            raise Cancelled("steering-vector extraction")
         v = vectors[layer].float()
         add = (strength * float(norms[layer]) * v / v.norm().clamp_min(1e-12)).to(device=p.device, dtype=p.dtype)
         result = []
         for sign in (1.0, -1.0):
+            if should_stop is not None and should_stop():  # every pass, not every layer: one pass is a fraction of a second
+                raise Cancelled("steering-vector extraction (ranking layers)")
             handle = blocks[layer].register_forward_hook(
                 lambda m, a, out, d=sign * add: (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d)
             try:
                 result.append(margin())
             finally:
                 handle.remove()
+            done += 1
+            if progress is not None:
+                progress(done, 2 * len(layers))
         scores[layer] = (result[0] - result[1]) / 2
     return scores
 
 
+@runs_at_base
 def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_size: int = 8,
             val_fraction: float = 0.2, seed: int = 0, padding_side: str = "right", max_prompt_tokens: int = 256,
             max_response_tokens: Optional[int] = None, layers: Optional[list[int]] = None,
             strength: Optional[float] = None,
             progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None,
             name: Optional[str] = None, steer_pairs: int = 4) -> SteeringVector:
-    """Build a steering vector for ``pairs.objective`` from the pairs (as few as 100 work)."""
-    if len(pairs) < 2:
-        raise DirectionError(f"{len(pairs)} pair(s) are too few to extract a steering vector; give at least 20 (100+ is better).")
-    t0 = time.perf_counter()
-    strength = DEFAULT_STRENGTH if strength is None else float(strength)
-    max_response_tokens = max_response_tokens or DEFAULT_MAX_RESPONSE_TOKENS
+    """Build a steering vector for ``pairs.objective`` from the pairs (as few as 100 work).
+
+    Runs at the exact base model whatever mix a caller left applied (applied again afterwards). ``progress``
+    gets a ``Progress`` for each phase: tokenizing, forward passes, ranking layers. A cancel takes effect
+    within one decoder block."""
+    if len(pairs) < MIN_PAIRS:
+        raise DirectionError(f"{len(pairs)} pair(s) are too few to extract a steering vector: it needs at least "
+                             f"{MIN_PAIRS} (100 or more give a steadier vector).")
     if layers is not None and any(not 0 <= l < lm.n_layers for l in layers):
         raise DirectionError(f"Steered layers must be between 0 and {lm.n_layers - 1}; got {layers}.")
+    with abort_on_cancel(lm, should_stop, "steering-vector extraction"):
+        return _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
+                        max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs)
+
+
+def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
+             max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs) -> SteeringVector:
+    t0 = time.perf_counter()
+    applied = lm.applied()  # [] here: the caller's mix was set aside; recorded as provenance
+    strength = DEFAULT_STRENGTH if strength is None else float(strength)
+    max_response_tokens = max_response_tokens or DEFAULT_MAX_RESPONSE_TOKENS
     train, val = pairs.split(val_fraction, seed)
     held_out = len(val) >= 2
     all_pairs = train.pairs + (val.pairs if held_out else [])
+    tokenizing = Phase(progress, "tokenizing", len(all_pairs))
     items = []
-    for p in all_pairs:
+    for i, p in enumerate(all_pairs):
+        if should_stop is not None and should_stop():
+            raise Cancelled("steering-vector extraction (tokenizing)")
         items.append(_encode(lm, p.prompt, p.chosen, max_prompt_tokens, max_response_tokens))
         items.append(_encode(lm, p.prompt, p.rejected, max_prompt_tokens, max_response_tokens))
+        tokenizing.update(i + 1)
+    forward = Phase(progress, "forward passes", len(items))
     acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size,
-                                       padding_side=padding_side, progress=progress, should_stop=should_stop)
+                                       padding_side=padding_side, progress=lambda d, n: forward.update(d),
+                                       should_stop=should_stop)
     chosen, rejected = acts[0::2].double(), acts[1::2].double()
     n_train = len(train)
     vectors = (chosen[:n_train].mean(0) - rejected[:n_train].mean(0)).float()  # float64 means, stored as float32
@@ -296,7 +329,9 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
     accuracy, effect = score_layers(vectors, sc, sr)
     cands = candidate_layers(lm.n_layers)
     probe_pairs = (val.pairs if held_out else train.pairs)[:steer_pairs]
-    steer = steerability(lm, vectors, typical, probe_pairs, cands, strength, should_stop=should_stop)
+    ranking_phase = Phase(progress, "ranking layers", 2 * len(cands))
+    steer = steerability(lm, vectors, typical, probe_pairs, cands, strength, should_stop=should_stop,
+                         progress=lambda d, n: ranking_phase.update(d))
     ranking = sorted(cands, key=lambda l: float(steer[l]), reverse=True)
     chosen_layers = list(layers) if layers else ranking[:1]
     meta = {
@@ -307,7 +342,9 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
         "scored_on": "held-out pairs" if held_out else "training pairs (too few for a held-out split)",
         "data_hash": pairs.data_hash(), "data_source": pairs.source, "data_format": pairs.format,
         "method": {"aggregate": aggregate, "val_fraction": val_fraction, "seed": seed, "padding_side": padding_side,
-                   "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens},
+                   "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
+                   "strength": strength, "layers": layers, "steer_pairs": steer_pairs, "batch_size": batch_size},
+        "applied_while_built": applied,
         "seconds": round(time.perf_counter() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,10 +35,13 @@ from engine.data import PairSet
 from engine.dpo import PairBatch, encode_pairs
 from engine.errors import Cancelled, TsdpoError
 from engine.mixer import Mixer
-from engine.models import LoadedModel
-from engine.tangent import TangentDirection, completion_logp_derivative, linearization_gap, use_eager_attention
+from engine.models import LoadedModel, runs_at_base
+from engine.paths import atomic_write_text
+from engine.progress import abort_on_cancel
+from engine.tangent import TangentDirection, completion_logp_derivative, linearization_gap
 
 STATE = "sweep-state.json"
+POINTS = "sweep-points.jsonl"  # one measured point per line, appended
 RESULT = "sweep.json"
 METRICS = ("accuracy", "margin")
 
@@ -167,8 +172,9 @@ def canonical_correlations(a: torch.Tensor, b: torch.Tensor, dims: int = 16) -> 
 class Sweep:
     def __init__(self, lm: LoadedModel, methods: list[Method], data: dict[str, PairSet], cfg: SweepConfig,
                  out: str | Path, progress: Optional[Callable[[int, int, str], None]] = None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, trust_remote_code: bool = False):
         self.lm, self.methods, self.cfg, self.out = lm, methods, cfg, Path(out)
+        self.trust_remote_code = trust_remote_code  # for the reward model: the user's explicit choice
         self.progress = progress or (lambda done, total, what: None)
         self.should_stop = should_stop
         self.coords = cfg.coords()
@@ -188,8 +194,6 @@ class Sweep:
         for o, p in self.pairs.items():
             if not p:
                 raise SweepError(f"The held-out data for {o} has no pairs.")
-        if cfg.linearization_gap and any(m.kind == "tangent" for m in methods):
-            use_eager_attention(lm)  # the JVP needs it; switching now keeps every point on the same kernels
         self.mixer = Mixer(lm)
         self.names: dict[int, str] = {}
         for m in methods:
@@ -221,16 +225,34 @@ class Sweep:
             if state.get("key") != self.key:
                 raise SweepError(f"{self.out} holds a sweep with other settings, model or data. Choose another --out, "
                                  "or delete that folder to start again.")
+            state.setdefault("points", {})
+            points = self.out / POINTS
+            if points.is_file():
+                for line in points.read_text().splitlines():
+                    try:
+                        key, rec = json.loads(line)
+                    except ValueError:
+                        break  # the last line of a run killed while writing it: that point is measured again
+                    state["points"][key] = rec
             return state
         if self.out.exists() and any(self.out.iterdir()):
             raise SweepError(f"{self.out} exists and is not a sweep folder; choose a new --out.")
         return {"key": self.key, "points": {}, "base": None, "cca": {}}
 
     def _save_state(self) -> None:
+        """The small part (key, base, CCA); the points go one line each to their own file (``_save_point``)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(self.state))
-        tmp.replace(self.out / STATE)
+        small = {k: v for k, v in self.state.items() if k != "points"}
+        atomic_write_text(self.out / STATE, json.dumps(small))
+
+    def _save_point(self, key: str, rec: dict) -> None:
+        """Append one measured point: the cost of saving does not grow with the number of points saved."""
+        self.state["points"][key] = rec
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / POINTS, "a") as f:
+            f.write(json.dumps([key, rec]) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     # ---------------------------------------------------------------- one point
     def _weights(self, m: Method, x: float, y: float) -> dict[str, float]:
@@ -273,8 +295,9 @@ class Sweep:
 
         if self._reward is None:
             try:
-                tok = AutoTokenizer.from_pretrained(self.cfg.reward_model)
-                model = AutoModelForSequenceClassification.from_pretrained(self.cfg.reward_model, use_safetensors=True)
+                tok = AutoTokenizer.from_pretrained(self.cfg.reward_model, trust_remote_code=self.trust_remote_code)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    self.cfg.reward_model, use_safetensors=True, trust_remote_code=self.trust_remote_code)
             except Exception as exc:
                 raise SweepError(f"Could not load the reward model {self.cfg.reward_model}: {exc}. Give a folder (or hub id) "
                                  "of a sequence-classification model with safetensors weights.") from exc
@@ -337,6 +360,14 @@ class Sweep:
         return items
 
     def run(self) -> dict:
+        """Measure every point not measured yet, starting from the exact base model whatever a caller left
+        applied (it is applied again afterwards), on the kernels the linearization gap's JVP needs."""
+        kernels = self.lm.forward_ad_kernels() if self.cfg.linearization_gap and any(m.kind == "tangent" for m in self.methods) \
+            else nullcontext()
+        with self.lm.at_base(), kernels, abort_on_cancel(self.lm, self.should_stop, "the sweep (run it again to resume)"):
+            return self._run()
+
+    def _run(self) -> dict:
         items = self.plan()
         total = len(items) + 1 + sum(1 for m in self.methods if m.kind != "scalarized")
         done = 0
@@ -358,8 +389,7 @@ class Sweep:
                     tangent = [(m.x, x), (m.y, y)] if m.kind == "tangent" else []
                     rec = self._measure(self._weights(m, x, y), tangent)
                 rec["seconds"] = round(time.perf_counter() - t0, 2)
-                self.state["points"][key] = rec
-                self._save_state()
+                self._save_point(key, rec)
             done += 1
         for m in self.methods:
             if m.kind != "scalarized" and m.name not in self.state["cca"]:
@@ -615,6 +645,7 @@ def heldout_pairs_of(direction: TangentDirection, limit: Optional[int] = None) -
     return out
 
 
+@runs_at_base
 def margin_gradients(lm: LoadedModel, pairs: list, directions: dict[str, TangentDirection], beta: float = 0.1,
                      batch_size: int = 4, max_tokens: int = 128,
                      progress: Optional[Callable[[int, int], None]] = None,

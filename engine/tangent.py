@@ -31,7 +31,7 @@ from torch.func import functional_call, jvp
 
 from engine.directions import DirectionError, DirectionFile, save_direction_file
 from engine.dpo import PairBatch, dpo_loss
-from engine.models import LoadedModel
+from engine.models import LoadedModel, runs_at_base
 
 KIND = "tangent"
 PARAMS = ("full", "lowrank")
@@ -161,9 +161,11 @@ class DirectionModel(nn.Module):
         return out
 
     def forward(self, batch: PairBatch, beta: float = 0.1, loss_type: str = "sigmoid"):
-        pol, ref = completion_logps(self.lm, batch, self.deltas(), self.method, average=(loss_type == "ipo"))
+        # Summed log-probs, as TRL computes its metrics; IPO averages per token inside its loss only.
+        pol, ref = completion_logps(self.lm, batch, self.deltas(), self.method)
         b = batch.n_pairs
-        return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type)
+        counts = batch.target_mask.sum(-1).clamp_min(1).float()
+        return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type, lengths=(counts[:b], counts[b:]))
 
     def to_direction(self, objective: str, meta: dict) -> TangentDirection:
         with torch.no_grad():
@@ -177,12 +179,6 @@ class DirectionModel(nn.Module):
         meta = {**meta, "rank": self.rank if self.param == "lowrank" else None, "A0_seed": self.seed,
                 "weights": len(self.names)}
         return TangentDirection(objective, self.param, tensors, self.lm.identity(), self.method, meta)
-
-
-def use_eager_attention(lm: LoadedModel) -> None:
-    """Forward-mode AD has no rule for the fused attention kernels."""
-    if getattr(lm.model.config, "_attn_implementation", "eager") != "eager":
-        lm.model.set_attn_implementation("eager")
 
 
 def _completion_token_logps(logits: torch.Tensor, batch: PairBatch, mask: torch.Tensor) -> torch.Tensor:
@@ -220,8 +216,8 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
     """
     params0, tangents, logits_at_completion, seq_sum, mask = _at_completion(lm, batch, deltas)
     if method == "tangent":
-        use_eager_attention(lm)
-        ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
+        with lm.forward_ad_kernels():
+            ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
         pol_logits = ref_logits + dlogits
         ref_logits = ref_logits.detach()
     else:
@@ -237,15 +233,16 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
     return per_sequence(pol_logits), per_sequence(ref_logits)
 
 
+@runs_at_base
 def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-probs at theta0 and their directional derivative along tau (one JVP):
     d/de log p(y | x; theta0 + e tau) at e = 0, through the softmax."""
     params0, tangents, logits_at_completion, seq_sum, _ = _at_completion(lm, batch, deltas)
-    use_eager_attention(lm)
-    with torch.no_grad():
+    with torch.no_grad(), lm.forward_ad_kernels():
         return jvp(lambda params: seq_sum(logits_at_completion(params)), (params0,), (tangents,))
 
 
+@runs_at_base
 @torch.no_grad()
 def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]],
                       average: bool = False) -> dict:

@@ -14,18 +14,21 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from engine.data import Pair, PairSet
 from engine.directions import DirectionError
 from engine.dpo import LOSSES, encode_pairs
 from engine.errors import Cancelled
-from engine.models import LoadedModel
+from engine.models import LoadedModel, runs_at_base
+from engine.paths import atomic_write_bytes, atomic_write_text
+from engine.progress import Phase, ProgressFn, abort_on_cancel
 from engine.tangent import METHODS, PARAMS, DirectionModel, TangentDirection, linear_weights
 
 
@@ -100,14 +103,24 @@ class BatchPlan:
         return [picks.count(k) for k in range(len(self.sources))]
 
     def batch(self, step: int) -> list[Pair]:
-        used = [0] * len(self.sources)
-        for s in range(step):  # where each source's walk stands: a pure function of the step
-            used = [u + c for u, c in zip(used, self.counts(s))]
+        used = self._used(step)
         out = []
         for k, n in enumerate(self.counts(step)):
             pairs, order = self.sources[k][0], self.orders[k]
             out += [pairs[order[(used[k] + j) % len(pairs)]] for j in range(n)]
         return out
+
+    def _used(self, step: int) -> list[int]:
+        """How many pairs of each source the steps before ``step`` took: kept as a running total, so walking
+        the steps in order costs one ``counts`` per step (a pure function of the step all the same)."""
+        if not hasattr(self, "_walk") or self._walk[0] > step:
+            self._walk = (0, [0] * len(self.sources))
+        s, used = self._walk
+        while s < step:
+            used = [u + c for u, c in zip(used, self.counts(s))]
+            s += 1
+        self._walk = (s, used)
+        return list(used)
 
 
 @dataclass
@@ -135,11 +148,9 @@ def save_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim
             else:
                 tensors[f"opt.{k}.{name}"] = value.detach().cpu().contiguous()
     st, js = _checkpoint_paths(folder)
-    tmp = st.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, st)
-    js.write_text(json.dumps({"step": step, "config": asdict(cfg), "data_hash": data_hash, "opt_steps": steps,
-                              "history": history}))
+    atomic_write_bytes(st, save(tensors))
+    atomic_write_text(js, json.dumps({"step": step, "config": asdict(cfg), "data_hash": data_hash, "opt_steps": steps,
+                                      "history": history}))
 
 
 def load_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -180,14 +191,26 @@ def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: Tr
     return {k: v / len(pairs) for k, v in sums.items()}
 
 
+@runs_at_base
 def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
-                    progress: Optional[Callable[[dict], None]] = None,
+                    progress: Optional[ProgressFn] = None,
                     should_stop: Optional[Callable[[], bool]] = None,
                     checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None) -> TrainResult:
-    """Train one direction. ``data`` is one PairSet, or (PairSet, weight) sources for the scalarized baseline."""
+    """Train one direction. ``data`` is one PairSet, or (PairSet, weight) sources for the scalarized baseline.
+
+    It trains at the exact base model whatever mix a caller left applied (that mix is applied again
+    afterwards), on the eager kernels forward-mode AD needs. ``progress`` gets one ``Progress`` per step, its
+    metrics the step's record; a cancel takes effect within one decoder block."""
+    cfg.validate()
+    applied = lm.applied()  # [] here: at_base set the caller's mix aside; recorded as provenance
+    kernels = lm.forward_ad_kernels() if cfg.method == "tangent" else nullcontext()
+    with kernels, abort_on_cancel(lm, should_stop, "training"):
+        return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied)
+
+
+def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied) -> TrainResult:
     from accelerate import Accelerator
 
-    cfg.validate()
     sources = [(data, 1.0)] if isinstance(data, PairSet) else list(data)
     splits = [(ps.split(cfg.val_fraction, cfg.seed), w) for ps, w in sources]
     train_sources = [(tr.pairs, w) for (tr, _), w in splits]
@@ -216,42 +239,53 @@ def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]]
     per_proc = cfg.batch_size // world
     micro = per_proc // cfg.grad_accum
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        if should_stop is not None and should_stop():
-            if folder:
-                save_checkpoint(folder, module, optimizer, step, cfg, data_hash, history)
-            raise Cancelled("training")
-        mine = plan.batch(step)[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
-        step_lr = lr * cosine_with_warmup(step, cfg.steps, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        totals: dict[str, float] = {}
-        for m in range(cfg.grad_accum):
-            batch = encode_pairs(lm, mine[m * micro:(m + 1) * micro], cfg.max_prompt_tokens,
-                                 cfg.max_response_tokens).to(acc.device)
-            with acc.accumulate(wrapped):
-                loss, metrics = wrapped(batch, cfg.beta, cfg.loss)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-        totals = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in totals.items()}
-        done = step + 1
-        elapsed = time.perf_counter() - t0
-        record = {"step": done, "lr": step_lr, **totals,
-                  "eta_s": elapsed / (done - start) * (cfg.steps - done)}
-        history.append(record)
-        if progress is not None and acc.is_main_process:
-            progress(record)
-        if folder and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and acc.is_main_process:
-            save_checkpoint(folder, module, optimizer, done, cfg, data_hash, history)
+    phase = Phase(progress if acc.is_main_process else None, "training", cfg.steps)
+    if start:
+        phase.update(start)
+    completed = start
+    try:
+        for step in range(start, cfg.steps):
+            if should_stop is not None and should_stop():
+                raise Cancelled("training")
+            mine = plan.batch(step)[acc.process_index * per_proc:(acc.process_index + 1) * per_proc]
+            step_lr = lr * cosine_with_warmup(step, cfg.steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            totals: dict[str, float] = {}
+            for m in range(cfg.grad_accum):
+                batch = encode_pairs(lm, mine[m * micro:(m + 1) * micro], cfg.max_prompt_tokens,
+                                     cfg.max_response_tokens).to(acc.device)
+                with acc.accumulate(wrapped):
+                    loss, metrics = wrapped(batch, cfg.beta, cfg.loss)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+            totals = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in totals.items()}
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            record = {"step": done, "lr": step_lr, **totals,
+                      "eta_s": elapsed / (done - start) * (cfg.steps - done)}
+            history.append(record)
+            completed = done
+            phase.update(done, **record)
+            if folder and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and acc.is_main_process:
+                save_checkpoint(folder, module, optimizer, done, cfg, data_hash, history)
+    except Cancelled:
+        # Stopped between steps or inside one: what the unfinished step computed is dropped, and the
+        # checkpoint (written by the main process alone) holds the steps that completed.
+        optimizer.zero_grad()
+        if folder and acc.is_main_process:
+            save_checkpoint(folder, module, optimizer, completed, cfg, data_hash, history)
+        raise
     val = evaluate(module, lm, val_pairs, cfg)
     meta = {"hyperparameters": {**asdict(cfg), "lr": lr}, "data_hash": data_hash, "objective_sources":
             [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
             "final_train": history[-1] if history else {}, "validation": val, "processes": world,
+            "model": lm.identity(), "applied_while_built": applied,
             "seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     direction = module.to_direction(name, meta)

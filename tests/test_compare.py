@@ -1,7 +1,8 @@
 import pytest
 
 from engine.errors import TsdpoError
-from engine.generation import Column, SamplingParams, StopFlag, compare, generate
+from engine.generation import Column, SamplingParams, compare, generate
+from engine.progress import CancelToken
 from engine.mixer import Mixer
 from engine.store import Store
 
@@ -51,7 +52,7 @@ def test_streams_per_column_and_stores(tiny_lm, mixer, tmp_path):
 
 
 def test_stop_stops_every_column(tiny_lm, mixer):
-    stop = StopFlag()
+    stop = CancelToken()
     comp = compare(tiny_lm, "Tell me a long story.", [Column("base"), Column("mix", {"v": 1.0})],
                    SamplingParams(max_new_tokens=300), mixer=mixer, stop=stop, on_text=lambda i, p: stop.set())
     assert all(c.result.n_tokens <= 2 and c.result.stopped for c in comp.columns)

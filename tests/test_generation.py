@@ -1,7 +1,8 @@
 import pytest
 
 from engine.errors import TsdpoError
-from engine.generation import SamplingParams, StopFlag, generate
+from engine.generation import SamplingParams, generate
+from engine.progress import CancelToken
 
 
 def test_streamed_pieces_make_the_final_text(tiny_lm):
@@ -13,7 +14,7 @@ def test_streamed_pieces_make_the_final_text(tiny_lm):
 
 
 def test_stop_ends_generation_within_one_step(tiny_lm):
-    stop = StopFlag()
+    stop = CancelToken()
     pieces = []
 
     def on_text(piece):

@@ -59,10 +59,16 @@ def test_user_override_of_layers_and_strength(tiny_lm, tiny_pairs, tiny_vector):
 
 
 def test_progress_and_cancel(tiny_lm, tiny_pairs):
+    """Every phase reports, in order, from 0 to its total (the layer ranking used to sit silent at 100%)."""
     seen = []
-    extract(tiny_lm, tiny_pairs.limit(6), batch_size=4, progress=lambda d, n: seen.append((d, n)),
-            max_response_tokens=16)
-    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    extract(tiny_lm, tiny_pairs.limit(6), batch_size=4, progress=seen.append, max_response_tokens=16)
+    phases = list(dict.fromkeys(p.phase for p in seen))
+    assert phases == ["tokenizing", "forward passes", "ranking layers"]
+    for phase in phases:
+        mine = [p for p in seen if p.phase == phase]
+        assert mine[0].done == 0 and mine[-1].done == mine[-1].total > 0
+        assert [p.done for p in mine] == sorted(p.done for p in mine)
+        assert all(p.eta_s is not None for p in mine if p.done)
     with pytest.raises(Cancelled):
         extract(tiny_lm, tiny_pairs.limit(6), batch_size=2, should_stop=lambda: True)
 

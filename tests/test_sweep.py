@@ -102,12 +102,14 @@ def test_a_stopped_sweep_resumes_to_the_same_result(setup, tmp_path):
     cfg.prompts = []
     methods = methods[:1]
     full = Sweep(lm, methods, data, cfg, tmp_path / "full").run()
-    calls = []
-    stopping = Sweep(lm, methods, data, cfg, tmp_path / "part", should_stop=lambda: calls.append(1) or len(calls) > 3)
+    reported = []  # the sweep reports a point before measuring it: stop once three are measured
+    stopping = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda d, t, what: reported.append(what),
+                     should_stop=lambda: len([w for w in reported if w.startswith("tangent|")]) > 3)
     with pytest.raises(Cancelled, match="resume"):
         stopping.run()
-    saved = json.loads((tmp_path / "part" / "sweep-state.json").read_text())
-    assert len(saved["points"]) == 3
+    # Each point is one appended line; the state file stays small (it used to be rewritten whole per point).
+    lines = (tmp_path / "part" / "sweep-points.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "points" not in json.loads((tmp_path / "part" / "sweep-state.json").read_text())
     seen = []
     resumed = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda d, t, what: seen.append(what)).run()
     assert seen[0] != "base model" and len([w for w in seen if w.startswith("tangent|")]) == 8 - 3

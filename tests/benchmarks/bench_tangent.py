@@ -50,10 +50,9 @@ def one(method: str, param: str, steps: int = 3) -> dict:
     from engine.data import load_pairs
     from engine.dpo import encode_pairs
     from engine.models import load_model
-    from engine.tangent import DirectionModel, linear_weights, use_eager_attention
+    from engine.tangent import DirectionModel, linear_weights
 
-    lm = load_model()
-    use_eager_attention(lm)  # the same attention kernels for both methods, so only the method differs
+    lm = load_model(attn_implementation="eager")  # the same attention kernels for both methods, so only the method differs
     pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", limit=2).pairs
     batch = encode_pairs(lm, pairs, 128, 128).to(lm.device)
     module = DirectionModel(lm, linear_weights(lm), param, 8, method)
