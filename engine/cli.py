@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import sys
 from typing import Optional, Sequence
 
 from engine.errors import TsdpoError
+from engine.progress import Progress
 
 EXIT_USER_ERROR = 2
 
@@ -126,17 +128,64 @@ def _store(args):
     return Store(args.db) if getattr(args, "db", None) else Store()
 
 
-def _parse_mix(text: str) -> dict[str, float]:
+MAX_SANE_WEIGHT = 100.0  # beyond this a weight is almost surely a typo; --force accepts it
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TsdpoError(f"{what}: {text!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise TsdpoError(f"{what}: {text!r} is not a finite number; weights must be finite.")
+    return value
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """'3,5,7' -> [3, 5, 7], or a clear error naming the option."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TsdpoError(f"{option} takes whole numbers separated by commas (e.g. 10,12), not {text!r}.") from None
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    values = [_number(x.strip(), option) for x in text.split(",") if x.strip()]
+    if not values:
+        raise TsdpoError(f"{option} takes numbers separated by commas (e.g. -1,0,1), not {text!r}.")
+    return values
+
+
+def _check_weights(weights, force: bool, option: str) -> None:
+    """Weights beyond a sane range are almost always a typo (1e3 for 1e-3): they need --force."""
+    big = [w for w in weights if abs(w) > MAX_SANE_WEIGHT]
+    if big and not force:
+        raise TsdpoError(f"{option}: weight {big[0]:g} is beyond +-{MAX_SANE_WEIGHT:g}, far outside where a direction "
+                         "means anything. Pass --force if you mean it.")
+
+
+def _text(value: str, option: str) -> str:
+    """A prompt from the command line: valid UTF-8 and not empty."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TsdpoError(f"{option} is not valid UTF-8 text; check the terminal's or the file's encoding.") from None
+    if not value.strip():
+        raise TsdpoError(f"{option} is empty; type what the model should answer.")
+    return value
+
+
+def _parse_mix(text: str, force: bool = False) -> dict[str, float]:
     """'a.safetensors=0.5,verbosity=-1' -> {'a.safetensors': 0.5, 'verbosity': -1.0}"""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         ref, sep, w = part.rpartition("=")
         if not sep or not ref:
             raise TsdpoError(f"--mix takes DIRECTION=WEIGHT[,DIRECTION=WEIGHT...]; {part!r} has no '=WEIGHT'.")
-        try:
-            out[ref] = float(w)
-        except ValueError:
-            raise TsdpoError(f"--mix: weight {w!r} of {ref!r} is not a number.") from None
+        out[ref] = _number(w, f"--mix: the weight of {ref!r}")
+    _check_weights(out.values(), force, "--mix")
     return out
 
 
@@ -169,9 +218,10 @@ def cmd_generate(args) -> int:
 
     from engine.generation import Column, SamplingParams, compare
 
+    prompt = _text(args.prompt, "--prompt")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
-    mixes = [_parse_mix(m) for m in args.mix]
+    mixes = [_parse_mix(m, args.force) for m in args.mix]
     if len(mixes) + len(args.compare) > 4:
         raise TsdpoError("At most 4 columns: count the --mix and --compare options.")
     for c in args.compare:
@@ -187,27 +237,33 @@ def cmd_generate(args) -> int:
     columns += [Column("base") for _ in args.compare]
     if not columns:
         columns = [Column("base")]
-    session_id = None
+    session_id, not_saved = None, None
     if store is not None:
-        session_id = _cli_session(store, lm)
-    counts = [0] * len(columns)
+        try:
+            session_id = _cli_session(store, lm)
+        except TsdpoError as exc:  # generate anyway: the replies are shown, and the reason they are not saved
+            not_saved = str(exc)
     bar = _progress_bar(params.max_new_tokens * len(columns), "generating", "tok")
 
     def on_text(i: int, piece: str) -> None:
         bar.update(1)
 
     try:
-        comp = compare(lm, args.prompt, columns, params, mixer=mixer, on_text=on_text, store=store,
+        comp = compare(lm, prompt, columns, params, mixer=mixer, on_text=on_text, store=store,
                        session_id=session_id, batched=False if args.sequential else None)
     finally:
         bar.close()
     width = shutil.get_terminal_size((120, 40)).columns
     print(_side_by_side([(cr.column.label, cr.result.text,
                           f"{cr.result.n_tokens} tokens, {cr.result.tokens_per_s:.1f} tokens/s"
-                          + (" (stopped)" if cr.result.stopped else "")) for cr in comp.columns], width))
+                          + (" (stopped)" if cr.result.stopped else " (cut at the token limit)" if cr.result.truncated else ""))
+                         for cr in comp.columns], width), flush=True)
     mode = "one batch" if comp.batched else "one after another"
-    saved = f"; saved as comparison {comp.comparison_id} in {store.path}" if store is not None else ""
+    not_saved = not_saved or comp.save_error
+    saved = f"; saved as comparison {comp.comparison_id} in {store.path}" if comp.comparison_id is not None else ""
     print(f"[{len(columns)} column(s), {mode}, seed {params.seed}{saved}]", file=sys.stderr)
+    if not_saved:
+        raise TsdpoError(f"the replies above were generated but not saved: {not_saved}")
     return 0
 
 
@@ -243,29 +299,22 @@ def _cli_session(store, lm) -> int:
 
 def cmd_steer_extract(args) -> int:
     from engine.data import load_pairs
-    from engine.directions import file_sha256
     from engine.steering import extract
 
+    layers = _int_list(args.layers, "--layers")
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit,
                        attribute=args.attribute)
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
     out = _new_output(args.out, args.overwrite)
+    store = None if args.no_store else _store(args)  # a database that cannot open says so before minutes of work
     lm = _load(args, args.model)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    bar = _progress_bar(2 * len(pairs), "extracting", "seq")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
+    with _phase_bars() as progress:
         sv = extract(lm, pairs, aggregate=args.aggregate, batch_size=args.batch_size, val_fraction=args.val_fraction,
                      seed=args.seed, padding_side=args.padding_side, layers=layers, strength=args.strength,
                      max_response_tokens=args.max_response_tokens, progress=progress, name=args.name)
-    finally:
-        bar.close()
-    sv.save(out)
+        progress(Progress("saving", 0, 1))
+        sv.save(out)
+        progress(Progress("saving", 1, 1))
     print(f"objective     {sv.objective}")
     print(f"pairs         {sv.meta['train_pairs']} for the vector, {sv.meta['heldout_pairs']} held out for scoring")
     print("layer ranking   steerability  separation accuracy  effect size   (held-out pairs)")
@@ -274,14 +323,49 @@ def cmd_steer_extract(args) -> int:
         st = f"{steer[l]:+.4f}" if steer[l] is not None else "-"
         print(f"  layer {l:>3}     {st:>9}      {float(sv.accuracy[l]):.2f}                {float(sv.effect[l]):+.2f}")
     print(f"steered       layer(s) {', '.join(map(str, sv.layers))} at strength {sv.strength:g} x layer norm")
-    print(f"saved         {out} ({sv.meta['seconds']:.1f} s)")
-    if not args.no_store:
-        store = _store(args)
-        store.add_direction(name=sv.name, kind="steering", objective=sv.objective, path=str(out.resolve()),
-                            sha256=file_sha256(out), model_fingerprint=lm.fingerprint,
-                            meta={"layers": sv.layers, "strength": sv.strength, "pairs": len(pairs)})
+    print(f"saved         {out} ({sv.meta['seconds']:.1f} s)", flush=True)
+    if store is not None:
+        _register(store, sv, out, lm, meta={"layers": sv.layers, "strength": sv.strength, "pairs": len(pairs)})
         print(f"stored as     {sv.name!r} (use --mix {sv.name}=W)")
     return 0
+
+
+def _register(store, direction, out, lm, meta: dict) -> None:
+    """Put a saved direction in the database; if that fails the file stays, with how to register it later."""
+    from engine.directions import file_sha256
+
+    try:
+        store.add_direction(name=direction.name, kind=direction.kind, objective=direction.objective,
+                            path=str(out.resolve()), sha256=file_sha256(out), model_fingerprint=lm.fingerprint, meta=meta)
+    except TsdpoError as exc:
+        raise TsdpoError(f"the direction is saved in {out}, but not registered in the database: {exc} Once the "
+                         f"database is free, register it with `tsdpo directions add {out}`.") from exc
+
+
+class _phase_bars:
+    """A progress bar per phase of a job on stderr (tokenizing, forward passes, ranking layers, saving, ...)."""
+
+    def __enter__(self):
+        self.bar, self.phase = None, None
+        return self
+
+    def __call__(self, p: Progress) -> None:
+        if p.phase != self.phase:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar, self.phase = _progress_bar(p.total, p.phase, "it"), p.phase
+        self.bar.total = p.total
+        self.bar.n = p.done
+        post = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in p.metrics.items()
+                if k in ("loss", "rewards/accuracies", "rewards/margins")}
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 def _new_output(path: str, overwrite: bool):
@@ -301,14 +385,15 @@ def cmd_lengths(args) -> int:
     from engine.generation import SamplingParams
     from engine.mixer import Mixer
 
-    weights = [float(w) for w in args.weights.split(",")]
+    weights = _float_list(args.weights, "--weights")
+    _check_weights(weights, args.force, "--weights")
     prompts = _read_prompts(args.prompts, args.limit)
     lm = _load(args, args.model)
     mixer = Mixer(lm, positions=args.positions)
     store = None if args.no_store else _store(args)
     direction = load_direction(args.direction, lm, store)
     if (args.layers or args.strength is not None) and direction.kind == "steering":
-        direction = direction.with_settings([int(x) for x in args.layers.split(",")] if args.layers else None, args.strength)
+        direction = direction.with_settings(_int_list(args.layers, "--layers"), args.strength)
     name = mixer.add(direction)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     bar = _progress_bar(len(prompts), "prompts", "prompt")
@@ -331,15 +416,21 @@ def _parse_point(text: str, option: str = "--point", names: str = "X,Y") -> tupl
         x, y = (float(v) for v in text.split(","))
     except ValueError:
         raise TsdpoError(f"{option} takes {names} (two numbers), not {text!r}.") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise TsdpoError(f"{option} takes {names} as finite numbers, not {text!r}.")
     return x, y
 
 
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from engine.export import check_target, export_mix
+    from engine.export import check_target, clean_stale, export_mix
     from engine.plane import PreferencePlane
 
+    if args.clean:
+        done = clean_stale(Path(args.out).expanduser().resolve())
+        print("\n".join(done) if done else f"nothing to clean beside {args.out}")
+        return 0
     if bool(args.mix) == bool(args.session):
         raise TsdpoError("Give either --mix DIRECTION=W[,...] or --session ID (with --point X,Y), not both or neither.")
     check_target(Path(args.out).expanduser().resolve(), args.overwrite)  # before minutes of loading
@@ -363,12 +454,13 @@ def cmd_export(args) -> int:
         plane_obj = PreferencePlane.from_json(settings.get("plane", {}))
         point = _parse_point(args.point) if args.point else tuple(settings.get("point", (0.0, 0.0)))
         weights = {renamed.get(k, k): w for k, w in plane_obj.weights(*point).items()}
+        _check_weights(weights.values(), args.force, f"session {row.id}'s plane")
         plane = plane_obj.to_json()
         print(f"  session {row.id} ({row.name}) at point ({point[0]:+.3f}, {point[1]:+.3f})", file=sys.stderr)
     else:
         if args.point:
             raise TsdpoError("--point goes with --session (a stored plane); with --mix, give the weights directly.")
-        mix = _parse_mix(args.mix)
+        mix = _parse_mix(args.mix, args.force)
         lm = _load(args, args.model)
         mixer, names = _mixer_for(lm, list(mix), store)
         weights = {names[r]: w for r, w in mix.items()}
@@ -444,7 +536,7 @@ def cmd_sweep(args) -> int:
         bar.set_postfix_str(what[:40])
         bar.refresh()
 
-    sweep = Sweep(lm, methods, data, cfg, args.out, progress=progress)
+    sweep = Sweep(lm, methods, data, cfg, args.out, progress=progress, trust_remote_code=args.trust_remote_code)
     try:
         result = sweep.run()
     except KeyboardInterrupt:
@@ -473,13 +565,19 @@ def _read_prompts(path: str, limit: Optional[int] = None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise TsdpoError(f"No prompts file at {p}: give a .jsonl with a 'prompt' field per line, or a .txt with one prompt per line.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TsdpoError(f"{p} is not valid UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     if p.suffix == ".jsonl":
         try:
-            prompts = [json.loads(l)["prompt"] for l in p.read_text().splitlines() if l.strip()]
+            prompts = [json.loads(l)["prompt"] for l in text.splitlines() if l.strip()]
         except (ValueError, KeyError, TypeError) as exc:
             raise TsdpoError(f"{p}: every line must be a JSON object with a 'prompt' field ({exc}).") from exc
     else:
-        prompts = [l for l in p.read_text().splitlines() if l.strip()]
+        prompts = [l for l in text.splitlines() if l.strip()]
+    if not prompts:
+        raise TsdpoError(f"{p} holds no prompts.")
     return prompts[:limit] if limit else prompts
 
 
@@ -488,7 +586,7 @@ def _train_config(args, method: str):
 
     return TrainConfig(method=method, param=args.param, rank=args.rank, steps=args.steps, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, lr=args.lr, beta=args.beta, loss=args.loss, seed=args.seed,
-                       layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                       layers=_int_list(args.layers, "--layers"),
                        modules=args.modules.split(",") if args.modules else None,
                        max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
                        val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every)
@@ -497,24 +595,15 @@ def _train_config(args, method: str):
 def _run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -> int:
     import os
 
-    from engine.directions import file_sha256
     from engine.train import train_direction
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     out = _new_output(args.out, args.overwrite) if main_process else None
+    store = None if args.no_store or not main_process else _store(args)
     lm = _load(args, args.model)
-    bar = _progress_bar(cfg.steps, "training", "step") if main_process else None
-
-    def progress(rec: dict) -> None:
-        bar.n = rec["step"]
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}",
-                        margin=f"{rec['rewards/margins']:.3f}", eta=f"{rec['eta_s']:.0f}s")
-
-    try:
-        result = train_direction(lm, data, cfg, progress=progress, checkpoint_dir=args.checkpoint_dir, objective=objective)
-    finally:
-        if bar is not None:
-            bar.close()
+    with _phase_bars() as progress:
+        result = train_direction(lm, data, cfg, progress=progress if main_process else None,
+                                 checkpoint_dir=args.checkpoint_dir, objective=objective)
     if not main_process:
         return 0
     d = result.direction
@@ -526,11 +615,9 @@ def _run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -
     if val:
         line += (f" | held-out: accuracy {val['rewards/accuracies']:.3f} margin {val['rewards/margins']:.4f} "
                  f"loss {val['loss']:.4f}")
-    print(line)
-    if not args.no_store:
-        _store(args).add_direction(name=d.name, kind=kind, objective=d.objective, path=str(out.resolve()),
-                                   sha256=file_sha256(out), model_fingerprint=lm.fingerprint,
-                                   meta={"param": cfg.param, "steps": cfg.steps, "validation": val})
+    print(line, flush=True)
+    if store is not None:
+        _register(store, d, out, lm, meta={"param": cfg.param, "steps": cfg.steps, "validation": val})
         print(f"stored as {d.name!r} (use --mix {d.name}=W)")
     return 0
 
@@ -589,10 +676,34 @@ def cmd_directions(args) -> int:
     store = _store(args)
     rows = store.directions()
     if not rows:
-        print("No stored directions yet: build one with `tsdpo steer extract`.")
+        print("No stored directions yet: build one with `tsdpo steer extract`, or register a file with "
+              "`tsdpo directions add FILE`.")
         return 0
     for d in rows:
         print(f"{d.name:<20} {d.kind:<10} {d.objective:<14} {d.model_fingerprint or '':<17} {d.path}")
+    return 0
+
+
+def cmd_directions_add(args) -> int:
+    """Register a direction file that exists (one whose registration failed, or one from elsewhere)."""
+    from pathlib import Path
+
+    from engine.directions import file_sha256, read_direction_file
+    from engine.steering import SteeringVector
+    from engine.tangent import TangentDirection
+
+    path = Path(args.file).expanduser().resolve()
+    kind, tensors, meta = read_direction_file(path)
+    classes = {"steering": SteeringVector, "tangent": TangentDirection}
+    if kind not in classes:
+        raise TsdpoError(f"{path} holds a {kind!r} direction, which this version cannot register.")
+    d = classes[kind].from_file(kind, tensors, meta, path)
+    if args.name:
+        d.name = args.name
+    store = _store(args)
+    store.add_direction(name=d.name, kind=d.kind, objective=d.objective, path=str(path), sha256=file_sha256(path),
+                        model_fingerprint=d.model.get("fingerprint"), meta={"registered_from": "tsdpo directions add"})
+    print(f"stored {d.name!r} ({d.kind}, {d.objective}, for model {d.model.get('model_name', '?')}) from {path}")
     return 0
 
 
@@ -642,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", choices=["all", "generated"], default="all",
                    help="steer every position, or only generated tokens")
     p.add_argument("--sequential", action="store_true", help="run columns one after another instead of as one batch")
+    p.add_argument("--force", action="store_true", help=f"accept weights beyond +-{MAX_SANE_WEIGHT:g}")
     p.add_argument("--no-store", action="store_true", help="do not save the generations in the database")
     p.add_argument("--db", help="database path")
     p.add_argument("--model", default=None, help="model source (default: embedded)")
@@ -682,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="steering only: override the steered layers")
     p.add_argument("--strength", type=float, help="steering only: override the strength")
     p.add_argument("--positions", choices=["all", "generated"], default="all")
+    p.add_argument("--force", action="store_true", help=f"accept weights beyond +-{MAX_SANE_WEIGHT:g}")
     _model_store_args(p)
     p.set_defaults(func=cmd_lengths)
 
@@ -738,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dtype", choices=["float32", "bfloat16", "float16"], help="hf: dtype of the saved weights (default: as loaded)")
     p.add_argument("--max-shard-size", default="2GB", help="hf: split the weights into files of at most this size")
     p.add_argument("--no-verify", action="store_true", help="skip reading the export back and comparing it")
+    p.add_argument("--force", action="store_true", help=f"accept weights beyond +-{MAX_SANE_WEIGHT:g}")
+    p.add_argument("--clean", action="store_true",
+                   help="only tidy up after an interrupted export to --out (stale temporary folders, a hidden old export)")
     p.add_argument("--model", default=None, help="model source (default: embedded, or the session's model)")
     p.add_argument("--no-store", action="store_true", help="do not look up direction names in the database")
     p.add_argument("--db", help="database path")
@@ -745,9 +861,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("directions", help="list the directions stored in the database")
+    p = sub.add_parser("directions", help="list the directions stored in the database, or register a file (add)")
     p.add_argument("--db")
     p.set_defaults(func=cmd_directions)
+    actions = p.add_subparsers(dest="directions_command", metavar="ACTION")
+    q = actions.add_parser("list", help="list the stored directions (the default)")
+    q.add_argument("--db", default=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_directions)
+    q = actions.add_parser("add", help="register a direction file in the database")
+    q.add_argument("file", help="a direction .safetensors file")
+    q.add_argument("--name", help="name to store it under (default: the file's own)")
+    q.add_argument("--db", default=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_directions_add)
     return parser
 
 

@@ -9,10 +9,11 @@ moment ``add_rating`` returns. A Store may be shared between threads: each call 
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.exc import DBAPIError
@@ -245,8 +246,15 @@ def migrate(path: Path, target: int = SCHEMA_VERSION, busy_timeout_s: float = 3.
         con.close()
 
 
+def _locked(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return "locked" in text or "busy" in text
+
+
 class Store:
-    def __init__(self, path: str | Path | None = None, busy_timeout_s: float = 3.0):
+    def __init__(self, path: str | Path | None = None, busy_timeout_s: float = 3.0,
+                 retry_delays: tuple[float, ...] = (0.25, 0.5, 1.0)):
+        self.retry_delays = tuple(retry_delays)  # back-off between tries of a write the database is locked for
         self.path = Path(path) if path else default_db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.migrated_from = migrate(self.path, busy_timeout_s=busy_timeout_s)
@@ -280,23 +288,42 @@ class Store:
         except DBAPIError as exc:
             raise _friendly(exc, self.path, action) from exc
 
+    def _write(self, action: str, fn: Callable):
+        """Run ``fn(session)`` in one transaction; while another program holds the database, try again with
+        back-off before giving up with a message (nothing is half-written either way)."""
+        for attempt in range(len(self.retry_delays) + 1):
+            try:
+                with self._sessions.begin() as s:
+                    return fn(s)
+            except DBAPIError as exc:
+                if _locked(exc) and attempt < len(self.retry_delays):
+                    time.sleep(self.retry_delays[attempt])
+                    continue
+                raise _friendly(exc, self.path, action) from exc
+
     # ---------------------------------------------------------------- sessions
     def create_session(self, name: str, model_ref: dict, fingerprint: Optional[str] = None,
                        settings: Optional[dict] = None) -> SessionRow:
-        with self._tx("create the session") as s:
+        def write(s):
             row = SessionRow(name=name, model_ref=model_ref, model_fingerprint=fingerprint, settings=settings or {})
             s.add(row)
-        return row
+            return row
+
+        return self._write("create the session", write)
 
     def update_session(self, session_id: int, **fields) -> SessionRow:
-        with self._tx("save the session") as s:
+        for key in fields:
+            if key not in ("name", "model_ref", "model_fingerprint", "settings"):
+                raise ValueError(f"unknown session field {key!r}")
+
+        def write(s):
             row = self._get(s, SessionRow, session_id)
             for key, value in fields.items():
-                if key not in ("name", "model_ref", "model_fingerprint", "settings"):
-                    raise ValueError(f"unknown session field {key!r}")
                 setattr(row, key, value)
             row.updated_at = _now()
-        return row
+            return row
+
+        return self._write("save the session", write)
 
     def sessions(self, limit: int = 20) -> list[SessionRow]:
         """Most recently used first."""
@@ -331,11 +358,13 @@ class Store:
                       session_id: Optional[int] = None) -> DirectionRow:
         if kind not in DIRECTION_KINDS:
             raise ValueError(f"direction kind must be one of {DIRECTION_KINDS}, got {kind!r}")
-        with self._tx("save the direction") as s:
+        def write(s):
             row = DirectionRow(session_id=session_id, name=name, kind=kind, objective=objective, path=str(path),
                                sha256=sha256, model_fingerprint=model_fingerprint, meta=meta or {})
             s.add(row)
-        return row
+            return row
+
+        return self._write("save the direction", write)
 
     def directions(self, session_id: Optional[int] = None) -> list[DirectionRow]:
         with self._tx("list directions") as s:
@@ -354,7 +383,7 @@ class Store:
                        generations: list[dict]) -> Comparison:
         """Store a prompt with its columns. Each generation dict has label, output, n_tokens, seconds and
         optionally point (x, y), weights and stopped."""
-        with self._tx("save the generations") as s:
+        def write(s):
             self._touch(s, session_id)
             comp = Comparison(session_id=session_id, prompt=prompt, params=params, seed=seed)
             for i, g in enumerate(generations):
@@ -364,7 +393,9 @@ class Store:
                     output=g["output"], n_tokens=int(g["n_tokens"]), seconds=float(g["seconds"]),
                     stopped=bool(g.get("stopped", False))))
             s.add(comp)
-        return comp
+            return comp
+
+        return self._write("save the generations", write)
 
     def add_rating(self, comparison_id: int, outcome: str, winner_id: Optional[int] = None,
                    scores: Optional[dict] = None, note: str = "", blind: bool = False) -> Rating:
@@ -378,7 +409,7 @@ class Store:
                 if not isinstance(value, int) or not 1 <= value <= 5:
                     raise StoreError(f"Scores are whole numbers from 1 to 5; {attr} got {value!r}.")
             clean[str(gen_id)] = dict(attrs)
-        with self._tx("save the rating") as s:
+        def write(s):
             comp = self._get(s, Comparison, comparison_id)
             ids = {g.id for g in comp.generations}
             if winner_id is not None and winner_id not in ids:
@@ -386,10 +417,36 @@ class Store:
             if any(int(k) not in ids for k in clean):
                 raise StoreError(f"Scores name generations outside comparison {comparison_id}.")
             self._touch(s, comp.session_id)
+            # A second rating is an edit: the earlier one stays in the table (undo brings it back), and an
+            # empty note keeps the note written before.
+            earlier = comp.ratings[-1] if comp.ratings else None
+            kept_note = note or (earlier.note if earlier is not None else "")
             row = Rating(comparison_id=comparison_id, outcome=outcome, winner_id=winner_id, scores=clean,
-                         note=note, blind=blind)
+                         note=kept_note, blind=blind)
             s.add(row)
-        return row
+            return row
+
+        return self._write("save the rating", write)
+
+    def undo_rating(self, rating_id: int) -> Optional[Rating]:
+        """Take back the newest rating of its comparison; returns the rating that counts again (or None)."""
+        def write(s):
+            row = self._get(s, Rating, rating_id)
+            comp = row.comparison
+            if comp.ratings[-1].id != row.id:
+                raise StoreError(f"Rating {rating_id} is not the newest rating of comparison {comp.id}; only that one can be undone.")
+            self._touch(s, comp.session_id)
+            s.delete(row)
+            s.flush()
+            s.refresh(comp)
+            return comp.ratings[-1] if comp.ratings else None
+
+        return self._write("undo the rating", write)
+
+    def ratings(self, comparison_id: int) -> list[Rating]:
+        """Every rating of a comparison, oldest first (the newest counts)."""
+        with self._tx("read the ratings") as s:
+            return list(s.scalars(select(Rating).where(Rating.comparison_id == comparison_id).order_by(Rating.id)))
 
     def history(self, session_id: int) -> list[Comparison]:
         return list(self.session(session_id).comparisons)
@@ -397,7 +454,7 @@ class Store:
     # ---------------------------------------------------------------- pinned points
     def pin_point(self, session_id: int, name: str, x: float, y: float) -> PinnedPoint:
         """Pin (or move) a named point."""
-        with self._tx("pin the point") as s:
+        def write(s):
             row = s.scalar(select(PinnedPoint).where(PinnedPoint.session_id == session_id, PinnedPoint.name == name))
             if row is None:
                 row = PinnedPoint(session_id=session_id, name=name, x=x, y=y)
@@ -405,7 +462,9 @@ class Store:
             else:
                 row.x, row.y = x, y
             self._touch(s, session_id)
-        return row
+            return row
+
+        return self._write("pin the point", write)
 
     def pinned_points(self, session_id: int) -> list[PinnedPoint]:
         with self._tx("list pinned points") as s:
@@ -417,7 +476,9 @@ def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
     """What a person rated, as TRL preference rows: the winner is chosen, each other column rejected.
 
     Ties and 'both bad' carry no preference between columns and give no rows; when a comparison was
-    rated more than once the latest rating counts."""
+    rated more than once the latest rating counts. Each side says whether it was cut off: ``truncated``
+    (it reached the token limit without ending) or ``stopped`` (Stop was pressed), so a trainer can drop
+    or weigh down pairs that compare unfinished replies."""
     rows = []
     for comp in store.history(session_id):
         if not comp.ratings:
@@ -425,13 +486,21 @@ def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
         rating = comp.ratings[-1]
         if rating.outcome != "winner":
             continue
+        limit = (comp.params or {}).get("max_new_tokens")
         winner = next(g for g in comp.generations if g.id == rating.winner_id)
         for g in comp.generations:
             if g.id != winner.id and g.output.strip() != winner.output.strip():
                 rows.append({"prompt": comp.prompt, "chosen": winner.output, "rejected": g.output,
                              "chosen_label": winner.label, "rejected_label": g.label, "blind": rating.blind,
+                             "chosen_truncated": _truncated(winner, limit), "rejected_truncated": _truncated(g, limit),
+                             "chosen_stopped": bool(winner.stopped), "rejected_stopped": bool(g.stopped),
                              "comparison_id": comp.id})
     return rows
+
+
+def _truncated(g: "Generation", limit: Optional[int]) -> bool:
+    """A reply that used every token it was allowed without ending (its end-of-turn was never generated)."""
+    return limit is not None and not g.stopped and g.n_tokens >= int(limit)
 
 
 def export_ratings_trl(store: Store, session_id: int, path: str | Path) -> int:
