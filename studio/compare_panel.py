@@ -1,7 +1,9 @@
 """Side-by-side columns, each chosen from base / the point / a pinned point / a scalarized point / steering only,
 streamed as the worker generates, with the rating bar underneath.
 
-Blind mode shuffles the columns and hides what produced them until the rating is saved.
+Blind mode shuffles the columns and hides what produced them until the rating is saved: no header, line,
+tooltip or history entry names a source before then. On the reveal each column's header names the source of
+the text under it. Rating a comparison again is an edit, shown with an Undo.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class ColumnView(QFrame):
 
 class ComparePanel(QWidget):
     rated = Signal(dict)  # {"outcome", "winner_column", "scores": {column: {attr: n}}, "note", "blind"}
+    undoRequested = Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -87,6 +90,7 @@ class ComparePanel(QWidget):
             grid.addWidget(c, 0, i)
         self.grid = grid
         self.order: list[int] = list(range(4))  # display slot -> request column (shuffled when blind)
+        self.sources: list[str] = []  # request column -> the source chosen for it when the comparison started
         self.last: Optional[dict] = None  # the finished comparison shown now
         self.revealed = True
 
@@ -109,6 +113,12 @@ class ComparePanel(QWidget):
         self.note.setObjectName("note")
         bar.addWidget(self.note, 1)
         self.rating_status = QLabel("")
+        self.rating_status.setObjectName("rating_status")
+        self.undo_button = QPushButton("Undo the change")
+        self.undo_button.setObjectName("undo_rating")
+        self.undo_button.setToolTip("Take the new rating back; the earlier one counts again")
+        self.undo_button.clicked.connect(self.undoRequested.emit)
+        self.undo_button.hide()
         self.shortcuts = []
         # With Ctrl, so typing a prompt or a note never rates by accident.
         for key, fn in [*((f"Ctrl+{i + 1}", lambda i=i: self.rate("winner", i)) for i in range(4)),
@@ -126,7 +136,10 @@ class ComparePanel(QWidget):
         lay.addLayout(top)
         lay.addLayout(grid, 1)
         lay.addLayout(bar)
-        lay.addWidget(self.rating_status)
+        status = QHBoxLayout()
+        status.addWidget(self.rating_status, 1)
+        status.addWidget(self.undo_button)
+        lay.addLayout(status)
         self._show_columns()
         self._enable_rating(False)
 
@@ -152,19 +165,26 @@ class ComparePanel(QWidget):
             c.set_attributes(attributes)
 
     # ------------------------------------------------------------------ a run
-    def start(self, labels: list[str]) -> None:
-        """A new comparison: clear, shuffle when blind, and show headers (or hide them)."""
+    def start(self, labels: list[str], sources: Optional[list[str]] = None, blind: Optional[bool] = None) -> None:
+        """A new comparison: clear, shuffle when blind, and show headers (or hide them).
+
+        ``sources``: the dropdown choice behind each request column, so the reveal can name them; ``blind``
+        overrides the checkbox (a blind comparison reopened from the history stays blind)."""
         n = len(labels)
+        blind = self.blind.isChecked() if blind is None else blind
         self.order = list(range(n))
-        if self.blind.isChecked():
+        if blind:
             random.shuffle(self.order)
-        self.revealed = not self.blind.isChecked()
+        self.revealed = not blind
+        self.sources = list(sources) if sources is not None else [c.source.currentText() for c in self.columns[:n]]
         self.last = None
         for slot in range(n):
             col = self.columns[slot]
             col.clear_output()
             col.source.setVisible(self.revealed)
+            col.title.setText(f"<b>{LETTERS[slot]}</b>")
         self.rating_status.setText("")
+        self.undo_button.hide()
         self._enable_rating(False)
 
     def slot_of(self, request_column: int) -> int:
@@ -182,7 +202,7 @@ class ComparePanel(QWidget):
         self._enable_rating(result.get("comparison_id") is not None)
 
     def _stats(self, view: ColumnView, col: dict, hidden: bool) -> None:
-        stop = " (stopped)" if col["stopped"] else ""
+        stop = " (stopped)" if col["stopped"] else " (cut at the token limit)" if col.get("truncated") else ""
         line = f"{col['n_tokens']} tokens · {col['tokens_per_s']:.1f} tokens/s{stop}"
         if not hidden:
             w = col["weights"]
@@ -203,16 +223,27 @@ class ComparePanel(QWidget):
         self.rated.emit({"outcome": outcome, "winner_column": None if slot is None else self.order[slot],
                          "scores": scores, "note": self.note.text().strip(), "blind": not self.revealed})
 
-    def rating_saved(self, text: str) -> None:
-        """Called by the window once the rating is on disk: reveal what blind mode hid."""
+    def rating_saved(self, text: str, undoable: bool = False) -> None:
+        """Called by the window once the rating is on disk: reveal what blind mode hid.
+
+        Each slot's dropdown is set to the source of the text shown under it (the texts stay where they were
+        rated), so header, dropdown and the line under the text all name the same, true source."""
         self.rating_status.setText(text)
+        self.undo_button.setVisible(undoable)
         self.note.clear()
         if not self.revealed and self.last is not None:
             self.revealed = True
-            for i, col in enumerate(self.last["columns"]):
-                view = self.columns[self.slot_of(i)]
+            for slot, request_column in enumerate(self.order[:len(self.last["columns"])]):
+                view = self.columns[slot]
+                view.source.blockSignals(True)
+                view.source.setCurrentText(self.sources[request_column])
+                view.source.blockSignals(False)
                 view.source.setVisible(True)
-                self._stats(view, col, hidden=False)
+                view.title.setText(f"<b>{LETTERS[slot]}</b>")
+                self._stats(view, self.last["columns"][request_column], hidden=False)
+
+    def letter_of(self, request_column: int) -> str:
+        return LETTERS[self.slot_of(request_column)]
 
     def _enable_rating(self, on: bool) -> None:
         n = len(self.last["columns"]) if self.last else self.n_columns.value()

@@ -225,7 +225,8 @@ class JobPanel(QWidget):
         self.bar.setRange(0, int(p["total"]))
         self.bar.setValue(int(p["done"]))
         eta = p.get("eta_s")
-        self.eta.setText(f"{p['done']}/{p['total']}" + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+        phase = f"{p['phase']}: " if p.get("phase") else ""
+        self.eta.setText(f"{phase}{p['done']}/{p['total']}" + (f" · ETA {eta:.0f} s" if eta is not None else ""))
         if "loss" in p:
             self.steps.append(p["done"])
             self.losses.append(p["loss"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ class MainWindow(QMainWindow):
         self.model_info: Optional[dict] = None
         self.busy_with = ""
         self.session_id: Optional[int] = None
-        self.directions: dict[str, dict] = {}
+        self.directions: dict[str, dict] = {}  # what the worker's mixer holds, as it last said (directionsChanged)
+        self.overlaps: dict[str, str] = {}  # direction name -> the interference warning shown beside it
         self.last_result: Optional[dict] = None
         self._restore: Optional[dict] = None
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
@@ -64,6 +66,7 @@ class MainWindow(QMainWindow):
         w.busy.connect(self._on_busy)
         w.progress.connect(self.progress_label.setText)
         w.modelLoaded.connect(self._on_model_loaded)
+        w.directionsChanged.connect(self._on_directions_changed)
         w.directionAdded.connect(self._on_direction_added)
         w.mixApplied.connect(self._on_mix_applied)
         w.text.connect(self.compare.append)
@@ -133,6 +136,8 @@ class MainWindow(QMainWindow):
         buttons.addStretch(1)
         self.compare = ComparePanel()
         self.compare.rated.connect(self._on_rated)
+        self.compare.undoRequested.connect(self._undo_rating)
+        self._undo: Optional[dict] = None  # the rating that the Undo button takes back
         self.compare.n_columns.valueChanged.connect(self._save_session)
         right = QWidget()
         rl = QVBoxLayout(right)
@@ -277,9 +282,10 @@ class MainWindow(QMainWindow):
         self.model_info = info
         self.settings.setValue("last_model", "" if info["source"]["kind"] == "embedded" else info["source"]["ref"])
         if changed:
-            self.directions = {}
-            self.direction_list.clear()
             self.plane.set_directions([])
+        elif info.get("kept_directions"):
+            # The same model again: the worker carried the directions over; put the point's mix back on it.
+            self.host.apply_weights(self.plane.weights())
         restore = self._restore
         if restore is not None:
             self._restore_directions(restore)
@@ -297,16 +303,28 @@ class MainWindow(QMainWindow):
         if path:
             self.host.add_direction(path)
 
+    def _on_directions_changed(self, infos: list) -> None:
+        """The worker's list of what is loaded: the one source of truth for the plane and the columns."""
+        self.directions = {i["name"]: i for i in infos}
+        self.overlaps = {k: v for k, v in self.overlaps.items() if k in self.directions}
+        self._list_directions()
+        self._directions_changed()
+
+    def _list_directions(self) -> None:
+        self.direction_list.clear()
+        for name, info in self.directions.items():
+            line = f"{name}  ·  {info['kind']}  ·  {info['detail']}"
+            if name in self.overlaps:
+                line += "  ⚠ overlaps " + self.overlaps[name]
+            self.direction_list.addItem(line)
+
     def _on_direction_added(self, info: dict) -> None:
-        self.directions[info["name"]] = info
-        line = f"{info['name']}  ·  {info['kind']}  ·  {info['detail']}"
         overlaps = [f"{b if a == info['name'] else a} (cosine {cos:+.2f})" for a, b, cos in info.get("interference", [])]
         if overlaps:
             # A warning, not an error: mixing still works, it just mostly adds up one effect.
-            line += "  ⚠ overlaps " + ", ".join(overlaps)
+            self.overlaps[info["name"]] = ", ".join(overlaps)
             self.progress_label.setText(f"{info['name']} points nearly the same way as " + ", ".join(overlaps))
-        self.direction_list.addItem(line)
-        self._directions_changed()
+            self._list_directions()
         if self._restore is not None:
             self._restore["waiting"] -= 1
             self._maybe_finish_restore()
@@ -323,7 +341,11 @@ class MainWindow(QMainWindow):
         self.compare.set_attributes(attrs)
 
     def _on_mix_applied(self, weights: dict, seconds: float) -> None:
-        self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms")
+        if seconds < 0:  # the apply failed; the engine put the model back at its base
+            self.mix_label.setText("mix not applied: the model is at its base weights")
+            return
+        active = [f"{k} {v:+.2f}" for k, v in weights.items() if v]
+        self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms" if active else f"base model (applied in {seconds * 1e3:.1f} ms)")
 
     def _on_released(self, weights: dict) -> None:
         self._save_session()
@@ -352,17 +374,26 @@ class MainWindow(QMainWindow):
         if self.model_info is None or self.busy_with:
             return
         kinds = {n: d["kind"] for n, d in self.directions.items()}
+        sources = self.compare.chosen_sources()
         columns = [column_request(src, self.plane.point, self.plane.weights(), self.plane.pins, self.plane.plane.weights, kinds)
-                   for src in self.compare.chosen_sources()]
-        self.compare.start([c["label"] for c in columns])
+                   for src in sources]
+        self.compare.start([c["label"] for c in columns], sources)
         self.last_result = None
         self.host.compare({"prompt": prompt, "columns": columns, "params": self.sampling_params(),
+                           "blind": not self.compare.revealed,
                            "session_id": self.session_id if self.store is not None else None})
 
     def _on_compared(self, result: dict) -> None:
         self.last_result = result
         self.compare.finish(result)
-        self._add_history(result["prompt"], result["comparison_id"], result["columns"], None)
+        self._add_history(result["prompt"], result["comparison_id"], result["columns"], [], bool(result.get("blind")))
+
+    @staticmethod
+    def _verdict(rating, columns: list[dict], letter) -> str:
+        if rating.outcome != "winner":
+            return {"tie": "tie", "both_bad": "both bad"}[rating.outcome]
+        i = next(k for k, c in enumerate(columns) if c["generation_id"] == rating.winner_id)
+        return f"{letter(i)} ({columns[i]['label']}) is better"
 
     def _on_rated(self, r: dict) -> None:
         result = self.compare.last
@@ -372,14 +403,34 @@ class MainWindow(QMainWindow):
         winner = None if r["winner_column"] is None else gen_ids[r["winner_column"]]
         scores = {gen_ids[col]: vals for col, vals in r["scores"].items()}
         try:
-            self.store.add_rating(result["comparison_id"], r["outcome"], winner_id=winner, scores=scores,
-                                  note=r["note"], blind=r["blind"])
+            earlier = self.store.ratings(result["comparison_id"])
+            row = self.store.add_rating(result["comparison_id"], r["outcome"], winner_id=winner, scores=scores,
+                                        note=r["note"], blind=r["blind"])
         except TsdpoError as exc:
             self.show_error("The rating was not saved", f"{exc}\n\nRate again once the problem is solved.")
             return
-        what = {"tie": "tie", "both_bad": "both bad"}.get(r["outcome"]) or \
-            f"{'ABCD'[self.compare.slot_of(r['winner_column'])]} ({result['columns'][r['winner_column']]['label']}) is better"
-        self.compare.rating_saved(f"Rating saved: {what}")
+        what = self._verdict(row, result["columns"], self.compare.letter_of)
+        if earlier:
+            before = self._verdict(earlier[-1], result["columns"], self.compare.letter_of)
+            self._undo = {"rating_id": row.id, "columns": result["columns"]}
+            self.compare.rating_saved(f"Rating changed: {what} (it was: {before}"
+                                      + (f"; note kept: {row.note}" if row.note and not r["note"] else "") + ")", undoable=True)
+        else:
+            self._undo = None
+            self.compare.rating_saved(f"Rating saved: {what}")
+        self._reload_history()
+
+    def _undo_rating(self) -> None:
+        if self._undo is None or self.store is None:
+            return
+        try:
+            now = self.store.undo_rating(self._undo["rating_id"])
+        except TsdpoError as exc:
+            self.show_error("The change was not undone", str(exc))
+            return
+        what = self._verdict(now, self._undo["columns"], self.compare.letter_of) if now is not None else "no rating"
+        self._undo = None
+        self.compare.rating_saved(f"Change undone: the earlier rating counts again ({what})")
         self._reload_history()
 
     # ------------------------------------------------------------------ jobs
@@ -574,7 +625,10 @@ class MainWindow(QMainWindow):
         self._directions_changed()
         if "plane" in s:
             try:
-                self.plane.set_plane(PreferencePlane.from_json(s["plane"]), tuple(s.get("point", (0.0, 0.0))))
+                point = tuple(float(v) for v in s.get("point", (0.0, 0.0)))
+                if len(point) != 2 or not all(math.isfinite(v) for v in point):
+                    raise TsdpoError(f"The saved point {s.get('point')} is not two finite numbers; the point starts at the origin.")
+                self.plane.set_plane(PreferencePlane.from_json(s["plane"]), point)
             except TsdpoError as exc:
                 self.show_error("The plane layout was not restored", str(exc))
         if s.get("n_columns"):
@@ -591,18 +645,29 @@ class MainWindow(QMainWindow):
             cols = [{"label": g.label, "text": g.output, "n_tokens": g.n_tokens, "weights": g.weights,
                      "point": (g.point_x, g.point_y) if g.point_x is not None else None, "seconds": g.seconds,
                      "tokens_per_s": g.n_tokens / g.seconds if g.seconds else 0.0, "stopped": g.stopped,
+                     "truncated": not g.stopped and g.n_tokens >= int((comp.params or {}).get("max_new_tokens") or 1 << 30),
                      "generation_id": g.id} for g in comp.generations]
-            self._add_history(comp.prompt, comp.id, cols, comp.ratings[-1] if comp.ratings else None)
+            self._add_history(comp.prompt, comp.id, cols, list(comp.ratings), bool((comp.params or {}).get("blind")))
 
-    def _add_history(self, prompt: str, comparison_id, columns: list[dict], rating) -> None:
+    def _add_history(self, prompt: str, comparison_id, columns: list[dict], ratings: list, blind: bool = False) -> None:
+        """One history entry. A blind comparison not rated yet names no source and shows no reply: both would
+        tell which column is which."""
+        hidden = blind and not ratings
         top = QTreeWidgetItem([prompt.replace("\n", " ")[:120], ""])
-        top.setData(0, Qt.UserRole, {"prompt": prompt, "comparison_id": comparison_id, "columns": columns})
-        for c in columns:
-            QTreeWidgetItem(top, [f"{c['label']}: {c['text'].replace(chr(10), ' ')[:160]}", str(c["n_tokens"])])
-        if rating is not None:
-            labels = {c["generation_id"]: c["label"] for c in columns}
+        top.setData(0, Qt.UserRole, {"prompt": prompt, "comparison_id": comparison_id, "columns": columns,
+                                     "blind": blind, "rated": bool(ratings)})
+        if hidden:
+            QTreeWidgetItem(top, [f"blind comparison of {len(columns)} replies: sources are shown once it is rated "
+                                  "(double-click to rate it)", ""])
+        else:
+            for c in columns:
+                QTreeWidgetItem(top, [f"{c['label']}: {c['text'].replace(chr(10), ' ')[:160]}", str(c["n_tokens"])])
+        labels = {c["generation_id"]: c["label"] for c in columns}
+        for i, rating in enumerate(ratings):
             verdict = f"{labels.get(rating.winner_id, '?')} better" if rating.outcome == "winner" else rating.outcome.replace("_", " ")
-            QTreeWidgetItem(top, [f"rating: {verdict}" + (" (blind)" if rating.blind else "") + (f" · {rating.note}" if rating.note else ""), ""])
+            replaced = " (replaced by the rating below)" if i < len(ratings) - 1 else ""
+            QTreeWidgetItem(top, [f"rating: {verdict}" + (" (blind)" if rating.blind else "")
+                                  + (f" · {rating.note}" if rating.note else "") + replaced, ""])
         self.history.insertTopLevelItem(0, top)
 
     def _show_history_item(self, item: QTreeWidgetItem, _col: int) -> None:
@@ -613,7 +678,7 @@ class MainWindow(QMainWindow):
             return
         self.prompt.setPlainText(data["prompt"])
         self.compare.n_columns.setValue(max(2, len(data["columns"])))
-        self.compare.start([c["label"] for c in data["columns"]])
+        self.compare.start([c["label"] for c in data["columns"]], blind=data.get("blind") and not data.get("rated"))
         self.compare.finish({"comparison_id": data["comparison_id"], "columns": data["columns"], "prompt": data["prompt"]})
 
     def export_ratings(self) -> None:

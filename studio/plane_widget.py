@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
+from PySide6.QtWidgets import (QMessageBox, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
                                QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
 
 from engine.plane import Axis, PreferencePlane, circle_anchors
@@ -24,6 +24,8 @@ MARKS = {"measured": dict(symbol="o", brush=pg.mkBrush(255, 255, 255, 200), pen=
          "contradicted": dict(symbol="x", brush=pg.mkBrush(220, 40, 40), pen=pg.mkPen(220, 40, 40, width=2))}
 NUDGE = 0.05
 
+
+SANE_WEIGHT = 100.0  # beyond this the GUI asks, and the CLI wants --force
 
 class PlaneView(pg.PlotWidget):
     """The plot: arrow keys nudge the point (Shift for a finer step)."""
@@ -262,6 +264,14 @@ class PreferencePlaneWidget(QWidget):
         self.heat_note.setText(layer.get("note", ""))
 
     # ------------------------------------------------------------------ internals
+    def confirm_large(self, weight: float) -> bool:
+        """Weights beyond +-100 are almost always a slip: ask before the plane can reach them."""
+        answer = QMessageBox.question(
+            self, "A very large weight",
+            f"With this scale and range the point can reach a weight of {weight:g}, far beyond where a direction "
+            f"means anything (+-{SANE_WEIGHT:g}). Allow it?", QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
     def limits(self) -> tuple[float, float]:
         if self.plane.anchors:
             return 1.0, 1.0
@@ -277,6 +287,11 @@ class PreferencePlaneWidget(QWidget):
                 anchors = circle_anchors(self.directions)
             self.plane = PreferencePlane(anchors=anchors)
         else:
+            for scale, rng in ((self.x_scale, self.x_range), (self.y_scale, self.y_range)):
+                if scale.value() * rng.value() > SANE_WEIGHT and not self.confirm_large(scale.value() * rng.value()):
+                    scale.blockSignals(True)
+                    scale.setValue(SANE_WEIGHT / rng.value())
+                    scale.blockSignals(False)
             xr, yr = self.x_range.value(), self.y_range.value()
             self.plane = PreferencePlane(Axis(name(self.x_combo), self.x_scale.value(), -xr, xr),
                                          Axis(name(self.y_combo), self.y_scale.value(), -yr, yr))

@@ -162,8 +162,8 @@ def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
                       "objective": "helpfulness", "steps": 500, "param": "lowrank", "max_tokens": 24,
                       "name": "helpfulness", "out": str(tmp_path / "h.safetensors")})
     qtbot.waitUntil(lambda: window.job_panel.eta.text() == "cancelled", timeout=60000)
-    assert 2 <= len(seen) < 100 and "loss" in seen[0]  # stopped long before its 500 steps
-    assert len(window.job_panel.losses) >= 2
+    assert 2 <= len(seen) < 100 and "loss" in seen[-1]  # stopped long before its 500 steps
+    assert len(window.job_panel.losses) >= 1  # the plot followed the steps that ran
     assert not (tmp_path / "h.safetensors").exists()
     assert not window.busy_with and window.generate_button.isEnabled()
 
