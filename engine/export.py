@@ -39,6 +39,7 @@ from engine import __version__
 from engine.directions import file_sha256
 from engine.errors import Cancelled, TsdpoError
 from engine.models import LoadedModel
+from engine.paths import can_create_in
 from engine.steering import SteeringVector
 from engine.tangent import TangentDirection
 
@@ -92,8 +93,10 @@ def check_target(out: Path, overwrite: bool) -> None:
     probe = out.parent
     while not probe.exists():  # the folders to create go below the nearest one that exists
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not can_create_in(probe):
         raise ExportError(f"Cannot create {out}: {probe} is not a folder you can write to. Choose another location.")
+
+
 
 
 STAGING, HIDDEN_OLD = "tsdpo-export", "tsdpo-old"

@@ -34,10 +34,42 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(tiny_model_dir):
+def _tiny_lm_and_snapshot(tiny_model_dir):
     from engine.models import load_model
 
-    return load_model(tiny_model_dir)
+    lm = load_model(tiny_model_dir)
+    return lm, _snapshot(lm)
+
+
+def _snapshot(lm) -> dict:
+    hooks = {name: (set(m._forward_hooks), set(m._forward_pre_hooks)) for name, m in lm.model.named_modules()}
+    return {"params": {n: p.detach().clone() for n, p in lm.model.named_parameters()}, "hooks": hooks,
+            "attn": lm.model.config._attn_implementation}
+
+
+@pytest.fixture
+def tiny_lm(_tiny_lm_and_snapshot):
+    """The session's tiny model, put back as it was after each test: weights bit for bit, no hook a test
+    left on a block, the attention implementation it loaded with, no mixer still registered."""
+    import torch
+
+    lm, snap = _tiny_lm_and_snapshot
+    yield lm
+    for m in list(lm.mixers):
+        m.clear()
+    lm.mixers.clear()
+    with torch.no_grad():
+        for n, p in lm.model.named_parameters():
+            if not torch.equal(p, snap["params"][n]):
+                p.copy_(snap["params"][n])
+    for name, m in lm.model.named_modules():
+        fwd, pre = snap["hooks"].get(name, (set(), set()))
+        for k in set(m._forward_hooks) - fwd:
+            del m._forward_hooks[k]
+        for k in set(m._forward_pre_hooks) - pre:
+            del m._forward_pre_hooks[k]
+    if lm.model.config._attn_implementation != snap["attn"]:
+        lm.model.set_attn_implementation(snap["attn"])
 
 
 @pytest.fixture
@@ -65,7 +97,8 @@ def tiny_pairs():
 
 
 @pytest.fixture(scope="session")
-def tiny_vector(tiny_lm, tiny_pairs):
+def tiny_vector(_tiny_lm_and_snapshot, tiny_pairs):
     from engine.steering import extract
 
-    return extract(tiny_lm, tiny_pairs, batch_size=6, max_response_tokens=48, max_prompt_tokens=48, strength=2.0)
+    return extract(_tiny_lm_and_snapshot[0], tiny_pairs, batch_size=6, max_response_tokens=48, max_prompt_tokens=48,
+                   strength=2.0)

@@ -117,9 +117,9 @@ def test_lowrank_mix_is_exact_and_restores_bit_identical(tiny_lm, tiny_pairs):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_lm, tiny_pairs):
+def trained(_tiny_lm_and_snapshot, tiny_pairs):
     cfg = TrainConfig(steps=6, param="lowrank", rank=4, **SMALL)
-    return train_direction(tiny_lm, tiny_pairs, cfg)
+    return train_direction(_tiny_lm_and_snapshot[0], tiny_pairs, cfg)
 
 
 def test_training_records_trl_metrics_and_a_loadable_direction(tiny_lm, trained, tmp_path):
