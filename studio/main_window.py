@@ -341,10 +341,10 @@ class MainWindow(QMainWindow):
         self.compare.set_attributes(attrs)
 
     def _on_mix_applied(self, weights: dict, seconds: float) -> None:
-        if seconds < 0:  # the apply failed; the engine put the model back at its base
-            self.mix_label.setText("mix not applied: the model is at its base weights")
-            return
         active = [f"{k} {v:+.2f}" for k, v in weights.items() if v]
+        if seconds < 0:  # refused (the mix before stays) or failed midway (the engine put back the base)
+            self.mix_label.setText("mix not applied: " + (f"still {', '.join(active)}" if active else "the model is at its base weights"))
+            return
         self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms" if active else f"base model (applied in {seconds * 1e3:.1f} ms)")
 
     def _on_released(self, weights: dict) -> None:

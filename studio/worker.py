@@ -150,7 +150,8 @@ class ModelWorker(QObject):
             self.mixer.set_weights(weights)
             self.mixApplied.emit(dict(self.mixer.rows[0]), time.perf_counter() - asked)
         except BaseException as exc:  # noqa: BLE001
-            self.mixApplied.emit({}, -1.0)  # what is applied now: nothing (a failed apply leaves the base model)
+            # What is applied now: the mix from before (the request was refused) or the base (it failed midway).
+            self.mixApplied.emit(dict(self.mixer.rows[0]) if len(self.mixer.rows) == 1 else {}, -1.0)
             self._fail("Could not apply the mix", exc)
 
     # ------------------------------------------------------------------ generation

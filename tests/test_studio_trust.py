@@ -1,0 +1,192 @@
+"""The studio on the tiny model: what the window says is loaded is what the worker holds, a Stop belongs to
+its request, closing never waits for a job, and a blind comparison names no source until it is rated."""
+
+import math
+import time
+
+import pyqtgraph as pg
+import pytest
+from PySide6.QtCore import QSettings
+from PySide6.QtWidgets import QAbstractButton, QComboBox, QLabel, QLineEdit, QPlainTextEdit, QTreeWidget, QWidget
+
+from engine.store import Store
+from studio.main_window import MainWindow
+
+pg.setConfigOptions(mouseRateLimit=-1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "studio.sqlite3")
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, store, tiny_model_dir, tiny_vector):
+    path = tiny_vector.save(tmp_path / "vec.safetensors")
+    w = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(w)
+    w.show()
+    w.load_model(str(tiny_model_dir))
+    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
+    for name in ("v1", "v2"):
+        w.host.add_direction(str(path), name)
+    qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=30000)
+    yield w
+    w.close()
+
+
+def _generate(qtbot, w, prompt="How do I cook rice?", tokens=6):
+    w.prompt.setPlainText(prompt)
+    w.max_tokens.setValue(tokens)
+    before = w.history.topLevelItemCount()
+    w.start_generation()
+    qtbot.waitUntil(lambda: w.compare.last is not None and not w.busy_with
+                    and w.history.topLevelItemCount() > before, timeout=30000)
+
+
+def test_reloading_the_same_model_keeps_the_directions_and_the_mix(qtbot, window, tiny_model_dir):
+    window.plane.set_point(0.5, -0.25)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
+    window.load_model(str(tiny_model_dir))
+    qtbot.waitUntil(lambda: not window.busy_with and window.host.worker.mixer is not None
+                    and list(window.host.worker.mixer.directions) == ["v1", "v2"], timeout=30000)
+    # One source of truth: the window lists what the worker holds, and the point's mix is applied to the new model.
+    assert list(window.directions) == ["v1", "v2"]
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
+    window.plane.set_point(-0.4, 0.3)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
+    window.compare.columns[1].source.setCurrentText("Mix at the point")
+    _generate(qtbot, window)
+    assert not window.error_dialogs, [b.text() for b in window.error_dialogs]
+    assert window.compare.last["columns"][1]["weights"] == window.plane.weights()
+
+
+def test_a_refused_mix_says_so_and_changes_nothing(qtbot, window):
+    window.host.apply_weights({"v1": 0.5})
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [{"v1": 0.5}], timeout=10000)
+    window.host.apply_weights({"v1": math.nan})
+    qtbot.waitUntil(lambda: "not applied" in window.mix_label.text(), timeout=10000)
+    assert window.host.worker.mixer.rows == [{"v1": 0.5}] and "still v1 +0.50" in window.mix_label.text()
+    assert "finite" in window.error_dialogs[-1].text()
+
+
+def test_a_stop_is_not_erased_by_the_next_request(qtbot, window):
+    w = window
+    blocks = w.host.worker.lm.decoder_layers()
+    slow = blocks[0].register_forward_hook(lambda *a: time.sleep(0.01))  # about 30 ms a token
+    results = []
+    w.host.worker.compared.connect(lambda r: results.append(r))
+    try:
+        first = {"prompt": "Tell me a long story.", "columns": [{"label": "base", "weights": {}, "point": None}],
+                 "params": {"max_new_tokens": 300}, "session_id": None}
+        texts = []
+        w.host.worker.text.connect(lambda i, piece: texts.append(piece))
+        w.host.compare(first)
+        qtbot.waitUntil(lambda: len(texts) >= 2, timeout=20000)
+        w.host.stop()
+        w.host.compare({**first, "params": {"max_new_tokens": 3}})  # the next request, sent right after the Stop
+        qtbot.waitUntil(lambda: len(results) == 2, timeout=60000)
+    finally:
+        slow.remove()
+    assert results[0]["columns"][0]["stopped"] and results[0]["columns"][0]["n_tokens"] < 300
+    assert not results[1]["columns"][0]["stopped"]  # a new request has its own token
+
+
+def test_closing_the_window_during_a_job_does_not_wait_for_it(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    w.show()
+    w.load_model(str(tiny_model_dir))
+    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
+    steps = []
+    w.host.worker.jobProgress.connect(steps.append)
+    out = tmp_path / "h.safetensors"
+    w.start_job({"kind": "train", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 20,
+                 "objective": "helpfulness", "steps": 100000, "param": "full", "max_tokens": 24, "name": "h",
+                 "out": str(out)})
+    qtbot.waitUntil(lambda: len(steps) >= 3, timeout=30000)
+    t0 = time.perf_counter()
+    w.close()
+    assert time.perf_counter() - t0 < 5.0 and w.host.thread.isFinished()
+    assert not out.exists()
+
+
+def _visible_strings(w, skip=()) -> list[str]:
+    """Every string a person can read in the window now: labels, buttons, fields, list and tree items, tooltips
+    (outside the widgets in ``skip``)."""
+    out = [w.windowTitle(), w.statusBar().currentMessage()]
+    for widget in w.findChildren(QWidget):
+        if not widget.isVisible() or any(widget is s or s.isAncestorOf(widget) for s in skip):
+            continue
+        out.append(widget.toolTip())
+        if isinstance(widget, (QLabel, QAbstractButton, QLineEdit)):
+            out.append(widget.text())
+        elif isinstance(widget, QComboBox):
+            out.append(widget.currentText())
+        elif isinstance(widget, QPlainTextEdit):
+            out.append(widget.toPlainText())
+        elif isinstance(widget, QTreeWidget):
+            stack = [widget.topLevelItem(i) for i in range(widget.topLevelItemCount())]
+            while stack:
+                item = stack.pop()
+                out += [item.text(c) for c in range(item.columnCount())] + [item.toolTip(0)]
+                stack += [item.child(i) for i in range(item.childCount())]
+    return [s for s in out if s]
+
+
+def test_a_blind_comparison_names_no_source_until_rated_then_the_true_one(qtbot, window, monkeypatch):
+    w = window
+    w.plane.set_point(0.6, 0.2)
+    w.plane.add_pin("p1", -0.5, 0.5)
+    w.compare.n_columns.setValue(3)
+    for view, src in zip(w.compare.columns, ("Base model", "Mix at the point", "Pinned: p1")):
+        view.source.setCurrentText(src)
+    w.compare.blind.setChecked(True)
+    monkeypatch.setattr("studio.compare_panel.random.shuffle", lambda order: order.reverse())
+    _generate(qtbot, w, tokens=8)
+    result = w.compare.last
+    labels = [c["label"] for c in result["columns"]]
+    assert labels[0] == "base" and labels[1].startswith("point (") and labels[2] == "pinned p1"
+    secrets = ["Base model", "Mix at the point", "Pinned: p1", "pinned p1", "point (", "base:", "v1 +", "v2 +"]
+    # The plane shows where the point is (the person put it there); it says nothing of which column is which.
+    visible = _visible_strings(w, skip=[w.plane])
+    leaks = [(s, t) for t in visible for s in secrets if s in t]
+    assert not leaks, leaks
+
+    w.compare.rate("winner", 0)  # slot A shows the last request column (the pinned point), the shuffle reversed them
+    qtbot.waitUntil(lambda: w.compare.revealed, timeout=5000)
+    assert "pinned p1" in w.compare.rating_status.text()
+    for slot in range(3):
+        r = w.compare.order[slot]
+        view = w.compare.columns[slot]
+        assert view.text.toPlainText() == result["columns"][r]["text"]
+        assert view.source.currentText() == ["Base model", "Mix at the point", "Pinned: p1"][r]
+        assert labels[r] in view.stats.text()
+    rating = w.store.ratings(result["comparison_id"])[-1]
+    assert rating.blind and rating.winner_id == result["columns"][2]["generation_id"]
+
+
+def test_rating_again_is_an_edit_that_can_be_undone(qtbot, window):
+    w = window
+    _generate(qtbot, w)
+    w.compare.note.setText("A is clearer")
+    w.compare.rate("winner", 0)
+    qtbot.waitUntil(lambda: "Rating saved" in w.compare.rating_status.text(), timeout=5000)
+    w.compare.rate("tie")
+    qtbot.waitUntil(lambda: "Rating changed" in w.compare.rating_status.text(), timeout=5000)
+    assert "it was: A" in w.compare.rating_status.text() and w.compare.undo_button.isVisible()
+    cid = w.compare.last["comparison_id"]
+    assert [r.outcome for r in w.store.ratings(cid)] == ["winner", "tie"]
+    assert w.store.ratings(cid)[-1].note == "A is clearer"
+    history = "\n".join(_visible_strings(w))
+    assert "replaced by the rating below" in history
+    w.compare.undo_button.click()
+    qtbot.waitUntil(lambda: "undone" in w.compare.rating_status.text(), timeout=5000)
+    assert [r.outcome for r in w.store.ratings(cid)] == ["winner"]
+
+
+def test_a_scale_that_reaches_huge_weights_asks_first(qtbot, window, monkeypatch):
+    asked = []
+    monkeypatch.setattr(window.plane, "confirm_large", lambda weight: asked.append(weight) or False)
+    window.plane.x_range.setValue(10.0)
+    window.plane.x_scale.setValue(20.0)
+    assert asked and window.plane.plane.x.scale * window.plane.plane.x.high <= 100.0 + 1e-9
