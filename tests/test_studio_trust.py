@@ -104,9 +104,15 @@ def test_closing_the_window_during_a_job_does_not_wait_for_it(qtbot, tmp_path, s
                  "objective": "helpfulness", "steps": 100000, "param": "full", "max_tokens": 24, "name": "h",
                  "out": str(out)})
     qtbot.waitUntil(lambda: len(steps) >= 3, timeout=30000)
+    # From now on a step takes several seconds (as on a real model): each block waits 1.2 s.
+    slow = [b.register_forward_pre_hook(lambda *a: time.sleep(1.2)) for b in w.host.worker.lm.decoder_layers()]
+    time.sleep(0.3)
     t0 = time.perf_counter()
-    w.close()
-    assert time.perf_counter() - t0 < 5.0 and w.host.thread.isFinished()
+    w.close()  # the cancel lands before the next block: at most the 1.2 s block under way, not the step
+    elapsed = time.perf_counter() - t0
+    for h in slow:
+        h.remove()
+    assert elapsed < 2.5 and w.host.thread.isFinished(), elapsed
     assert not out.exists()
 
 
