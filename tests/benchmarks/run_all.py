@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE))
 
 from common import machine  # noqa: E402
 
-ORDER = ["bench_steering.py", "bench_tangent.py", "bench_export.py", "bench_studio.py"]
+ORDER = ["bench_steering.py", "bench_tangent.py", "bench_export.py", "bench_studio.py", "bench_cancel.py"]
 SUMMARY = [
     ("steering", "extraction_vs_dpo_run", "steering extraction time / ordinary DPO run on the same pairs"),
     ("tangent", "ts_dpo_vs_dpo_step_time_full", "TS-DPO step time / ordinary DPO step (full deltas)"),
@@ -54,7 +54,11 @@ def main() -> int:
                 ("tangent", "apply_latency", "ms, weight-space mix-apply latency full / low-rank (median)"),
                 ("steering", "tokens_per_s_base", "tokens/s, base model"),
                 ("studio", "launch_to_usable_plane_s", "s, launch to usable plane"),
-                ("export", "export_hf_checked_s", "s, HF export of the embedded model, with its check")]
+                ("export", "export_hf_checked_s", "s, HF export of the embedded model, with its check"),
+                ("cancel", "ranking_cancel_s", "s, cancel latency in the steering layer ranking (goal < 2)"),
+                ("cancel", "forward_cancel_s", "s, cancel latency in extraction's forward passes (goal < 2)"),
+                ("cancel", "training_cancel_s", "s, cancel latency inside a TS-DPO step (goal < 2)"),
+                ("cancel", "training_step_s", "s, one TS-DPO step (what a cancel used to wait for)")]
     for bench, key, what in absolute:
         value = figures.get(bench, {}).get(key)
         if isinstance(value, dict):
