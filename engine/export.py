@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import glob
 import json
 import math
 import os
@@ -111,7 +112,7 @@ def clean_stale(out: Path) -> list[str]:
     done = []
     if not out.parent.is_dir():
         return done
-    for p in sorted(out.parent.glob(f".{glob_escape(out.name)}.tsdpo-*-*")):
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.tsdpo-*-*")):
         kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
         if kind not in (STAGING, HIDDEN_OLD) or not pid.isdigit() or not p.is_dir():
             continue
@@ -125,12 +126,6 @@ def clean_stale(out: Path) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             done.append(f"removed {p.name}, left by an interrupted export ({_size(size)})")
     return done
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def _check_space(parent: Path, needed: int) -> None:
