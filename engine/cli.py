@@ -688,16 +688,10 @@ def cmd_directions_add(args) -> int:
     """Register a direction file that exists (one whose registration failed, or one from elsewhere)."""
     from pathlib import Path
 
-    from engine.directions import file_sha256, read_direction_file
-    from engine.steering import SteeringVector
-    from engine.tangent import TangentDirection
+    from engine.directions import file_sha256, open_direction
 
     path = Path(args.file).expanduser().resolve()
-    kind, tensors, meta = read_direction_file(path)
-    classes = {"steering": SteeringVector, "tangent": TangentDirection}
-    if kind not in classes:
-        raise TsdpoError(f"{path} holds a {kind!r} direction, which this version cannot register.")
-    d = classes[kind].from_file(kind, tensors, meta, path)
+    d = open_direction(path)
     if args.name:
         d.name = args.name
     store = _store(args)

@@ -118,14 +118,25 @@ def resolve_direction_path(ref: str | Path, store=None) -> Path:
     return path.resolve()
 
 
-def load_direction(ref: str | Path, lm, store=None):
-    """A direction from a file path or from its name in the store, checked against the loaded model."""
+def open_direction(path: str | Path):
+    """The direction stored in a file, read once and not yet checked against any model."""
     from engine.steering import SteeringVector
     from engine.tangent import TangentDirection
 
-    path = resolve_direction_path(ref, store)
-    kind, _, _ = read_direction_file(path)
+    path = Path(path)
+    kind, tensors, meta = read_direction_file(path)
     classes = {"steering": SteeringVector, "tangent": TangentDirection}
     if kind not in classes:
         raise DirectionError(f"{path} holds a {kind!r} direction, which this version cannot load.")
-    return classes[kind].load(path, lm)
+    direction = classes[kind].from_file(kind, tensors, meta, path)
+    direction.meta["_path"] = str(path.resolve())
+    return direction
+
+
+def load_direction(ref: str | Path, lm, store=None):
+    """A direction from a file path or from its name in the store, checked against the loaded model."""
+    path = resolve_direction_path(ref, store)
+    direction = open_direction(path)
+    check_model(direction.model, lm, path)
+    direction.check_weights(lm, path)
+    return direction

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from engine.directions import DirectionError, check_model
-from engine.models import LoadedModel
+from engine.models import LoadedModel, block_output
 from engine.steering import SteeringVector
 from engine.tangent import TangentDirection
 
@@ -141,13 +141,17 @@ class Mixer:
             self._reset()
             raise
 
-    def _reset(self) -> None:
-        """The exact base model: every touched weight copied back, no hook."""
-        with torch.no_grad():
-            for n in self._modified:
-                self._params[n].copy_(self._base[n])
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        """Every weight a direction touched, copied back from its exact base copy."""
+        for n in self._modified:
+            self._params[n].copy_(self._base[n])
         self._modified = set()
         self._weight_mix = {}
+
+    def _reset(self) -> None:
+        """The exact base model: every touched weight copied back, no hook."""
+        self._restore_weights()
         for handle in self._hooks.values():
             handle.remove()
         self._hooks = {}
@@ -158,10 +162,7 @@ class Mixer:
     def _apply_weights(self, mix: dict[str, float]) -> None:
         if mix == self._weight_mix:
             return
-        self._weight_mix = {}  # until every delta is in, the applied mix is unknown; a failure resets to the base
-        for n in self._modified:
-            self._params[n].copy_(self._base[n])
-        self._modified = set()
+        self._restore_weights()  # and until every delta is in, the applied mix is unknown: a failure resets to the base
         for name, alpha in mix.items():
             d = self.directions[name]
             for n in d.param_names():
@@ -198,7 +199,7 @@ class Mixer:
             d = self._delta.get(layer)
             if d is None:
                 return None
-            h = output[0] if isinstance(output, tuple) else output
+            h = block_output(output)
             if d.shape[0] not in (1, h.shape[0]):
                 raise DirectionError(f"The mix has {d.shape[0]} rows of weights but the batch has {h.shape[0]}.")
             add = d[:, None, :]

@@ -354,6 +354,11 @@ class LoadedModel:
         }
 
 
+def block_output(out):
+    """Decoder blocks return a tensor or a tuple whose first item is the hidden state (transformers 5 does both)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def runs_at_base(fn):
     """For engine functions that must see the base model (``fn(lm, ...)``): the mix is set aside while they run."""
 

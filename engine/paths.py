@@ -19,7 +19,7 @@ def _dir(env: str, default: str) -> Path:
     except OSError as exc:  # under a regular file, or a folder we may not write
         raise TsdpoError(f"Cannot use {p} as the studio's {'cache' if 'CACHE' in env else 'data'} folder "
                          f"({exc.strerror or exc}). Set {env} to a folder you can write to.") from exc
-    if not os.access(p, os.W_OK | os.X_OK) or not can_create_in(p):
+    if not can_create_in(p):
         raise TsdpoError(f"Cannot write in {p}, the studio's {'cache' if 'CACHE' in env else 'data'} folder "
                          f"(permission denied). Set {env} to a folder you can write to.")
     return p

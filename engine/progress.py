@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from engine.errors import Cancelled
+from engine.models import block_output
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,9 @@ class Progress:
     eta_s: Optional[float] = None
     metrics: dict = field(default_factory=dict)
 
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
-
-    def line(self) -> str:
-        eta = f", ETA {self.eta_s:.0f} s" if self.eta_s is not None and self.done < self.total else ""
-        return f"{self.phase}: {self.done}/{self.total}{eta}"
-
 
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
-
-
-def never() -> bool:
-    return False
 
 
 class Phase:
@@ -88,7 +77,7 @@ def abort_on_cancel(lm, should_stop: Optional[StopFn], what: str) -> Iterator[No
             raise Cancelled(what)
 
     def after(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
+        h = block_output(output)
         if getattr(h, "requires_grad", False):
             try:
                 h.register_hook(check)

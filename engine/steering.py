@@ -27,7 +27,7 @@ import torch
 from engine.data import PairSet
 from engine.directions import DirectionError, DirectionFile, save_direction_file
 from engine.errors import Cancelled
-from engine.models import LoadedModel, runs_at_base
+from engine.models import LoadedModel, block_output, runs_at_base
 from engine.progress import Phase, ProgressFn, abort_on_cancel
 
 KIND = "steering"
@@ -37,11 +37,6 @@ DEFAULT_MAX_RESPONSE_TOKENS = 192
 # at 0.05-0.1 it stayed fluent (see docs/evidence.md).
 DEFAULT_STRENGTH = 0.1
 MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
-
-
-def _block_output(out):
-    """Decoder blocks return a tensor or a tuple whose first item is the hidden state."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 @dataclass
@@ -139,7 +134,7 @@ class _Collector:
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            h = _block_output(output).double()
+            h = block_output(output).double()
             if self.aggregate == "last":
                 vec = h[torch.arange(h.shape[0]), self.last]
                 norm = vec.norm(dim=-1)
