@@ -45,6 +45,7 @@ class Mixer:
         self._params = dict(lm.model.named_parameters())
         self._base: dict[str, torch.Tensor] = {}  # exact copies of the weights a weight-space direction touches
         self._modified: set[str] = set()
+        self._max_abs: dict[str, float] = {}  # weight-space direction -> its largest |delta| entry
         self._weight_mix: dict[str, float] = {}
         self.rows: list[dict[str, float]] = [{}]  # the weights now applied, one dict per batch row
         self.prompt_len: Optional[int] = None  # set by generation for "generated" positions on full sequences
@@ -71,6 +72,9 @@ class Mixer:
                     raise DirectionError(f"{name}: the model has no weight {n}.")
                 if n not in self._base:
                     self._base[n] = self._params[n].detach().clone()
+            # Its largest entry, once: whether a weight overflows is then one comparison per apply, not a pass
+            # over every touched element.
+            self._max_abs[name] = max(float(direction.delta(n).abs().max()) for n in direction.param_names())
         self.directions[name] = direction
         return name
 
@@ -127,6 +131,12 @@ class Mixer:
             if not torch.isfinite(d).all():
                 raise DirectionError(f"The steering weights {_describe(rows)} add values too large to represent at layer "
                                      f"{layer} (they overflow to infinity). Use smaller weights; nothing was applied.")
+        limit = torch.finfo(p.dtype).max
+        for name, alpha in weight_parts[0].items():
+            if abs(alpha) * self._max_abs[name] >= limit:
+                self._reset()
+                raise DirectionError(f"Weight {alpha:g} of {name} makes its weight deltas overflow to infinity; use a "
+                                     "smaller weight. The model is back at its base weights.")
         try:
             self._apply_weights(weight_parts[0])
             self._delta = delta
@@ -168,12 +178,8 @@ class Mixer:
             for n in d.param_names():
                 w = self._params[n]
                 # Not in place: for a full-rank direction delta() is the stored tensor itself.
-                add = (d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype)
-                if not torch.isfinite(add).all():
-                    raise DirectionError(f"Weight {alpha:g} of {name} makes {n} overflow to infinity; use a smaller weight. "
-                                         "The model is back at its base weights.")
                 self._modified.add(n)  # before the edit: a failure inside it is still undone
-                w.add_(add)
+                w.add_((d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype))
         self._weight_mix = dict(mix)
 
     def clear(self) -> None:
