@@ -187,9 +187,14 @@ class PinnedPoint(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
 
 
+def _locked(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return "locked" in text or "busy" in text
+
+
 def _friendly(exc: BaseException, path: Path, action: str) -> StoreError:
     text = str(getattr(exc, "orig", exc))
-    if "locked" in text or "busy" in text:
+    if _locked(exc):
         return StoreError(
             f"The database {path} is locked by another program (another studio window or a `tsdpo` command?) and "
             f"could not {action}. Close that program and try again; everything saved before is intact."
@@ -244,11 +249,6 @@ def migrate(path: Path, target: int = SCHEMA_VERSION, busy_timeout_s: float = 3.
         raise _friendly(exc, path, "open the database") from exc
     finally:
         con.close()
-
-
-def _locked(exc: BaseException) -> bool:
-    text = str(getattr(exc, "orig", exc))
-    return "locked" in text or "busy" in text
 
 
 class Store:
@@ -492,13 +492,13 @@ def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
             if g.id != winner.id and g.output.strip() != winner.output.strip():
                 rows.append({"prompt": comp.prompt, "chosen": winner.output, "rejected": g.output,
                              "chosen_label": winner.label, "rejected_label": g.label, "blind": rating.blind,
-                             "chosen_truncated": _truncated(winner, limit), "rejected_truncated": _truncated(g, limit),
+                             "chosen_truncated": is_truncated(winner, limit), "rejected_truncated": is_truncated(g, limit),
                              "chosen_stopped": bool(winner.stopped), "rejected_stopped": bool(g.stopped),
                              "comparison_id": comp.id})
     return rows
 
 
-def _truncated(g: "Generation", limit: Optional[int]) -> bool:
+def is_truncated(g: "Generation", limit: Optional[int]) -> bool:
     """A reply that used every token it was allowed without ending (its end-of-turn was never generated)."""
     return limit is not None and not g.stopped and g.n_tokens >= int(limit)
 

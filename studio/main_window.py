@@ -638,6 +638,8 @@ class MainWindow(QMainWindow):
         self.progress_label.setText("Session restored")
 
     def _reload_history(self) -> None:
+        from engine.store import is_truncated
+
         self.history.clear()
         if self.store is None or self.session_id is None:
             return
@@ -645,7 +647,7 @@ class MainWindow(QMainWindow):
             cols = [{"label": g.label, "text": g.output, "n_tokens": g.n_tokens, "weights": g.weights,
                      "point": (g.point_x, g.point_y) if g.point_x is not None else None, "seconds": g.seconds,
                      "tokens_per_s": g.n_tokens / g.seconds if g.seconds else 0.0, "stopped": g.stopped,
-                     "truncated": not g.stopped and g.n_tokens >= int((comp.params or {}).get("max_new_tokens") or 1 << 30),
+                     "truncated": is_truncated(g, (comp.params or {}).get("max_new_tokens")),
                      "generation_id": g.id} for g in comp.generations]
             self._add_history(comp.prompt, comp.id, cols, list(comp.ratings), bool((comp.params or {}).get("blind")))
 
