@@ -90,7 +90,7 @@ class ComparePanel(QWidget):
             grid.addWidget(c, 0, i)
         self.grid = grid
         self.order: list[int] = list(range(4))  # display slot -> request column (shuffled when blind)
-        self.sources: list[str] = []  # request column -> the source chosen for it when the comparison started
+        self.sources: Optional[list[str]] = None  # request column -> the source chosen for it when it started
         self.last: Optional[dict] = None  # the finished comparison shown now
         self.revealed = True
 
@@ -176,13 +176,12 @@ class ComparePanel(QWidget):
         if blind:
             random.shuffle(self.order)
         self.revealed = not blind
-        self.sources = list(sources) if sources is not None else [c.source.currentText() for c in self.columns[:n]]
+        self.sources = list(sources) if sources is not None else None
         self.last = None
         for slot in range(n):
             col = self.columns[slot]
             col.clear_output()
             col.source.setVisible(self.revealed)
-            col.title.setText(f"<b>{LETTERS[slot]}</b>")
         self.rating_status.setText("")
         self.undo_button.hide()
         self._enable_rating(False)
@@ -235,11 +234,11 @@ class ComparePanel(QWidget):
             self.revealed = True
             for slot, request_column in enumerate(self.order[:len(self.last["columns"])]):
                 view = self.columns[slot]
-                view.source.blockSignals(True)
-                view.source.setCurrentText(self.sources[request_column])
-                view.source.blockSignals(False)
-                view.source.setVisible(True)
-                view.title.setText(f"<b>{LETTERS[slot]}</b>")
+                if self.sources is not None:  # unknown for a comparison reopened from the history: the line below says it
+                    view.source.blockSignals(True)
+                    view.source.setCurrentText(self.sources[request_column])
+                    view.source.blockSignals(False)
+                    view.source.setVisible(True)
                 self._stats(view, self.last["columns"][request_column], hidden=False)
 
     def letter_of(self, request_column: int) -> str:

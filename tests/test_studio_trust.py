@@ -196,3 +196,26 @@ def test_a_scale_that_reaches_huge_weights_asks_first(qtbot, window, monkeypatch
     window.plane.x_range.setValue(10.0)
     window.plane.x_scale.setValue(20.0)
     assert asked and window.plane.plane.x.scale * window.plane.plane.x.high <= 100.0 + 1e-9
+
+
+def test_a_blind_comparison_reopened_from_the_history_stays_blind_and_reveals_truly(qtbot, window, monkeypatch):
+    w = window
+    w.plane.set_point(0.6, 0.2)
+    for view, src in zip(w.compare.columns, ("Base model", "Mix at the point")):
+        view.source.setCurrentText(src)
+    w.compare.blind.setChecked(True)
+    monkeypatch.setattr("studio.compare_panel.random.shuffle", lambda order: order.reverse())
+    _generate(qtbot, w, tokens=6)
+    labels = [c["label"] for c in w.compare.last["columns"]]
+    w.compare.blind.setChecked(False)  # reopening must not un-blind an unrated blind comparison
+    w.compare.columns[0].source.setCurrentText("Mix at the point")  # dropdowns no longer say what it was run with
+    w.compare.columns[1].source.setCurrentText("Base model")
+    w._show_history_item(w.history.topLevelItem(0), 0)
+    assert not w.compare.revealed
+    assert not any("base" in t or "point (" in t for t in _visible_strings(w, skip=[w.plane]) if "How do I" not in t)
+    w.compare.rate("winner", 0)
+    qtbot.waitUntil(lambda: w.compare.revealed, timeout=5000)
+    for slot in range(2):
+        view = w.compare.columns[slot]
+        assert labels[w.compare.order[slot]] in view.stats.text()
+        assert not view.source.isVisible()  # its true source is unknown to the dropdown: the line above says it
