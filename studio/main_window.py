@@ -613,7 +613,10 @@ class MainWindow(QMainWindow):
         missing = [d for d in wanted if d["name"] not in self.directions]
         restore["waiting"] = len(missing)
         for d in missing:
-            self.host.add_direction(d["path"], d["name"])
+            path = Path(d["path"])
+            if not path.is_file() and (DEMO_DIRECTIONS / path.name).is_file():
+                path = DEMO_DIRECTIONS / path.name  # a shipped demo direction, from a checkout that has moved
+            self.host.add_direction(str(path), d["name"])
         self._maybe_finish_restore()
 
     def _maybe_finish_restore(self) -> None:

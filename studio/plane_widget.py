@@ -176,7 +176,12 @@ class PreferencePlaneWidget(QWidget):
         self._axes_edited()
 
     def set_plane(self, plane: PreferencePlane, point: tuple[float, float] = (0.0, 0.0)) -> None:
-        """Restore a saved layout (session reopen)."""
+        """Restore a saved layout (session reopen). Axes and anchors of directions that are not loaded are dropped:
+        the plane never names a direction the model does not have."""
+        known = set(self.directions)
+        plane = PreferencePlane(*(Axis(a.direction if a.direction in known else None, a.scale, a.low, a.high)
+                                  for a in (plane.x, plane.y)),
+                                {k: v for k, v in plane.anchors.items() if k in known}, plane.power)
         for combo, axis in ((self.x_combo, plane.x), (self.y_combo, plane.y)):
             combo.blockSignals(True)
             combo.setCurrentText(axis.direction if axis.direction in self.directions else NONE)

@@ -219,3 +219,33 @@ def test_a_blind_comparison_reopened_from_the_history_stays_blind_and_reveals_tr
         view = w.compare.columns[slot]
         assert labels[w.compare.order[slot]] in view.stats.text()
         assert not view.source.isVisible()  # its true source is unknown to the dropdown: the line above says it
+
+
+def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot, tmp_path, store, tiny_model_dir, tiny_vector):
+    """Seen in a real window: a session whose direction files had moved restored its plane bound to them, and
+    every drag then failed with 'No loaded direction named ...'."""
+    kept, gone = tiny_vector.save(tmp_path / "kept.safetensors"), tiny_vector.save(tmp_path / "gone.safetensors")
+    w = MainWindow(QSettings(str(tmp_path / "a.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(w)
+    w.show()
+    w.load_model(str(tiny_model_dir))
+    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
+    w.host.add_direction(str(kept), "kept")
+    w.host.add_direction(str(gone), "gone")
+    qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=30000)
+    w.plane.set_point(0.3, 0.6)
+    sid = w.session_id
+    w.close()
+    gone.unlink()
+    again = MainWindow(QSettings(str(tmp_path / "b.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(again)
+    again.show()
+    again.open_session(sid)
+    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
+    assert list(again.directions) == ["kept"]
+    assert again.plane.plane.x.direction == "kept" and again.plane.plane.y.direction is None
+    again.plane.set_point(0.5, 0.5)
+    qtbot.waitUntil(lambda: again.host.worker.mixer.rows == [{"kept": 0.5}], timeout=10000)
+    texts = [b.text() for b in again.error_dialogs]
+    assert any("gone.safetensors" in t for t in texts) and not any("No loaded direction" in t for t in texts), texts
+    again.close()
