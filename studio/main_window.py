@@ -56,6 +56,7 @@ class MainWindow(QMainWindow):
         self.session_id: Optional[int] = None
         self.directions: dict[str, dict] = {}  # what the worker's mixer holds, as it last said (directionsChanged)
         self.overlaps: dict[str, str] = {}  # direction name -> the interference warning shown beside it
+        self.unrestored: list[dict] = []  # the open session's directions that did not load (kept in the session)
         self.last_result: Optional[dict] = None
         self._restore: Optional[dict] = None
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
@@ -283,6 +284,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("last_model", "" if info["source"]["kind"] == "embedded" else info["source"]["ref"])
         if changed:
             self.plane.set_directions([])
+            self.unrestored = []
         elif info.get("kept_directions"):
             # The same model again: the worker carried the directions over; put the point's mix back on it.
             self.host.apply_weights(self.plane.weights())
@@ -540,6 +542,7 @@ class MainWindow(QMainWindow):
             self.show_error("The session was not created", str(exc))
             return
         self.session_id = row.id
+        self.unrestored = []
         self.settings.setValue("last_session", row.id)
         self.plane.clear_pins()
         self.history.clear()
@@ -552,7 +555,10 @@ class MainWindow(QMainWindow):
         self._save_session()
 
     def session_settings(self) -> dict:
-        return {"directions": [{"name": n, "path": d["path"]} for n, d in self.directions.items() if d.get("path")],
+        loaded = [{"name": n, "path": d["path"]} for n, d in self.directions.items() if d.get("path")]
+        # Directions the session had but that did not load this time (a file moved, a disk not mounted) stay in it.
+        kept = [d for d in self.unrestored if d["name"] not in self.directions]
+        return {"directions": loaded + kept,
                 "plane": self.plane.plane.to_json(), "point": list(self.plane.point),
                 "columns": self.compare.chosen_sources(), "n_columns": self.compare.n_columns.value()}
 
@@ -625,6 +631,7 @@ class MainWindow(QMainWindow):
             return
         self._restore = None
         s = r["settings"]
+        self.unrestored = [d for d in s.get("directions", []) if d["name"] not in self.directions]
         self._directions_changed()
         if "plane" in s:
             try:

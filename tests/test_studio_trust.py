@@ -249,3 +249,12 @@ def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot
     texts = [b.text() for b in again.error_dialogs]
     assert any("gone.safetensors" in t for t in texts) and not any("No loaded direction" in t for t in texts), texts
     again.close()
+    # The session still holds the direction that did not load: once its file is back, it loads again.
+    assert [d["name"] for d in store.session(sid).settings["directions"]] == ["kept", "gone"]
+    tiny_vector.save(gone)
+    third = MainWindow(QSettings(str(tmp_path / "c.ini"), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(third)
+    third.open_session(sid)
+    qtbot.waitUntil(lambda: third.model_info is not None and third._restore is None and not third.busy_with, timeout=30000)
+    assert list(third.directions) == ["kept", "gone"]
+    third.close()
