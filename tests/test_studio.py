@@ -36,6 +36,16 @@ def make_window(qtbot, tmp_path, store, model_dir, directions=()):
     return w
 
 
+def reopen(qtbot, tmp_path, store, session_id, ini="other.ini"):
+    """A second window that opens a stored session, once it has finished restoring."""
+    w = MainWindow(QSettings(str(tmp_path / ini), QSettings.IniFormat), store=store, demo_directions=False)
+    qtbot.addWidget(w)
+    w.show()
+    w.open_session(session_id)
+    qtbot.waitUntil(lambda: w.model_info is not None and w._restore is None and not w.busy_with, timeout=30000)
+    return w
+
+
 @pytest.fixture
 def window(qtbot, tmp_path, store, tiny_model_dir, vector_file):
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(vector_file, "v1"), (vector_file, "v2")])
@@ -142,11 +152,7 @@ def test_reopening_a_session_restores_everything(qtbot, tmp_path, store, tiny_mo
     session_id = window.session_id
     window.close()
 
-    again = MainWindow(QSettings(str(tmp_path / "other.ini"), QSettings.IniFormat), store=store, demo_directions=False)
-    qtbot.addWidget(again)
-    again.show()
-    again.open_session(session_id)
-    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
+    again = reopen(qtbot, tmp_path, store, session_id)
     assert set(again.directions) == {"v1", "v2"}
     assert again.plane.point == pytest.approx((-0.3, 0.4))
     assert again.plane.plane.y.scale == 1.5 and again.plane.plane.x.direction == "v1"

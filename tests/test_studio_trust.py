@@ -11,6 +11,7 @@ from PySide6.QtWidgets import QAbstractButton, QComboBox, QLabel, QLineEdit, QPl
 
 from engine.store import Store
 from studio.main_window import MainWindow
+from test_studio import make_window, reopen
 
 pg.setConfigOptions(mouseRateLimit=-1)
 
@@ -23,14 +24,7 @@ def store(tmp_path):
 @pytest.fixture
 def window(qtbot, tmp_path, store, tiny_model_dir, tiny_vector):
     path = tiny_vector.save(tmp_path / "vec.safetensors")
-    w = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
-    qtbot.addWidget(w)
-    w.show()
-    w.load_model(str(tiny_model_dir))
-    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
-    for name in ("v1", "v2"):
-        w.host.add_direction(str(path), name)
-    qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=30000)
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(path, "v1"), (path, "v2")])
     yield w
     w.close()
 
@@ -225,23 +219,12 @@ def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot
     """Seen in a real window: a session whose direction files had moved restored its plane bound to them, and
     every drag then failed with 'No loaded direction named ...'."""
     kept, gone = tiny_vector.save(tmp_path / "kept.safetensors"), tiny_vector.save(tmp_path / "gone.safetensors")
-    w = MainWindow(QSettings(str(tmp_path / "a.ini"), QSettings.IniFormat), store=store, demo_directions=False)
-    qtbot.addWidget(w)
-    w.show()
-    w.load_model(str(tiny_model_dir))
-    qtbot.waitUntil(lambda: w.model_info is not None and not w.busy_with, timeout=30000)
-    w.host.add_direction(str(kept), "kept")
-    w.host.add_direction(str(gone), "gone")
-    qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=30000)
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(kept, "kept"), (gone, "gone")])
     w.plane.set_point(0.3, 0.6)
     sid = w.session_id
     w.close()
     gone.unlink()
-    again = MainWindow(QSettings(str(tmp_path / "b.ini"), QSettings.IniFormat), store=store, demo_directions=False)
-    qtbot.addWidget(again)
-    again.show()
-    again.open_session(sid)
-    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
+    again = reopen(qtbot, tmp_path, store, sid, "b.ini")
     assert list(again.directions) == ["kept"]
     assert again.plane.plane.x.direction == "kept" and again.plane.plane.y.direction is None
     again.plane.set_point(0.5, 0.5)
@@ -252,9 +235,6 @@ def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot
     # The session still holds the direction that did not load: once its file is back, it loads again.
     assert [d["name"] for d in store.session(sid).settings["directions"]] == ["kept", "gone"]
     tiny_vector.save(gone)
-    third = MainWindow(QSettings(str(tmp_path / "c.ini"), QSettings.IniFormat), store=store, demo_directions=False)
-    qtbot.addWidget(third)
-    third.open_session(sid)
-    qtbot.waitUntil(lambda: third.model_info is not None and third._restore is None and not third.busy_with, timeout=30000)
+    third = reopen(qtbot, tmp_path, store, sid, "c.ini")
     assert list(third.directions) == ["kept", "gone"]
     third.close()
