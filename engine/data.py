@@ -42,12 +42,6 @@ class Pair:
     rejected: str
     line: int = 0
 
-    @property
-    def prompt_text(self) -> str:
-        """The last user turn, for display."""
-        users = [m["content"] for m in self.prompt if m["role"] == "user"]
-        return users[-1] if users else (self.prompt[-1]["content"] if self.prompt else "")
-
     def key(self) -> str:
         return json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False, sort_keys=True)
 
@@ -79,10 +73,6 @@ class PairSet:
 
     def __iter__(self) -> Iterator[Pair]:
         return iter(self.pairs)
-
-    @property
-    def malformed(self) -> list[RowProblem]:
-        return [p for p in self.problems if p.kind == "malformed"]
 
     def limit(self, n: Optional[int]) -> "PairSet":
         return self if n is None else replace(self, pairs=self.pairs[: max(int(n), 0)])

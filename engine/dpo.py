@@ -52,13 +52,16 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
     return losses.mean(), metrics
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of log p(label) over the positions where ``mask`` is 1.
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under each row of ``logits`` ([..., vocab] -> [...]), in float32: the one gather every
+    completion log-prob in the engine goes through."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
-    ``logits[:, t]`` predicts ``labels[:, t]`` (already shifted by the caller)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    total = (logp * mask).sum(-1)
-    return total / mask.sum(-1).clamp_min(1) if average else total
+
+def completion_sums(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of per-token values given at the completion positions ``mask`` selects ([rows, T])."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=token_values.dtype, device=token_values.device).index_add(0, rows, token_values)
 
 
 @dataclass
@@ -82,21 +85,19 @@ class PairBatch:
 
 def encode_pairs(lm, pairs: list[Pair], max_prompt_tokens: int = 192, max_response_tokens: int = 192) -> PairBatch:
     """Tokenize prompt (chat format) + completion for both sides; the completion ends with end-of-turn."""
-    tok = lm.tokenizer
-    eos = tok.eos_token_id
+    eos = lm.tokenizer.eos_token_id
     seqs, starts = [], []
     for side in ("chosen", "rejected"):
         for p in pairs:
-            prompt = tok(lm.chat_text(p.prompt), add_special_tokens=False).input_ids[-max_prompt_tokens:]
-            resp = tok(getattr(p, side), add_special_tokens=False).input_ids[:max_response_tokens]
+            prompt = lm.prompt_ids(p.prompt, max_prompt_tokens)
+            resp = lm.text_ids(getattr(p, side), max_response_tokens)
             if eos is not None and len(resp) < max_response_tokens:
                 resp = resp + [eos]
             seqs.append(prompt + resp)
             starts.append(len(prompt))
     T = max(map(len, seqs))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n = len(seqs)
-    ids = torch.full((n, T), pad, dtype=torch.long)
+    ids = torch.full((n, T), lm.pad_id, dtype=torch.long)
     attn = torch.zeros(n, T, dtype=torch.long)
     targets = torch.zeros(n, T, dtype=torch.long)
     tmask = torch.zeros(n, T)

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from engine.generation import SamplingParams, decode, _prompt_ids
-from engine.mixer import Mixer
+from engine.generation import SamplingParams, decode
+from engine.mixer import Mixer, steering_only
+from engine.progress import Phase, ProgressFn
 
 
 def response_lengths(mixer: Mixer, name: str, weights: Sequence[float], prompts: Sequence[str],
                      params: SamplingParams = SamplingParams(max_new_tokens=200),
-                     progress: Optional[Callable[[int, int], None]] = None) -> dict[float, list[int]]:
+                     progress: Optional[ProgressFn] = None) -> dict[float, list[int]]:
     """Tokens generated for each prompt at each weight of direction ``name`` (greedy unless ``params`` say otherwise);
     for a steering vector all weights of one prompt run as one batch."""
-    from engine.mixer import steering_only
-
     lm = mixer.lm
+    phase = Phase(progress, "prompts", len(prompts))
     out: dict[float, list[int]] = {w: [] for w in weights}
     rows = [{name: w} for w in weights]
     batched = steering_only(mixer, rows)
     for i, prompt in enumerate(prompts):
-        ids = _prompt_ids(lm, prompt)
+        ids = lm.prompt_ids(prompt)
         if batched:
             with mixer.applied(rows):
                 results = decode(lm, ids, len(weights), params, mixer=mixer)
@@ -32,8 +32,7 @@ def response_lengths(mixer: Mixer, name: str, weights: Sequence[float], prompts:
                     results += decode(lm, ids, 1, params, mixer=mixer)
         for w, r in zip(weights, results):
             out[w].append(r.n_tokens)
-        if progress:
-            progress(i + 1, len(prompts))
+        phase.update(i + 1)
     return out
 
 

@@ -9,7 +9,6 @@ within one token step.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -94,10 +93,6 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
-def _prompt_ids(lm: LoadedModel, prompt: str | list[dict]) -> list[int]:
-    return lm.tokenizer(lm.chat_text(prompt), add_special_tokens=False).input_ids
-
-
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty as in CTRL / transformers: divide positive logits of seen tokens, multiply negative ones."""
     picked = logits.gather(1, seen)
@@ -121,7 +116,7 @@ def decode(lm: LoadedModel, prompt_ids: list[int], n_rows: int, params: Sampling
     params.validate()
     stop = stop or CancelToken()
     eos = eos_ids(lm)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    pad = lm.pad_id
     dev = lm.device
     gens = [torch.Generator().manual_seed(params.seed) for _ in range(n_rows)]
     deltas = [TextDeltas(lm.tokenizer, (lambda piece, r=r: on_text(r, piece)) if on_text else None) for r in range(n_rows)]
@@ -180,7 +175,7 @@ def generate(lm: LoadedModel, prompt: str | list[dict], params: SamplingParams =
              mixer: Optional["Mixer"] = None) -> GenerationResult:
     """One reply to ``prompt`` in the model's chat format (with whatever mix is applied), streamed to ``on_text``."""
     cb = (lambda _row, piece: on_text(piece)) if on_text else None
-    return decode(lm, _prompt_ids(lm, prompt), 1, params, cb, stop, mixer)[0]
+    return decode(lm, lm.prompt_ids(prompt), 1, params, cb, stop, mixer)[0]
 
 
 @dataclass
@@ -227,7 +222,7 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     if batched and not can_batch:
         raise TsdpoError("These columns include weight-space directions, which cannot share one batch.")
     batched = can_batch if batched is None else batched
-    ids = _prompt_ids(lm, prompt)
+    ids = lm.prompt_ids(prompt)
     if batched:
         if mixer is not None:
             with mixer.applied(rows):

@@ -5,7 +5,7 @@ Steering vectors go in through forward hooks on the steered blocks, which add
 Changing weights swaps one small tensor per steered layer and reloads nothing. A mix may carry
 one row of weights per batch row, so columns that differ only in steering coefficients run as one batch.
 
-Weight-space directions (TS-DPO tangent directions, scalarized-DPO deltas) change the weights in place:
+Weight-space directions (TS-DPO and scalarized-DPO weight deltas) change the weights in place:
 each touched weight is first copied back from an exact copy of the base, then sum_k alpha_k tau_k is
 added. Restoring is a copy, not a subtraction, so the base comes back bit for bit.
 
@@ -20,19 +20,16 @@ can set whatever it applied aside (``LoadedModel.at_base``).
 from __future__ import annotations
 
 import itertools
-import math
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
 
-from engine.directions import DirectionError, check_model
-from engine.models import LoadedModel, block_output
-from engine.steering import SteeringVector
-from engine.tangent import TangentDirection
+from engine.directions import Direction, DirectionError, Mix, check_model
+from engine.hooks import block_output, with_block_output
+from engine.models import LoadedModel
 
 POSITIONS = ("all", "generated")
-Direction = SteeringVector | TangentDirection
 
 
 class Mixer:
@@ -45,8 +42,7 @@ class Mixer:
         self._params = dict(lm.model.named_parameters())
         self._base: dict[str, torch.Tensor] = {}  # exact copies of the weights a weight-space direction touches
         self._modified: set[str] = set()
-        self._max_abs: dict[str, float] = {}  # weight-space direction -> its largest |delta| entry
-        self._weight_mix: dict[str, float] = {}
+        self._weight_mix = Mix()
         self.rows: list[dict[str, float]] = [{}]  # the weights now applied, one dict per batch row
         self.prompt_len: Optional[int] = None  # set by generation for "generated" positions on full sequences
         self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
@@ -61,20 +57,20 @@ class Mixer:
         name = name or direction.name
         if name in self.directions:
             raise DirectionError(f"A direction named {name!r} is already loaded; give this one another name.")
-        if isinstance(direction, SteeringVector):
-            bad = [l for l in direction.layers if not 0 <= l < self.lm.n_layers]
-            if bad or not direction.layers:
-                raise DirectionError(f"{name} steers layers {direction.layers}, but {self.lm.name} has layers 0 to "
-                                     f"{self.lm.n_layers - 1}. Rebuild the direction for this model, or choose its layers.")
-        if isinstance(direction, TangentDirection):
-            for n in direction.param_names():
-                if n not in self._params:
-                    raise DirectionError(f"{name}: the model has no weight {n}.")
-                if n not in self._base:
-                    self._base[n] = self._params[n].detach().clone()
-            # Its largest entry, once: whether a weight overflows is then one comparison per apply, not a pass
-            # over every touched element.
-            self._max_abs[name] = max(float(direction.delta(n).abs().max()) for n in direction.param_names())
+        layers = direction.steered_layers()
+        bad = [l for l in layers if not 0 <= l < self.lm.n_layers]
+        if bad or (direction.space == "activation" and not layers):
+            raise DirectionError(f"{name} steers layers {layers}, but {self.lm.name} has layers 0 to "
+                                 f"{self.lm.n_layers - 1}. Rebuild the direction for this model, or choose its layers.")
+        for n in direction.weight_names():
+            if n not in self._params:
+                raise DirectionError(f"{name}: the model has no weight {n}.")
+        for n in direction.weight_names():
+            if n not in self._base:
+                self._base[n] = self._params[n].detach().clone()
+        # Its largest entry, once: whether a mix overflows is then one comparison per apply, not a pass over
+        # every touched element.
+        direction.max_abs()
         self.directions[name] = direction
         return name
 
@@ -83,15 +79,8 @@ class Mixer:
         summing them mostly adds up one effect, or cancels it."""
         flagged = []
         for (a, da), (b, db) in itertools.combinations(self.directions.items(), 2):
-            if isinstance(da, SteeringVector) and isinstance(db, SteeringVector):
-                layers = sorted(set(da.layers) | set(db.layers))
-                cos = sum(float(torch.nn.functional.cosine_similarity(da.vectors[l].double(), db.vectors[l].double(), dim=0))
-                          for l in layers) / len(layers)
-            elif isinstance(da, TangentDirection) and isinstance(db, TangentDirection):
-                cos = _weight_cosine(da, db)
-            else:
-                continue  # a weight delta and an activation vector live in different spaces
-            if abs(cos) >= threshold:
+            cos = da.cosine(db)  # None across spaces: a weight delta and an activation vector do not compare
+            if cos is not None and abs(cos) >= threshold:
                 flagged.append((a, b, round(cos, 3)))
         return flagged
 
@@ -104,41 +93,30 @@ class Mixer:
 
         A request that is not valid (an unknown direction, a weight that is not a finite number, rows that
         differ in weight-space weights) changes nothing. A failure while applying leaves the exact base model."""
-        unknown = {k for row in rows for k in row} - set(self.directions)
-        if unknown:
-            raise DirectionError(f"No loaded direction named {', '.join(sorted(unknown))}; load it first.")
+        mixes = [Mix.of(self.directions, r) for r in rows] or [Mix()]
         rows = [{k: float(v) for k, v in r.items()} for r in rows] or [{}]
-        bad = sorted({f"{k}={v}" for r in rows for k, v in r.items() if not math.isfinite(v)})
-        if bad:
-            raise DirectionError(f"Weights must be finite numbers; got {', '.join(bad)}. Nothing was applied.")
-        weight_parts = [{k: v for k, v in r.items() if v and isinstance(self.directions[k], TangentDirection)} for r in rows]
-        if any(w != weight_parts[0] for w in weight_parts[1:]):
+        weight_mix = mixes[0].weight_space
+        if any(m.weight_space.weights != weight_mix.weights for m in mixes[1:]):
             raise DirectionError("Rows of one batch must share their weight-space directions' weights; "
                                  "only steering coefficients can differ per row.")
         p = next(self.lm.model.parameters())
         delta: dict[int, torch.Tensor] = {}
-        for i, row in enumerate(rows):
-            for name, alpha in row.items():
-                sv = self.directions[name]
-                if alpha == 0 or not isinstance(sv, SteeringVector):
-                    continue
-                for layer in sv.layers:
-                    if layer not in delta:
-                        delta[layer] = torch.zeros(len(rows), self.lm.hidden_size, dtype=torch.float32)
-                    delta[layer][i] += sv.delta(layer, alpha)
+        for i, m in enumerate(mixes):
+            for layer, d in m.steering.activation_deltas().items():
+                if layer not in delta:
+                    delta[layer] = torch.zeros(len(rows), self.lm.hidden_size, dtype=torch.float32)
+                delta[layer][i] += d
         delta = {l: d.to(device=p.device, dtype=p.dtype) for l, d in delta.items()}
         for layer, d in delta.items():
             if not torch.isfinite(d).all():
                 raise DirectionError(f"The steering weights {_describe(rows)} add values too large to represent at layer "
                                      f"{layer} (they overflow to infinity). Use smaller weights; nothing was applied.")
-        limit = torch.finfo(p.dtype).max
-        for name, alpha in weight_parts[0].items():
-            if abs(alpha) * self._max_abs[name] >= limit:
-                self._reset()
-                raise DirectionError(f"Weight {alpha:g} of {name} makes its weight deltas overflow to infinity; use a "
-                                     "smaller weight. The model is back at its base weights.")
+        if weight_mix.max_abs() >= torch.finfo(p.dtype).max:
+            self._reset()
+            raise DirectionError(f"The weights {_describe([weight_mix.weights])} make the weight deltas overflow to "
+                                 "infinity; use smaller weights. The model is back at its base weights.")
         try:
-            self._apply_weights(weight_parts[0])
+            self._apply_weights(weight_mix)
             self._delta = delta
             for layer in list(self._hooks):
                 if layer not in self._delta:
@@ -157,7 +135,7 @@ class Mixer:
         for n in self._modified:
             self._params[n].copy_(self._base[n])
         self._modified = set()
-        self._weight_mix = {}
+        self._weight_mix = Mix()
 
     def _reset(self) -> None:
         """The exact base model: every touched weight copied back, no hook."""
@@ -169,18 +147,15 @@ class Mixer:
         self.rows = [{}]
 
     @torch.no_grad()
-    def _apply_weights(self, mix: dict[str, float]) -> None:
-        if mix == self._weight_mix:
+    def _apply_weights(self, mix: Mix) -> None:
+        if mix.weights == self._weight_mix.weights:
             return
         self._restore_weights()  # and until every delta is in, the applied mix is unknown: a failure resets to the base
-        for name, alpha in mix.items():
-            d = self.directions[name]
-            for n in d.param_names():
-                w = self._params[n]
-                # Not in place: for a full-rank direction delta() is the stored tensor itself.
-                self._modified.add(n)  # before the edit: a failure inside it is still undone
-                w.add_((d.delta(n).to(device=w.device, dtype=torch.float32) * alpha).to(w.dtype))
-        self._weight_mix = dict(mix)
+        for n, delta in mix.weight_deltas():
+            w = self._params[n]
+            self._modified.add(n)  # before the edit: a failure inside it is still undone
+            w.add_(delta.to(device=w.device, dtype=w.dtype))
+        self._weight_mix = mix
 
     def clear(self) -> None:
         """Back to the exact base model."""
@@ -188,7 +163,12 @@ class Mixer:
 
     @property
     def active(self) -> bool:
+        """Whether anything is applied (``LoadedModel.at_base`` sets such mixers aside)."""
         return bool(self._hooks) or bool(self._modified)
+
+    def mix(self, weights: dict[str, float]) -> Mix:
+        """The loaded directions with these weights, as one value (what the export writes)."""
+        return Mix.of(self.directions, weights)
 
     @contextmanager
     def applied(self, rows: Sequence[dict[str, float]]) -> Iterator[None]:
@@ -217,7 +197,7 @@ class Mixer:
                 h = torch.cat([h[:, :start], h[:, start:] + add], dim=1)
             else:
                 h = h + add
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            return with_block_output(output, h)
 
         return hook
 
@@ -226,20 +206,6 @@ def _describe(rows: Sequence[dict[str, float]]) -> str:
     return "; ".join(", ".join(f"{k}={v:g}" for k, v in r.items()) for r in rows if r) or "(none)"
 
 
-def _weight_cosine(a: TangentDirection, b: TangentDirection) -> float:
-    dot = na = nb = 0.0
-    for n in set(a.param_names()) | set(b.param_names()):
-        x = a.delta(n).double() if n in a.param_names() else None
-        y = b.delta(n).double() if n in b.param_names() else None
-        if x is not None:
-            na += float(x.pow(2).sum())
-        if y is not None:
-            nb += float(y.pow(2).sum())
-        if x is not None and y is not None:
-            dot += float((x * y).sum())
-    return dot / math.sqrt(max(na * nb, 1e-300))
-
-
 def steering_only(mixer: Optional[Mixer], rows: Sequence[dict[str, float]]) -> bool:
     """True when the rows differ only in steering coefficients, so they can run as one batch."""
-    return mixer is None or all(mixer.directions[k].kind == "steering" for row in rows for k in row if row[k])
+    return mixer is None or all(mixer.directions[k].space == "activation" for row in rows for k in row if row[k])

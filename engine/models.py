@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import weakref
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from engine.errors import Cancelled, ModelLoadError
-from engine.paths import cache_dir
+from engine.paths import atomic_path, cache_dir
+from engine.progress import Progress, ProgressFn, note
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,10 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _CONVERTER_VERSION = "1"
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-Progress = Callable[[str, Optional[float]], None]
 
 
-def _quiet(message: str, fraction: Optional[float] = None) -> None:
-    log.info("%s", message)
+def _log(p: Progress) -> None:
+    log.info("%s", p.phase)
 
 
 @dataclass(frozen=True)
@@ -180,11 +179,11 @@ def gguf_cache_folder(path: Path) -> Path:
     return cache_dir() / "models" / f"{path.stem}-{_file_key(path)}"
 
 
-def convert_gguf(path: Path, dest: Path, progress: Progress = _quiet) -> Path:
+def convert_gguf(path: Path, dest: Path, progress: ProgressFn = _log) -> Path:
     """De-quantize a GGUF file into a plain safetensors Hugging Face folder at ``dest`` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"Converting {path.name} to safetensors (first load only)...", None)
+    note(progress, f"Converting {path.name} to safetensors (first load only)...")
     try:
         gmodel = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                       trust_remote_code=False)
@@ -204,16 +203,11 @@ def convert_gguf(path: Path, dest: Path, progress: Progress = _quiet) -> Path:
     plain.tie_weights()
     plain.generation_config = gmodel.generation_config
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    progress("Saving the converted model to the cache...", None)
-    plain.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "tsdpo-source.json").write_text(json.dumps({"gguf": str(path), "converter": _CONVERTER_VERSION}))
-    if dest.exists():  # another process finished first; keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    note(progress, "Saving the converted model to the cache...")
+    with atomic_path(dest, keep_existing=True) as tmp:  # another process may finish first; theirs is kept
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "tsdpo-source.json").write_text(json.dumps({"gguf": str(path), "converter": _CONVERTER_VERSION}))
     return dest
 
 
@@ -337,6 +331,22 @@ class LoadedModel:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else "")
 
+    def prompt_ids(self, prompt: str | list[dict], max_tokens: Optional[int] = None) -> list[int]:
+        """Token ids of ``prompt`` in the chat format, generation prompt included (its last ``max_tokens``)."""
+        ids = self.tokenizer(self.chat_text(prompt), add_special_tokens=False).input_ids
+        return ids[-max_tokens:] if max_tokens else ids
+
+    def text_ids(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+        """Token ids of a reply as it follows the prompt (no special tokens; its first ``max_tokens``)."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return ids[:max_tokens] if max_tokens else ids
+
+    @property
+    def pad_id(self) -> int:
+        """The token that fills padding: the tokenizer's pad token, else its end of sequence (never attended to)."""
+        tok = self.tokenizer
+        return next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+
     def describe(self) -> dict:
         return {
             "model": self.name,
@@ -352,11 +362,6 @@ class LoadedModel:
             "load_seconds": round(self.load_seconds, 2),
             "from_cache": self.from_cache,
         }
-
-
-def block_output(out):
-    """Decoder blocks return a tensor or a tuple whose first item is the hidden state (transformers 5 does both)."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 def runs_at_base(fn):
@@ -377,7 +382,7 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     trust_remote_code: bool = False,
     attn_implementation: Optional[str] = None,
-    progress: Progress = _quiet,
+    progress: ProgressFn = _log,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> LoadedModel:
     """Load a causal LM from a folder, hub id, GGUF file or (``None``) the embedded default model.
@@ -410,7 +415,7 @@ def load_model(
         ref = src.ref
     else:
         ref = src.ref
-    progress(f"Loading {src.label} on {dev.type} ({str(dt).replace('torch.', '')})...", None)
+    note(progress, f"Loading {src.label} on {dev.type} ({str(dt).replace('torch.', '')})...")
     kwargs = dict(dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -440,10 +445,10 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     check("after reading the weights")
-    progress("Fingerprinting the base weights...", None)
+    note(progress, "Fingerprinting the base weights...")
     handle = LoadedModel(model=model, tokenizer=tokenizer, source=src, device=dev, dtype=dt,
                          fingerprint=weights_fingerprint(model), load_seconds=0.0, from_cache=from_cache,
                          folder=folder)
     handle.load_seconds = time.perf_counter() - t0
-    progress(f"Loaded {src.label} in {handle.load_seconds:.1f} s", 1.0)
+    note(progress, f"Loaded {src.label} in {handle.load_seconds:.1f} s")
     return handle

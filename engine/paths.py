@@ -1,9 +1,13 @@
-"""Where the studio keeps its files. Each location can be moved with an environment variable."""
+"""Where the studio keeps its files (each location can be moved with an environment variable), and how it
+writes them: whole or not at all."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import platformdirs
 
@@ -39,24 +43,53 @@ def can_create_in(folder: Path) -> bool:
     return True
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a whole file or nothing: a crash leaves the old file (or none), never half a file."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file or a folder into; renamed onto ``path`` when the block
+    ends without error, removed when it fails. A crash leaves the old file (or none), never half of one.
+    With ``keep_existing`` a ``path`` that appeared meanwhile (another process finished first) is kept."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
     try:
+        yield tmp
+        if keep_existing and path.exists():
+            _remove(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a whole file or nothing, synced to disk before it replaces the old one."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KB': the one way sizes are written, in the CLI, the studio and the export's messages."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def cache_dir() -> Path:

@@ -38,17 +38,6 @@ class PreferencePlane:
     anchors: dict[str, tuple[float, float]] = field(default_factory=dict)
     power: float = 2.0
 
-    @property
-    def mode(self) -> str:
-        return "anchors" if self.anchors else "axes"
-
-    @classmethod
-    def for_directions(cls, names: list[str]) -> "PreferencePlane":
-        """Axes for one or two directions, anchors on the unit circle for more."""
-        if len(names) <= 2:
-            return cls(Axis(names[0] if names else None), Axis(names[1] if len(names) > 1 else None))
-        return cls(anchors=circle_anchors(names))
-
     def weights(self, x: float, y: float) -> dict[str, float]:
         if not self.anchors:
             out: dict[str, float] = {}

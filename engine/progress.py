@@ -1,7 +1,8 @@
 """What a long job reports, and how it is stopped.
 
 One progress type for every phase of every job (tokenizing, forward passes, ranking layers, training,
-saving, ...), with its own ETA, and one cancellation token per request: a Stop belongs to the request it
+saving, loading a model, writing an export, ...), with its own ETA (a stage with nothing to count has
+total 0), and one cancellation token per request: a Stop belongs to the request it
 was pressed for, so a newer request can never erase it. ``abort_on_cancel`` makes a cancel take effect
 inside a forward or backward pass, between two decoder blocks, rather than at the end of a batch.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from engine.errors import Cancelled
-from engine.models import block_output
+from engine.hooks import block_output
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class Progress:
 
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
+
+
+def note(report: Optional[ProgressFn], text: str) -> None:
+    """A stage with nothing to count (converting, loading, writing files): a ``Progress`` whose total is 0."""
+    if report is not None:
+        report(Progress(text, 0, 0))
 
 
 class Phase:

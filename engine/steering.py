@@ -20,14 +20,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
 from engine.data import PairSet
-from engine.directions import DirectionError, DirectionFile, save_direction_file
+from engine.dpo import completion_sums, encode_pairs, token_logps
+from engine.directions import ACTIVATION, Direction, DirectionError, cosine_of, save_direction_file
 from engine.errors import Cancelled
-from engine.models import LoadedModel, block_output, runs_at_base
+from engine.hooks import add_to_block_output, block_output
+from engine.models import LoadedModel, runs_at_base
 from engine.progress import Phase, ProgressFn, abort_on_cancel
 
 KIND = "steering"
@@ -36,11 +38,15 @@ DEFAULT_MAX_RESPONSE_TOKENS = 192
 # rejected mean is 4-7% of that norm; at 0.5 the model degenerated into repetition at both ends of the axis,
 # at 0.05-0.1 it stayed fluent (see docs/evidence.md).
 DEFAULT_STRENGTH = 0.1
+AGGREGATES = ("mean", "last")  # over the response tokens: their mean, or the last one
+PADDING_SIDES = ("right", "left")
 MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
 
 
 @dataclass
-class SteeringVector(DirectionFile):
+class SteeringVector(Direction):
+    """What a preference adds to the residual stream: a vector per layer, steered at ``layers``."""
+
     objective: str
     vectors: torch.Tensor  # [n_layers, hidden]: mean(chosen) - mean(rejected) at the output of each block
     norms: torch.Tensor  # [n_layers]: typical norm of the block output on response tokens
@@ -52,10 +58,28 @@ class SteeringVector(DirectionFile):
     meta: dict = field(default_factory=dict)
     name: str = ""
 
-    kind = KIND
+    space: ClassVar[str] = ACTIVATION
+    kind: ClassVar[str] = KIND
 
     def __post_init__(self):
         self.name = self.name or self.objective
+
+    # the protocol
+    def steered_layers(self) -> list[int]:
+        return list(self.layers)
+
+    def activation_delta(self, layer: int, alpha: float = 1.0) -> torch.Tensor:
+        return self.delta(layer, alpha)
+
+    def cosine(self, other: Direction) -> Optional[float]:
+        """The mean over the layers either one steers of the cosine of their vectors there."""
+        if other.space != self.space:
+            return None
+        layers = sorted(set(self.layers) | set(other.layers))
+        return sum(cosine_of([(self.vectors[l], other.vectors[l])]) for l in layers) / len(layers)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "layers": list(self.layers), "strength": self.strength}
 
     @property
     def ranking(self) -> list[int]:
@@ -116,9 +140,7 @@ class SteeringVector(DirectionFile):
 
 def _encode(lm: LoadedModel, pair_prompt, response: str, max_prompt: int, max_response: int) -> tuple[list[int], int]:
     """Token ids of prompt (chat format, generation prompt included) + response, and where the response starts."""
-    tok = lm.tokenizer
-    p = tok(lm.chat_text(pair_prompt), add_special_tokens=False).input_ids[-max_prompt:]
-    r = tok(response, add_special_tokens=False).input_ids[:max_response]
+    p, r = lm.prompt_ids(pair_prompt, max_prompt), lm.text_ids(response, max_response)
     return p + r, len(p)
 
 
@@ -155,22 +177,21 @@ class _Collector:
 @torch.no_grad()
 def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *, aggregate: str = "mean",
                          batch_size: int = 8, padding_side: str = "right",
-                         progress: Optional[Callable[[int, int], None]] = None,
-                         should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         progress: Optional[Phase] = None, should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregated block outputs over response tokens: ([N, L, H] vectors, [N, L] mean token norms).
 
     Sequences are batched by length; padding (left or right) never enters the aggregates, and position
     ids follow the attention mask so left padding gives the same activations as no padding.
     """
-    if aggregate not in ("mean", "last"):
+    if aggregate not in AGGREGATES:
         raise DirectionError(f"aggregate must be mean or last, not {aggregate!r}.")
-    if padding_side not in ("left", "right"):
+    if padding_side not in PADDING_SIDES:
         raise DirectionError(f"padding side must be left or right, not {padding_side!r}.")
     n, L, H = len(items), lm.n_layers, lm.hidden_size
     vecs = torch.zeros(n, L, H)
     norms = torch.zeros(n, L)
     order = sorted(range(n), key=lambda i: len(items[i][0]))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad = lm.pad_id
     collector = _Collector(lm.decoder_layers(), aggregate)
     try:
         for start in range(0, n, batch_size):
@@ -197,7 +218,7 @@ def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *,
                 vecs[idx, layer] = v.cpu()
                 norms[idx, layer] = nm.cpu()
             if progress is not None:
-                progress(min(start + batch_size, n), n)
+                progress.update(min(start + batch_size, n))
     finally:
         collector.remove()
     return vecs, norms
@@ -223,8 +244,7 @@ def score_layers(vectors: torch.Tensor, chosen: torch.Tensor, rejected: torch.Te
 @torch.no_grad()
 def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pairs: list, layers: list[int],
                  strength: float, max_prompt_tokens: int = 128, max_response_tokens: int = 96,
-                 should_stop: Optional[Callable[[], bool]] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                 should_stop: Optional[Callable[[], bool]] = None, progress: Optional[Phase] = None) -> torch.Tensor:
     """How much steering at each layer moves the model's preference, on held-out pairs.
 
     For layer l, the vector is added at +strength and at -strength (all positions, teacher forcing) and
@@ -232,12 +252,9 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
     difference, per unit weight. Separation (how well a layer's projection tells chosen from rejected)
     says where the preference is readable; this says where adding the vector actually moves it.
     """
-    from engine.dpo import encode_pairs
-
     batch = encode_pairs(lm, pairs, max_prompt_tokens, max_response_tokens).to(lm.device)
     n = batch.n_pairs
     mask = batch.target_mask.bool()
-    rows = mask.nonzero()[:, 0]
     counts = mask.sum(-1).clamp_min(1).float()
     blocks = lm.decoder_layers()
     scores = torch.full((vectors.shape[0],), float("nan"))
@@ -248,8 +265,7 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
                                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
         # The vocabulary projection only at completion positions: a fraction of the work of full logits.
         logits = lm.model.get_output_embeddings()(hidden[mask]).float()
-        tok = torch.log_softmax(logits, -1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
-        per_seq = torch.zeros(mask.shape[0], device=tok.device).index_add(0, rows, tok) / counts
+        per_seq = completion_sums(token_logps(logits, batch.targets[mask]), mask) / counts
         return float((per_seq[:n] - per_seq[n:]).mean())
 
     done = 0
@@ -260,15 +276,14 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
         for sign in (1.0, -1.0):
             if should_stop is not None and should_stop():  # every pass, not every layer: one pass is a fraction of a second
                 raise Cancelled("steering-vector extraction (ranking layers)")
-            handle = blocks[layer].register_forward_hook(
-                lambda m, a, out, d=sign * add: (out[0] + d, *out[1:]) if isinstance(out, tuple) else out + d)
+            handle = add_to_block_output(blocks[layer], sign * add)
             try:
                 result.append(margin())
             finally:
                 handle.remove()
             done += 1
             if progress is not None:
-                progress(done, 2 * len(layers))
+                progress.update(done)
         scores[layer] = (result[0] - result[1]) / 2
     return scores
 
@@ -314,7 +329,7 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
         tokenizing.update(i + 1)
     forward = Phase(progress, "forward passes", len(items))
     acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size,
-                                       padding_side=padding_side, progress=lambda d, n: forward.update(d),
+                                       padding_side=padding_side, progress=forward,
                                        should_stop=should_stop)
     chosen, rejected = acts[0::2].double(), acts[1::2].double()
     n_train = len(train)
@@ -326,7 +341,7 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
     probe_pairs = (val.pairs if held_out else train.pairs)[:steer_pairs]
     ranking_phase = Phase(progress, "ranking layers", 2 * len(cands))
     steer = steerability(lm, vectors, typical, probe_pairs, cands, strength, should_stop=should_stop,
-                         progress=lambda d, n: ranking_phase.update(d))
+                         progress=ranking_phase)
     ranking = sorted(cands, key=lambda l: float(steer[l]), reverse=True)
     chosen_layers = list(layers) if layers else ranking[:1]
     meta = {

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 
 from engine.errors import StoreError
-from engine.paths import default_db_path
+from engine.paths import atomic_write_text, default_db_path
 
 # Each entry migrates from version i to i+1. Never edit a released entry: add a new one.
 MIGRATIONS: list[list[str]] = [
@@ -506,11 +506,7 @@ def is_truncated(g: "Generation", limit: Optional[int]) -> bool:
 def export_ratings_trl(store: Store, session_id: int, path: str | Path) -> int:
     """Write the session's ratings as TRL JSONL (prompt/chosen/rejected); returns the number of pairs."""
     import json
-    import os
 
     rows = ratings_to_trl(store, session_id)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)

@@ -12,8 +12,9 @@ tau lives on a chosen subset of linear weights, in one of two parameterizations:
 - ``lowrank``: tau = B_k A0 per matrix, A0 a frozen random matrix shared by every objective (seeded,
   and stored in the file), B_k trained. sum_k alpha_k B_k A0 = (sum_k alpha_k B_k) A0 exactly.
 
-The same module also trains the scalarized-DPO baseline (``method="ordinary"``): the policy is the
-ordinary model at theta0 + tau and the reference is a separate forward pass at theta0.
+The same module also trains the scalarized-DPO baseline (``method="scalarized"``): the policy is the
+ordinary model at theta0 + tau and the reference is a separate forward pass at theta0. Either way the
+result is a ``WeightDelta`` (``engine.weight_delta``).
 """
 
 from __future__ import annotations
@@ -21,21 +22,16 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from engine.directions import DirectionError, DirectionFile, save_direction_file
-from engine.dpo import PairBatch, dpo_loss
+from engine.directions import DirectionError, Mix
+from engine.dpo import PairBatch, completion_sums, dpo_loss, token_logps
 from engine.models import LoadedModel, runs_at_base
-
-KIND = "tangent"
-PARAMS = ("full", "lowrank")
-METHODS = ("tangent", "ordinary")
+from engine.weight_delta import METHODS, PARAMS, WeightDelta
 
 
 def linear_weights(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> list[str]:
@@ -65,63 +61,6 @@ def shared_A0(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor
     """The frozen random projection of one weight matrix: the same for every objective with the same seed."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.randn(rank, in_features, generator=g) / math.sqrt(in_features)
-
-
-@dataclass
-class TangentDirection(DirectionFile):
-    """A weight-space direction: a delta per selected weight matrix (full, or B @ A0)."""
-
-    objective: str
-    param: str
-    tensors: dict[str, torch.Tensor]  # full: {weight name: delta}; lowrank: {name + ":B": B, name + ":A": A0}
-    model: dict
-    method: str = "tangent"
-    meta: dict = field(default_factory=dict)
-    name: str = ""
-
-    def __post_init__(self):
-        self.name = self.name or self.objective
-
-    @property
-    def kind(self) -> str:
-        return "tangent" if self.method == "tangent" else "scalarized"
-
-    def param_names(self) -> list[str]:
-        if self.param == "full":
-            return list(self.tensors)
-        return [k[:-2] for k in self.tensors if k.endswith(":B")]
-
-    def delta(self, name: str) -> torch.Tensor:
-        if self.param == "full":
-            return self.tensors[name]
-        return self.tensors[name + ":B"] @ self.tensors[name + ":A"]
-
-    def norm(self) -> float:
-        return math.sqrt(sum(float(self.delta(n).double().pow(2).sum()) for n in self.param_names()))
-
-    def save(self, path: str | Path) -> Path:
-        meta = {**self.meta, "objective": self.objective, "param": self.param, "method": self.method,
-                "model": self.model, "name": self.name}
-        return save_direction_file(path, KIND, {k: v.float() for k, v in self.tensors.items()}, meta)
-
-    @classmethod
-    def from_file(cls, kind: str, tensors: dict, meta: dict, path: Path) -> "TangentDirection":
-        if kind != KIND:
-            raise DirectionError(f"{path} holds a {kind} direction, not a weight-space direction.")
-        try:
-            d = cls(meta["objective"], meta["param"], tensors, meta["model"], meta.get("method", "tangent"), meta,
-                    meta.get("name") or meta["objective"])
-        except KeyError as exc:
-            raise DirectionError(f"{path}: the direction lacks {exc}; the file is incomplete. Rebuild it.") from exc
-        if d.param not in PARAMS:
-            raise DirectionError(f"{path}: unknown parameterization {d.param!r}.")
-        return d
-
-    def check_weights(self, lm: LoadedModel, path) -> None:
-        params = dict(lm.model.named_parameters())
-        for n in self.param_names():
-            if n not in params or tuple(params[n].shape) != tuple(self.delta(n).shape):
-                raise DirectionError(f"{path}: weight {n} does not exist in {lm.name} with the shape the direction expects.")
 
 
 class DirectionModel(nn.Module):
@@ -167,7 +106,7 @@ class DirectionModel(nn.Module):
         counts = batch.target_mask.sum(-1).clamp_min(1).float()
         return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type, lengths=(counts[:b], counts[b:]))
 
-    def to_direction(self, objective: str, meta: dict) -> TangentDirection:
+    def to_direction(self, objective: str, meta: dict) -> WeightDelta:
         with torch.no_grad():
             if self.param == "full":
                 tensors = {n: self.tau[self.keys[n]].detach().float().cpu().clone() for n in self.names}
@@ -178,11 +117,7 @@ class DirectionModel(nn.Module):
                     tensors[n + ":A"] = self.A0(n).detach().float().cpu().clone()
         meta = {**meta, "rank": self.rank if self.param == "lowrank" else None, "A0_seed": self.seed,
                 "weights": len(self.names)}
-        return TangentDirection(objective, self.param, tensors, self.lm.identity(), self.method, meta)
-
-
-def _completion_token_logps(logits: torch.Tensor, batch: PairBatch, mask: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.targets[mask].unsqueeze(-1)).squeeze(-1)
+        return WeightDelta(objective, self.param, tensors, self.lm.identity(), self.method, meta)
 
 
 def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]):
@@ -192,14 +127,12 @@ def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Te
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
     params0 = {n: p.detach() for n, p in lm.model.named_parameters() if n in deltas}
-    rows = mask.nonzero()[:, 0]
 
     def logits(params):
         return functional_call(lm.model, params, args=(), kwargs=kwargs).logits[mask]
 
     def seq_sum(logits_at_completion):
-        tok = _completion_token_logps(logits_at_completion, batch, mask)
-        return torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+        return completion_sums(token_logps(logits_at_completion, batch.targets[mask]), mask)
 
     # Tangents in the primals' key order: jvp compares the two dicts' tree structures, order included.
     dtype = next(iter(params0.values())).dtype
@@ -212,7 +145,7 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.
     """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``.
 
     tangent: policy logits = f(theta0) + J.tau from one jvp call, whose primal output is the reference.
-    ordinary: policy = f(theta0 + tau) with gradients, reference = f(theta0) without.
+    scalarized: policy = f(theta0 + tau), the ordinary model, with gradients; reference = f(theta0) without.
     """
     params0, tangents, logits_at_completion, seq_sum, mask = _at_completion(lm, batch, deltas)
     if method == "tangent":
@@ -244,19 +177,13 @@ def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[s
 
 @runs_at_base
 @torch.no_grad()
-def linearization_gap(lm: LoadedModel, batch: PairBatch, weighted: list[tuple[TangentDirection, float]],
-                      average: bool = False) -> dict:
-    """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau
-    (per response token with ``average``). The difference shows where the tangent approximation holds."""
-    deltas: dict[str, torch.Tensor] = {}
-    for d, alpha in weighted:
-        if not alpha:
-            continue
-        for n in d.param_names():
-            x = alpha * d.delta(n).to(lm.device)
-            deltas[n] = deltas[n] + x if n in deltas else x
+def linearization_gap(lm: LoadedModel, batch: PairBatch, mix: Mix, average: bool = False) -> dict:
+    """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau (the
+    weight-space terms of ``mix``; per response token with ``average``). The difference shows where the
+    tangent approximation holds."""
+    deltas = {n: d.to(lm.device) for n, d in mix.weight_space.weight_deltas()}
     lin, base = completion_logps(lm, batch, deltas, "tangent", average=average)
-    ordinary, _ = completion_logps(lm, batch, deltas, "ordinary", average=average)
+    ordinary, _ = completion_logps(lm, batch, deltas, "scalarized", average=average)
     gap = (lin - ordinary).abs()
     return {"linearized": lin, "ordinary": ordinary, "base": base, "gap_mean": float(gap.mean()),
             "gap_max": float(gap.max())}

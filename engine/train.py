@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -29,12 +28,13 @@ from engine.errors import Cancelled
 from engine.models import LoadedModel, runs_at_base
 from engine.paths import atomic_write_bytes, atomic_write_text
 from engine.progress import Phase, ProgressFn, abort_on_cancel
-from engine.tangent import METHODS, PARAMS, DirectionModel, TangentDirection, linear_weights
+from engine.tangent import DirectionModel, linear_weights
+from engine.weight_delta import LEGACY_METHODS, METHODS, PARAMS, WeightDelta
 
 
 @dataclass
 class TrainConfig:
-    method: str = "tangent"  # tangent (TS-DPO) | ordinary (scalarized-DPO baseline)
+    method: str = "tangent"  # tangent (TS-DPO) | scalarized (the scalarized-DPO baseline: ordinary DPO)
     param: str = "lowrank"  # full | lowrank
     rank: int = 8
     steps: int = 60
@@ -56,6 +56,7 @@ class TrainConfig:
     mixture: dict = field(default_factory=dict)  # scalarized: objective -> weight
 
     def validate(self) -> "TrainConfig":
+        self.method = LEGACY_METHODS.get(self.method, self.method)  # a checkpoint written by an earlier version
         if self.method not in METHODS:
             raise DirectionError(f"method must be one of {METHODS}.")
         if self.param not in PARAMS:
@@ -125,7 +126,7 @@ class BatchPlan:
 
 @dataclass
 class TrainResult:
-    direction: TangentDirection
+    direction: WeightDelta
     history: list[dict]
     val_metrics: dict
 

@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QWidget)
 
 from engine.data import FORMATS
+from engine.progress import Progress
 
 AUTO = "detect"
 TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO tangent direction",
@@ -221,16 +222,17 @@ class JobPanel(QWidget):
         self.acc_curve.setData([], [])
         self.plot.setVisible(job["kind"] not in ("extract", "export", "predict"))
 
-    def update_progress(self, p: dict) -> None:
-        self.bar.setRange(0, int(p["total"]))
-        self.bar.setValue(int(p["done"]))
-        eta = p.get("eta_s")
-        phase = f"{p['phase']}: " if p.get("phase") else ""
-        self.eta.setText(f"{phase}{p['done']}/{p['total']}" + (f" · ETA {eta:.0f} s" if eta is not None else ""))
-        if "loss" in p:
-            self.steps.append(p["done"])
-            self.losses.append(p["loss"])
-            self.accs.append(p["accuracy"])
+    def update_progress(self, p: Progress) -> None:
+        self.bar.setRange(0, p.total)  # a total of 0: a stage with nothing to count, shown as busy
+        self.bar.setValue(p.done)
+        if p.total == 0:
+            self.eta.setText(p.phase)
+        else:
+            self.eta.setText(f"{p.phase}: {p.done}/{p.total}" + (f" · ETA {p.eta_s:.0f} s" if p.eta_s is not None else ""))
+        if "loss" in p.metrics:
+            self.steps.append(p.done)
+            self.losses.append(p.metrics["loss"])
+            self.accs.append(p.metrics["rewards/accuracies"])
             self.loss_curve.setData(self.steps, self.losses)
             self.acc_curve.setData(self.steps, self.accs)
 

@@ -12,13 +12,13 @@ from typing import Optional
 import psutil
 from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
-from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout,
+from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
                                QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget,
                                QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from engine.errors import TsdpoError
-from engine.paths import data_dir, log_path
+from engine.paths import data_dir, format_bytes, log_path
 from engine.plane import PreferencePlane
 from studio.compare_panel import ComparePanel, column_request
 from studio.jobs import ExportDialog, JobDialog, JobPanel
@@ -31,14 +31,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_DIRECTIONS = ASSETS / "directions"
 DEMO_DATA = ASSETS / "data"
 BASE_ATTRIBUTES = ["helpfulness", "verbosity"]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 class MainWindow(QMainWindow):
@@ -87,8 +79,9 @@ class MainWindow(QMainWindow):
         try:
             return Store()
         except TsdpoError as exc:
+            message = str(exc)  # ``exc`` itself is gone once the except block ends, before the timer fires
             QTimer.singleShot(0, lambda: self.show_error(
-                "The session database cannot be used", f"{exc}\n\nThe studio works, but sessions and ratings are not saved."))
+                "The session database cannot be used", f"{message}\n\nThe studio works, but sessions and ratings are not saved."))
             return None
 
     # ------------------------------------------------------------------ layout
@@ -482,7 +475,7 @@ class MainWindow(QMainWindow):
                 for k, a in (("x", p.x), ("y", p.y)) if a.direction}
 
     def refresh_heatmaps(self, *_) -> None:
-        from engine.sweep import predicted_layers, sweep_layers
+        from studio.heatmaps import predicted_layers, sweep_layers
 
         axes = self._plane_axes()
         layers = sweep_layers(self.sweep_result, axes) if self.sweep_result else {}
@@ -748,11 +741,11 @@ class MainWindow(QMainWindow):
         info = self.model_info
         if info:
             self.model_label.setText(f"{info['model']} · {info['layers']} layers · {info['device']} ({info['dtype']})")
-        text = f"memory {_fmt_bytes(psutil.Process(os.getpid()).memory_info().rss)}"
+        text = f"memory {format_bytes(psutil.Process(os.getpid()).memory_info().rss)}"
         if info and info["device"].startswith("cuda"):
             import torch
 
-            text += f" · GPU {_fmt_bytes(torch.cuda.memory_allocated())}"
+            text += f" · GPU {format_bytes(torch.cuda.memory_allocated())}"
         self.memory_label.setText(text)
 
     def _set_dark(self, on: bool) -> None:

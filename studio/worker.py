@@ -13,6 +13,7 @@ directions in the mixer (``directionsChanged``), and a reload of the same model 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import threading
 import time
 import traceback
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _direction_info(name: str, d) -> dict:
-    info = {"name": name, "kind": d.kind, "objective": d.objective, "path": d.meta.get("_path", "")}
+    info = {"name": name, "kind": d.label, "objective": d.objective, "path": d.meta.get("_path", "")}
     if d.kind == "steering":
         info["detail"] = f"layer {', '.join(map(str, d.layers))}, strength {d.strength:g}"
     else:
@@ -49,7 +50,7 @@ class ModelWorker(QObject):
     mixApplied = Signal(dict, float)  # weights, seconds from request to applied
     text = Signal(int, str)  # column, streamed piece
     compared = Signal(dict)
-    jobProgress = Signal(dict)
+    jobProgress = Signal(object)  # engine.progress.Progress
     jobFinished = Signal(dict)
     failed = Signal(str, str)  # title, message
 
@@ -71,9 +72,9 @@ class ModelWorker(QObject):
             message = f"{type(exc).__name__}: {exc}\n\nThe details are in the log file."
         self.failed.emit(title, message)
 
-    def _progress(self, message: str, fraction=None) -> None:
-        log.info("%s", message)
-        self.progress.emit(message)
+    def _progress(self, p: Progress) -> None:
+        log.info("%s", p.phase)
+        self.progress.emit(p.phase)
 
     # ------------------------------------------------------------------ model and directions
     def _emit_directions(self) -> None:
@@ -111,7 +112,7 @@ class ModelWorker(QObject):
 
     @Slot(str, str)
     def addDirection(self, path: str, name: str) -> None:
-        from engine.directions import load_direction
+        from engine.loading import load_direction
 
         if self.lm is None:
             self.failed.emit("No model", "Load a model before adding directions.")
@@ -187,9 +188,7 @@ class ModelWorker(QObject):
 
     # ------------------------------------------------------------------ jobs
     def _job_progress(self, p: Progress) -> None:
-        self.jobProgress.emit({"phase": p.phase, "done": p.done, "total": p.total, "eta_s": p.eta_s,
-                               **({"loss": p.metrics["loss"], "accuracy": p.metrics["rewards/accuracies"]}
-                                  if "loss" in p.metrics else {})})
+        self.jobProgress.emit(p)
 
     @Slot(object)
     def runJob(self, job: dict) -> None:
@@ -226,7 +225,7 @@ class ModelWorker(QObject):
             else:
                 from engine.train import TrainConfig, train_direction
 
-                cfg = TrainConfig(method="tangent" if kind == "train" else "ordinary", param=job.get("param", "lowrank"),
+                cfg = TrainConfig(method="tangent" if kind == "train" else "scalarized", param=job.get("param", "lowrank"),
                                   steps=int(job.get("steps", 60)), lr=float(job.get("lr", 0.0)),
                                   beta=float(job.get("beta", 0.1)), batch_size=int(job.get("batch_size", 4)),
                                   max_prompt_tokens=int(job.get("max_tokens", 128)),
@@ -250,7 +249,7 @@ class ModelWorker(QObject):
             not_registered = None
             if self.store is not None:
                 try:
-                    self.store.add_direction(name=direction.name, kind=direction.kind, objective=direction.objective,
+                    self.store.add_direction(name=direction.name, kind=direction.label, objective=direction.objective,
                                              path=str(out.resolve()), sha256=file_sha256(out),
                                              model_fingerprint=self.lm.fingerprint, session_id=job.get("session_id"))
                 except TsdpoError as exc:  # the work is kept: the file is saved and the direction is loaded
@@ -282,7 +281,7 @@ class ModelWorker(QObject):
         from engine.sweep import heldout_pairs_of, margin_gradients
 
         try:
-            tangent = {n: d for n, d in self.mixer.directions.items() if d.kind == "tangent"}
+            tangent = {n: d for n, d in self.mixer.directions.items() if d.label == "tangent"}
             if not tangent:
                 raise TsdpoError("No TS-DPO tangent direction is loaded. The predicted map needs one (steering vectors and "
                                  "scalarized runs have no tangent model to predict from).")
@@ -290,17 +289,12 @@ class ModelWorker(QObject):
             for d in tangent.values():
                 for objective, p in heldout_pairs_of(d, limit=int(job.get("pairs", 16))).items():
                     pairs.setdefault(objective, p)
-            batches = sum(-(-len(p) // 4) for p in pairs.values()) * len(tangent)
-            grads, done = {}, 0
+            grads = {}
             for objective, p in pairs.items():
-                def on_batch(k: int, total: int, offset=done) -> None:
-                    el = time.perf_counter() - t0
-                    d = offset + k
-                    self.jobProgress.emit({"phase": f"JVPs ({objective})", "done": d, "total": batches,
-                                           "eta_s": el / d * (batches - d)})
+                def on_batch(step: Progress, objective=objective) -> None:
+                    self.jobProgress.emit(replace(step, phase=f"JVPs ({objective})"))
 
                 grads[objective] = margin_gradients(self.lm, p, tangent, progress=on_batch, should_stop=token).tolist()
-                done += -(-len(p) // 4) * len(tangent)
             seconds = time.perf_counter() - t0
             self.jobFinished.emit({"kind": "predict", "name": "margin maps", "seconds": seconds, "cancelled": False,
                                    "prediction": {"names": list(tangent), "grads": grads},
@@ -318,11 +312,9 @@ class ModelWorker(QObject):
         """Write the mix the GUI saw at the point when Export was pressed."""
         from engine.export import export_mix
 
-        def progress(message: str, fraction=None) -> None:
-            self._progress(message)
-            if fraction is not None:
-                self.jobProgress.emit({"phase": message.rstrip("."), "done": int(round(fraction * 100)), "total": 100,
-                                       "eta_s": None})
+        def progress(p: Progress) -> None:
+            self._progress(p)
+            self.jobProgress.emit(p)
 
         try:
             weights = {k: v for k, v in job.get("weights", {}).items() if k in self.mixer.directions}

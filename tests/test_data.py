@@ -81,7 +81,7 @@ def test_helpsteer_pairs_per_attribute_ties_dropped(tmp_path):
     help_ = load_pairs(f)
     assert help_.format == "helpsteer" and help_.objective == "helpfulness"
     assert len(help_) == 3  # 3 pairs for tides, the 'Say hi.' tie is dropped
-    assert all(p.prompt_text == "Explain tides." for p in help_)
+    assert all(p.prompt[-1]["content"] == "Explain tides." for p in help_)
     assert {(p.chosen[:5], p.rejected[:5]) for p in help_} == {("Tides", "The m"), ("Tides", "Water"), ("The m", "Water")}
     corr = load_pairs(f, attribute="correctness")
     assert len(corr) == 2  # the two correctness-3 responses tie
@@ -102,7 +102,8 @@ def test_csv_with_message_cells_and_parquet(tmp_path):
         w.writerow(["Only two cells", "x"])
     ps = load_pairs(path, format="trl")
     assert len(ps) == 2 and ps.pairs[1].prompt == [{"role": "user", "content": "Yo?"}]
-    assert [p.line for p in ps.malformed] == [4] and "rejected" in ps.malformed[0].reason
+    malformed = [p for p in ps.problems if p.kind == "malformed"]
+    assert [p.line for p in malformed] == [4] and "rejected" in malformed[0].reason
     pq.write_table(pa.Table.from_pylist([{"prompt": "a?", "chosen": "yes", "rejected": "no"}]), tmp_path / "p.parquet")
     assert load_pairs(tmp_path / "p.parquet").pairs[0].chosen == "yes"
 

@@ -40,7 +40,7 @@ def test_embedded_model_converts_once_then_loads_from_cache(capsys, cache):
 
 
 def test_demo_directions_belong_to_the_embedded_model(cache):
-    from engine.directions import load_direction
+    from engine.loading import load_direction
     from studio.main_window import DEMO_DIRECTIONS
 
     lm = load_model()
@@ -71,7 +71,7 @@ def test_export_from_the_gguf_base_loads_in_a_fresh_process(cache, tmp_path):
     in and a demo steering vector baked in as a bias, and plain transformers reproduces the mixed logits."""
     import json
 
-    from engine.directions import load_direction
+    from engine.loading import load_direction
     from engine.export import export_mix
     from engine.mixer import Mixer
     from studio.main_window import DEMO_DIRECTIONS

@@ -111,7 +111,8 @@ def test_hf_checkpoint_loads_in_a_fresh_process_with_the_mixed_logits(lm, tmp_pa
 
 
 def test_hf_export_records_direction_files_by_hash(lm, saved_pair, tmp_path):
-    from engine.directions import file_sha256, load_direction
+    from engine.directions import file_sha256
+    from engine.loading import load_direction
 
     mixer = _mixer(lm, *(load_direction(p, lm) for p in saved_pair))
     export_mix(lm, mixer, {"helpfulness": 0.5, "verbosity": 0.0}, tmp_path / "e")
@@ -149,7 +150,7 @@ def test_peft_adapter_reproduces_the_lowrank_mix(lm, tiny_model_dir, saved_pair,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.directions import load_direction
+    from engine.loading import load_direction
 
     mixer = _mixer(lm, *(load_direction(p, lm) for p in saved_pair))
     weights = {"helpfulness": 0.7, "verbosity": -1.3}

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from engine.plane import Axis, PreferencePlane
+from engine.plane import Axis, PreferencePlane, circle_anchors
 
 
 def test_axes_weights_are_coordinate_times_scale_clipped():
@@ -14,8 +14,7 @@ def test_axes_weights_are_coordinate_times_scale_clipped():
 
 
 def test_anchor_layout_for_more_than_two_directions():
-    plane = PreferencePlane.for_directions(["a", "b", "c"])
-    assert plane.mode == "anchors"
+    plane = PreferencePlane(anchors=circle_anchors(["a", "b", "c"]))
     assert plane.weights(0, 0) == {"a": 0.0, "b": 0.0, "c": 0.0}
     ax, ay = plane.anchors["b"]
     assert plane.weights(ax, ay) == {"a": 0.0, "b": 1.0, "c": 0.0}
@@ -31,7 +30,7 @@ def test_anchor_layout_for_more_than_two_directions():
 
 
 def test_json_round_trip():
-    plane = PreferencePlane.for_directions(["a", "b", "c", "d"])
+    plane = PreferencePlane(anchors=circle_anchors(["a", "b", "c", "d"]))
     assert PreferencePlane.from_json(plane.to_json()).weights(0.2, 0.3) == plane.weights(0.2, 0.3)
     two = PreferencePlane(Axis("x", 0.5, -2, 2), Axis("y"))
     assert PreferencePlane.from_json(two.to_json()) == two

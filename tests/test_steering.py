@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from engine.data import PairSet
-from engine.directions import DirectionError, load_direction, save_direction_file
+from engine.directions import DirectionError, save_direction_file
+from engine.loading import load_direction
 from engine.errors import Cancelled
 from engine.models import load_model
 from engine.steering import SteeringVector, candidate_layers, extract

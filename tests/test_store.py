@@ -184,4 +184,4 @@ def test_ratings_export_as_trl_pairs_that_load_back(tmp_path):
     pairs = load_pairs(tmp_path / "rated.jsonl")
     assert pairs.format == "trl" and len(pairs) == 1
     p = pairs.pairs[0]
-    assert (p.prompt_text, p.chosen, p.rejected) == ("Why is the sky blue?", mix.output, base.output)
+    assert (p.prompt[-1]["content"], p.chosen, p.rejected) == ("Why is the sky blue?", mix.output, base.output)

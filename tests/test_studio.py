@@ -169,7 +169,7 @@ def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
                       "name": "helpfulness", "out": str(tmp_path / "h.safetensors")})
     # jobFinished and the worker's idle signal arrive one after the other: wait for both.
     qtbot.waitUntil(lambda: window.job_panel.eta.text() == "cancelled" and not window.busy_with, timeout=60000)
-    assert 2 <= len(seen) < 100 and "loss" in seen[-1]  # stopped long before its 500 steps
+    assert 2 <= len(seen) < 100 and "loss" in seen[-1].metrics  # stopped long before its 500 steps
     assert len(window.job_panel.losses) >= 1  # the plot followed the steps that ran
     assert not (tmp_path / "h.safetensors").exists()
     assert not window.busy_with and window.generate_button.isEnabled()
@@ -318,6 +318,7 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
     import json
 
     from engine.data import load_pairs
+    from engine.loading import load_direction
     from engine.models import load_model
     from engine.sweep import Method, Sweep, SweepConfig, write_outputs
     from tiny_model import random_tangent
@@ -345,7 +346,7 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
 
     # Measured points from a sweep of the same directions: heatmap layers, and marks on the prediction.
     data = {o: load_pairs(uf, objective=o, limit=40).split(0.2)[1] for o in ("helpfulness", "verbosity")}
-    dirs = [__import__("engine.directions", fromlist=["x"]).load_direction(p, lm) for p in paths]
+    dirs = [load_direction(p, lm) for p in paths]
     cfg = SweepConfig(grid=3, pairs=4, max_prompt_tokens=32, max_response_tokens=32, linearization_gap=False)
     write_outputs(Sweep(lm, [Method("tangent", "tangent", *dirs)], data, cfg, tmp_path / "sw").run(), tmp_path / "sw")
     w.load_sweep(str(tmp_path / "sw" / "sweep.json"))

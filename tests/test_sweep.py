@@ -54,7 +54,7 @@ def setup(tiny_model_dir, tiny_vector, demo_data):
     sy.objective = sy.name = "verbosity"
     scal = [(f"s{w}", random_tangent(lm, "mix", 10 + i, scale=0.3), w) for i, w in enumerate((0.25, 0.5, 0.75))]
     for _, d, _ in scal:
-        d.method = "ordinary"
+        d.method = "scalarized"
     methods = [Method("tangent", "tangent", tx, ty), Method("steering", "steering", sx, sy),
                Method("scalarized", "scalarized", points=scal)]
     cfg = SweepConfig(grid=3, pairs=4, batch_size=4, prompts=["Say hi.", "Name a colour."], max_new_tokens=6,
@@ -103,7 +103,7 @@ def test_a_stopped_sweep_resumes_to_the_same_result(setup, tmp_path):
     methods = methods[:1]
     full = Sweep(lm, methods, data, cfg, tmp_path / "full").run()
     reported = []  # the sweep reports a point before measuring it: stop once three are measured
-    stopping = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda d, t, what: reported.append(what),
+    stopping = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda p: reported.append(p.metrics.get("point", "")),
                      should_stop=lambda: len([w for w in reported if w.startswith("tangent|")]) > 3)
     with pytest.raises(Cancelled, match="resume"):
         stopping.run()
@@ -111,8 +111,8 @@ def test_a_stopped_sweep_resumes_to_the_same_result(setup, tmp_path):
     lines = (tmp_path / "part" / "sweep-points.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "points" not in json.loads((tmp_path / "part" / "sweep-state.json").read_text())
     seen = []
-    resumed = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda d, t, what: seen.append(what)).run()
-    assert seen[0] != "base model" and len([w for w in seen if w.startswith("tangent|")]) == 8 - 3
+    resumed = Sweep(lm, methods, data, cfg, tmp_path / "part", progress=lambda p: seen.append(p.metrics.get("point", ""))).run()
+    assert "base model" not in seen and len([w for w in seen if w.startswith("tangent|")]) == 8 - 3
     for a, b in zip(full["methods"]["tangent"]["points"], resumed["methods"]["tangent"]["points"]):
         a.pop("seconds", None), b.pop("seconds", None)
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
@@ -156,9 +156,9 @@ def test_margins_match_a_direct_dpo_computation_and_the_prediction_is_exact_for_
     result = Sweep(lm, methods[:1], data, cfg, tmp_path / "s").run()
     pairs = data["helpfulness"].pairs[:4]
     batch = encode_pairs(lm, pairs, 32, 32)
-    deltas = {n: tx.delta(n) for n in tx.param_names()}
+    deltas = {n: tx.weight_delta(n) for n in tx.weight_names()}
     with torch.no_grad():
-        pol, ref = completion_logps(lm, batch, deltas, "ordinary")
+        pol, ref = completion_logps(lm, batch, deltas, "scalarized")
     n = len(pairs)
     margins = 0.1 * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
     point = next(e for e in result["methods"]["tangent"]["points"] if (e["x"], e["y"]) == (1, 0))
@@ -167,7 +167,7 @@ def test_margins_match_a_direct_dpo_computation_and_the_prediction_is_exact_for_
 
     g = margin_gradients(lm, pairs, {"x": tx, "y": ty}, beta=0.1, max_tokens=32)
     # First order: the derivative of the margins along 0.7 tau_x - 0.4 tau_y, by finite differences in float64.
-    combo = {n: 0.7 * tx.delta(n).double() - 0.4 * ty.delta(n).double() for n in tx.param_names()}
+    combo = {n: 0.7 * tx.weight_delta(n).double() - 0.4 * ty.weight_delta(n).double() for n in tx.weight_names()}
     predicted = g @ torch.tensor([0.7, -0.4], dtype=torch.float64)
     assert torch.allclose(predicted, torch.tensor(margins_grad(lm, batch, combo, n), dtype=torch.float64), atol=5e-4)
     maps = predicted_maps(g, ["x", "y"], lambda x, y: {"x": x, "y": y}, [0.0, 0.7], [-0.4, 0.0])

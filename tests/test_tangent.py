@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.directions import DirectionError, load_direction
-from engine.dpo import dpo_loss, encode_pairs, sequence_logps
+from engine.directions import DirectionError
+from engine.loading import load_direction
+from engine.dpo import completion_sums, dpo_loss, encode_pairs, token_logps
 from engine.errors import Cancelled
 from engine.mixer import Mixer
 from engine.models import load_model
-from engine.tangent import (DirectionModel, TangentDirection, completion_logps, linear_weights, linearization_gap,
-                            shared_A0)
+from engine.tangent import completion_logps, linear_weights, linearization_gap, shared_A0
 from engine.train import BatchPlan, TrainConfig, train_direction
+from engine.weight_delta import WeightDelta
 
 SMALL = dict(max_prompt_tokens=32, max_response_tokens=32)
 
@@ -48,14 +49,14 @@ def test_dpo_loss_matches_the_published_formula_by_hand():
             assert float(m_ipo[k]) == pytest.approx(float(v), rel=1e-6), k
 
 
-def test_sequence_logps_by_hand():
-    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]])
-    labels = torch.tensor([[2, 0]])
-    mask = torch.tensor([[1.0, 1.0]])
+def test_completion_logps_by_hand():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 0.0, 0.0]]])
+    labels = torch.tensor([[2, 0, 1]])
+    mask = torch.tensor([[True, True, False]])  # the third position is not part of the completion
     lse = math.log(1 + math.e + math.e ** 2)
     expected = (2.0 - lse) + (1.0 - math.log(3 * math.e))
-    assert float(sequence_logps(logits, labels, mask)[0]) == pytest.approx(expected, rel=1e-6)
-    assert float(sequence_logps(logits, labels, mask, average=True)[0]) == pytest.approx(expected / 2, rel=1e-6)
+    per_token = token_logps(logits[mask], labels[mask])
+    assert float(completion_sums(per_token, mask)[0]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_jvp_primal_is_the_reference_model(tiny_lm, tiny_pairs):
@@ -66,7 +67,8 @@ def test_jvp_primal_is_the_reference_model(tiny_lm, tiny_pairs):
     with torch.no_grad():
         logits = tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids).logits
-    direct = sequence_logps(logits, batch.targets, batch.target_mask)
+    mask = batch.target_mask.bool()
+    direct = completion_sums(token_logps(logits[mask], batch.targets[mask]), mask)
     torch.testing.assert_close(ref, direct, atol=1e-4, rtol=1e-5)
 
 
@@ -77,10 +79,10 @@ def test_linearized_and_ordinary_agree_to_second_order(tiny_lm, tiny_pairs):
     names = linear_weights(tiny_lm)
     params = dict(tiny_lm.model.named_parameters())
     tau = {n: torch.randn(params[n].shape, generator=g) * params[n].detach().std() * 0.5 for n in names}
-    d = TangentDirection("x", "full", tau, tiny_lm.identity())
+    d = WeightDelta("x", "full", tau, tiny_lm.identity())
     errors = []
     for eps in (0.4, 0.2, 0.1):
-        gap = linearization_gap(tiny_lm, batch, [(d, eps)])
+        gap = linearization_gap(tiny_lm, batch, d * eps)
         errors.append(gap["gap_mean"])
     ratios = [errors[i] / errors[i + 1] for i in range(2)]
     assert all(3.0 < r < 5.5 for r in ratios), (errors, ratios)
@@ -96,7 +98,7 @@ def test_lowrank_mix_is_exact_and_restores_bit_identical(tiny_lm, tiny_pairs):
             w = dict(tiny_lm.model.named_parameters())[n]
             tensors[n + ":B"] = torch.randn(w.shape[0], 4, generator=g) * 0.01
             tensors[n + ":A"] = shared_A0(n, 4, w.shape[1], seed=0)
-        dirs.append(TangentDirection(f"obj{k}", "lowrank", tensors, tiny_lm.identity(), name=f"d{k}"))
+        dirs.append(WeightDelta(f"obj{k}", "lowrank", tensors, tiny_lm.identity(), name=f"d{k}"))
     params = dict(tiny_lm.model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     ids = tiny_lm.tokenizer("hello there", return_tensors="pt").input_ids
@@ -129,10 +131,10 @@ def test_training_records_trl_metrics_and_a_loadable_direction(tiny_lm, trained,
     assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "eta_s", "lr"} <= set(h[0])
     assert "rewards/accuracies" in trained.val_metrics
     d = trained.direction
-    assert d.kind == "tangent" and d.param == "lowrank" and d.norm() > 0
+    assert d.kind == "weights" and d.method == "tangent" and d.param == "lowrank" and d.norm() > 0
     path = d.save(tmp_path / "t.safetensors")
     loaded = load_direction(path, tiny_lm)
-    assert isinstance(loaded, TangentDirection) and loaded.meta["hyperparameters"]["steps"] == 6
+    assert isinstance(loaded, WeightDelta) and loaded.meta["hyperparameters"]["steps"] == 6
     mixer = Mixer(tiny_lm)
     mixer.add(loaded)
     mixer.set_weights({loaded.name: 1.0})
@@ -148,7 +150,7 @@ def test_direction_for_another_model_or_nan_is_refused(trained, tmp_path, other_
     key = next(iter(bad))
     bad[key] = bad[key].clone()
     bad[key][0, 0] = float("inf")
-    TangentDirection("x", "lowrank", bad, tiny_lm.identity()).save(tmp_path / "inf.safetensors")
+    WeightDelta("x", "lowrank", bad, tiny_lm.identity()).save(tmp_path / "inf.safetensors")
     with pytest.raises(DirectionError, match="NaN or infinite"):
         load_direction(tmp_path / "inf.safetensors", tiny_lm)
 
@@ -162,8 +164,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_lm, tiny_pa
                         should_stop=lambda: max(steps, default=0) >= 3, checkpoint_dir=tmp_path / "ck")
     assert json.loads((tmp_path / "ck" / "state.json").read_text())["step"] == 3
     resumed = train_direction(tiny_lm, tiny_pairs, cfg, checkpoint_dir=tmp_path / "ck")
-    for n in whole.direction.param_names():
-        torch.testing.assert_close(resumed.direction.delta(n), whole.direction.delta(n), atol=1e-7, rtol=1e-5)
+    for n in whole.direction.weight_names():
+        torch.testing.assert_close(resumed.direction.weight_delta(n), whole.direction.weight_delta(n), atol=1e-7, rtol=1e-5)
     with pytest.raises(DirectionError, match="other settings or data"):
         train_direction(tiny_lm, tiny_pairs, TrainConfig(steps=7, param="full", **SMALL), checkpoint_dir=tmp_path / "ck")
 
@@ -176,8 +178,8 @@ def test_scalarized_baseline_mixes_sources_by_weight(tiny_lm, tiny_pairs, demo_d
     counts = [sum(plan.counts(s)[k] for s in range(400)) for k in range(2)]
     assert counts[0] / 1600 == pytest.approx(0.25, abs=0.03)
     assert plan.batch(5) == plan.batch(5)
-    res = train_direction(tiny_lm, [(tiny_pairs, 0.3), (other, 0.7)], TrainConfig(method="ordinary", steps=3, **SMALL))
-    assert res.direction.kind == "scalarized" and res.direction.norm() > 0
+    res = train_direction(tiny_lm, [(tiny_pairs, 0.3), (other, 0.7)], TrainConfig(method="scalarized", steps=3, **SMALL))
+    assert res.direction.kind == "weights" and res.direction.method == "scalarized" and res.direction.norm() > 0
     assert [s["weight"] for s in res.direction.meta["objective_sources"]] == [0.3, 0.7]
 
 
@@ -195,8 +197,8 @@ def test_two_processes_match_one(tiny_model_dir, demo_data, tmp_path):
                           "-m", "engine.cli", *common, "--out", str(tmp_path / "two.safetensors")],
                          capture_output=True, text=True, env=env, timeout=600, cwd=str(Path(__file__).parents[1]))
     assert two.returncode == 0, two.stderr[-2000:]
-    a = TangentDirection.load(tmp_path / "one.safetensors")
-    b = TangentDirection.load(tmp_path / "two.safetensors")
+    a = WeightDelta.load(tmp_path / "one.safetensors")
+    b = WeightDelta.load(tmp_path / "two.safetensors")
     assert a.meta["processes"] == 1 and b.meta["processes"] == 2
-    for n in a.param_names():
-        torch.testing.assert_close(b.delta(n), a.delta(n), atol=1e-6, rtol=1e-4)
+    for n in a.weight_names():
+        torch.testing.assert_close(b.weight_delta(n), a.weight_delta(n), atol=1e-6, rtol=1e-4)

@@ -50,7 +50,7 @@ def test_extract_and_training_ignore_a_mix_the_caller_left_applied(tiny_lm, tiny
     cfg = TrainConfig(steps=2, param="lowrank", rank=4, **SMALL)
     at_origin = extract(tiny_lm, pairs, **kw)
     trained_at_origin = train_direction(tiny_lm, pairs, cfg).direction
-    scal_cfg = TrainConfig(method="ordinary", steps=2, param="lowrank", rank=4, **SMALL)
+    scal_cfg = TrainConfig(method="scalarized", steps=2, param="lowrank", rank=4, **SMALL)
     scal_at_origin = train_direction(tiny_lm, [(pairs, 0.5), (pairs, 0.5)], scal_cfg).direction
 
     ids = torch.tensor([[1, 5, 9, 14, 22, 7]])
@@ -81,10 +81,10 @@ def test_linearization_gap_and_margin_gradients_see_the_base(tiny_lm, tiny_pairs
 
     d = random_tangent(tiny_lm, "h", seed=5, scale=0.3)
     batch = encode_pairs(tiny_lm, tiny_pairs.pairs[:2], 16, 16)
-    gap0 = linearization_gap(tiny_lm, batch, [(d, 1.0)])
+    gap0 = linearization_gap(tiny_lm, batch, d * 1.0)
     g0 = margin_gradients(tiny_lm, tiny_pairs.pairs[:2], {"h": d}, max_tokens=16)
     _strong_mixer(tiny_lm, tiny_vector)
-    gap = linearization_gap(tiny_lm, batch, [(d, 1.0)])
+    gap = linearization_gap(tiny_lm, batch, d * 1.0)
     assert torch.equal(gap["linearized"], gap0["linearized"]) and torch.equal(gap["ordinary"], gap0["ordinary"])
     assert torch.equal(margin_gradients(tiny_lm, tiny_pairs.pairs[:2], {"h": d}, max_tokens=16), g0)
 
@@ -96,7 +96,7 @@ def test_a_kernel_switch_for_the_jvp_is_put_back(tiny_lm, tiny_pairs):
     tiny_lm.model.set_attn_implementation("sdpa")
     d = random_tangent(tiny_lm, "h", seed=5)
     batch = encode_pairs(tiny_lm, tiny_pairs.pairs[:2], 16, 16)
-    completion_logp_derivative(tiny_lm, batch, {n: d.delta(n) for n in d.param_names()})
+    completion_logp_derivative(tiny_lm, batch, {n: d.weight_delta(n) for n in d.weight_names()})
     assert tiny_lm.model.config._attn_implementation == "sdpa"
     train_direction(tiny_lm, tiny_pairs.limit(4), TrainConfig(steps=1, **SMALL))
     assert tiny_lm.model.config._attn_implementation == "sdpa"
@@ -113,14 +113,14 @@ def test_a_failure_while_applying_leaves_the_exact_base(tiny_lm, tiny_vector, mo
     mixer.add(bad, name="bad")
     mixer.add(tiny_vector, name="steer")
     mixer.set_weights({"good": 0.7, "steer": 1.0})
-    names, real = bad.param_names(), bad.delta
+    names, real = bad.weight_names(), bad.weight_delta
 
     def failing(n):  # the third weight of "bad" cannot be read (a device error, a damaged tensor, ...)
         if n == names[2]:
             raise RuntimeError("simulated failure in the middle of applying")
         return real(n)
 
-    monkeypatch.setattr(bad, "delta", failing)
+    monkeypatch.setattr(bad, "weight_delta", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         mixer.set_weights({"good": 0.7, "bad": 0.9, "steer": 1.0})
     for n, p in tiny_lm.model.named_parameters():
@@ -153,7 +153,7 @@ def test_weights_must_be_finite_and_an_overflow_is_refused(tiny_lm, tiny_vector)
 
 
 def test_a_direction_whose_layers_are_out_of_range_is_refused(tiny_lm, tiny_vector, tmp_path):
-    from engine.directions import load_direction
+    from engine.loading import load_direction
 
     bad = tiny_vector.with_settings()
     bad.layers = [7]

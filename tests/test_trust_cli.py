@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import engine.store
 from engine import cli
 from engine.export import ExportError, export_mix
 from engine.mixer import Mixer
@@ -160,7 +161,7 @@ def test_a_killed_export_is_cleaned_up_and_a_hidden_old_export_restored(tiny_lm,
 def locked_db(tmp_path, monkeypatch):
     path = tmp_path / "studio.sqlite3"
     Store(path).create_session("cli", {"kind": "folder", "ref": "x"}, "f")
-    monkeypatch.setattr(cli, "_store", lambda args: Store(path, busy_timeout_s=0.1, retry_delays=(0.05,)))
+    monkeypatch.setattr(engine.store, "Store", lambda *a, **k: Store(path, busy_timeout_s=0.1, retry_delays=(0.05,)))
     con = sqlite3.connect(str(path), isolation_level=None)
     con.execute("BEGIN EXCLUSIVE")
     yield path, con

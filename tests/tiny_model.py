@@ -59,7 +59,8 @@ def random_tangent(lm, objective: str, seed: int, param: str = "lowrank", rank: 
     (mixing, export), not the training."""
     import torch
 
-    from engine.tangent import TangentDirection, linear_weights, shared_A0
+    from engine.tangent import linear_weights, shared_A0
+    from engine.weight_delta import WeightDelta
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -70,4 +71,4 @@ def random_tangent(lm, objective: str, seed: int, param: str = "lowrank", rank: 
         else:
             tensors[n + ":B"] = torch.randn(out_f, rank, generator=g) * scale
             tensors[n + ":A"] = shared_A0(n, rank, in_f, a0_seed)
-    return TangentDirection(objective, param, tensors, lm.identity())
+    return WeightDelta(objective, param, tensors, lm.identity())

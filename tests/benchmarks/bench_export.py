@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import REPO, machine, median, record, timed  # noqa: E402
 from tiny_model import random_tangent  # noqa: E402
 
-from engine.directions import load_direction  # noqa: E402
+from engine.loading import load_direction  # noqa: E402
 from engine.export import export_mix  # noqa: E402
 from engine.mixer import Mixer  # noqa: E402
 from engine.models import load_model  # noqa: E402

@@ -11,7 +11,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import DATA, machine, median, pct, record, timed  # noqa: E402
 
 from engine.data import load_pairs  # noqa: E402
-from engine.generation import Column, SamplingParams, compare, decode, _prompt_ids  # noqa: E402
+from engine.generation import Column, SamplingParams, compare, decode  # noqa: E402
 from engine.mixer import Mixer  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.plane import Axis, PreferencePlane  # noqa: E402
@@ -35,7 +35,7 @@ def main() -> dict:
           f"layer {verb.layers[0]} chosen)")
     from engine.train import TrainConfig, train_direction
 
-    cfg = TrainConfig(method="ordinary", param="full", batch_size=4, steps=-(-len(pairs) // 4), val_fraction=0.0,
+    cfg = TrainConfig(method="scalarized", param="full", batch_size=4, steps=-(-len(pairs) // 4), val_fraction=0.0,
                       max_prompt_tokens=192, max_response_tokens=192)
     t0 = time.perf_counter()
     train_direction(lm, pairs, cfg)
@@ -63,7 +63,7 @@ def main() -> dict:
         lat.append(time.perf_counter() - t0)
     mixer.clear()
     prompt = "Give me three tips for writing clear emails."
-    ids = _prompt_ids(lm, prompt)
+    ids = lm.prompt_ids(prompt)
     step = median(timed(lambda: decode(lm, ids, 1, SamplingParams(max_new_tokens=2)), 5)) / 2
     results["apply_latency_median_ms"] = round(median(lat) * 1e3, 4)
     results["apply_latency_p95_ms"] = round(pct(lat, 0.95) * 1e3, 4)

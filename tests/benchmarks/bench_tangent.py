@@ -97,19 +97,20 @@ def apply_latency() -> dict:
 
     from engine.mixer import Mixer
     from engine.models import load_model
-    from engine.tangent import TangentDirection, linear_weights, shared_A0
+    from engine.tangent import linear_weights, shared_A0
+    from engine.weight_delta import WeightDelta
 
     lm = load_model()
     params = dict(lm.model.named_parameters())
     names = linear_weights(lm)
     g = torch.Generator().manual_seed(0)
-    full = TangentDirection("full", "full", {n: torch.randn(params[n].shape, generator=g) * 1e-4 for n in names},
+    full = WeightDelta("full", "full", {n: torch.randn(params[n].shape, generator=g) * 1e-4 for n in names},
                             lm.identity(), name="full")
     low = {}
     for n in names:
         low[n + ":B"] = torch.randn(params[n].shape[0], 8, generator=g) * 1e-3
         low[n + ":A"] = shared_A0(n, 8, params[n].shape[1], 0)
-    lowrank = TangentDirection("low", "lowrank", low, lm.identity(), name="low")
+    lowrank = WeightDelta("low", "lowrank", low, lm.identity(), name="low")
     out = {}
     for d in (full, lowrank):
         mixer = Mixer(lm)
@@ -127,13 +128,13 @@ def apply_latency() -> dict:
 
 def main() -> dict:
     print(f"machine: {machine()}")
-    res = {(m, p): _run(m, p) for m, p in [("ordinary", "full"), ("tangent", "full"), ("ordinary", "lowrank"),
+    res = {(m, p): _run(m, p) for m, p in [("scalarized", "full"), ("tangent", "full"), ("scalarized", "lowrank"),
                                           ("tangent", "lowrank")]}
     for r in res.values():
         print(f"{r['method']:>8} {r['param']:>7}: {r['step_s']:.2f} s/step, peak +{r['peak_extra_mb']:.0f} MB "
               f"({r['tokens']} tokens, {r['weights']} weight matrices)")
-    tf, of = res[("tangent", "full")], res[("ordinary", "full")]
-    tl, ol = res[("tangent", "lowrank")], res[("ordinary", "lowrank")]
+    tf, of = res[("tangent", "full")], res[("scalarized", "full")]
+    tl, ol = res[("tangent", "lowrank")], res[("scalarized", "lowrank")]
     summary = {
         "ts_dpo_vs_dpo_step_time_full": round(tf["step_s"] / of["step_s"], 3),
         "ts_dpo_vs_dpo_peak_memory_full": round(tf["peak_extra_mb"] / max(of["peak_extra_mb"], 1e-9), 3),

@@ -1,0 +1,107 @@
+"""`tsdpo sweep`: a grid of plane points measured for each method (Pareto fronts, smoothness, disentanglement,
+linearization gap), resumable, with plots and a report."""
+
+from __future__ import annotations
+
+import sys
+
+from engine.cli.common import MODEL_AND_STORE, PhaseBars, load, open_store, parse_point, read_prompts
+from engine.errors import TsdpoError
+from engine.sweep import METRICS
+
+
+def cmd_sweep(args) -> int:
+    from engine.data import load_pairs
+    from engine.loading import load_direction
+    from engine.sweep import Method, Sweep, SweepConfig, write_outputs
+
+    lo, hi = parse_point(args.range, "--range", "LOW,HIGH")
+    prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts else []
+    cfg = SweepConfig(grid=args.grid, low=lo, high=hi, pairs=args.pairs, beta=args.beta, prompts=prompts,
+                      max_new_tokens=args.max_new_tokens, pareto_metric=args.metric,
+                      reference=parse_point(args.reference, "--reference") if args.reference else None,
+                      linearization_gap=not args.no_lin_gap, reward_model=args.reward_model)
+    cfg.coords()  # refuse a bad grid before loading anything
+    if not (args.x or args.steer_x or args.scalarized):
+        raise TsdpoError("Nothing to sweep: give tangent directions (--x, --y), steering vectors (--steer-x, --steer-y) "
+                         "and/or scalarized runs (--scalarized FILE, repeatable).")
+    data = {}
+    for spec in args.data:
+        objective, sep, path = spec.partition("=")
+        if not sep:
+            raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit)
+        data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
+        print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
+    lm = load(args, args.model)
+    store = None if args.no_store else open_store(args)
+    methods = []
+    for kind, x, y in (("tangent", args.x, args.y), ("steering", args.steer_x, args.steer_y)):
+        if x or y:
+            if not (x and y):
+                raise TsdpoError(f"The {kind} grid needs both axes (--{'x' if kind == 'tangent' else 'steer-x'} and "
+                                 f"--{'y' if kind == 'tangent' else 'steer-y'}).")
+            dx, dy = load_direction(x, lm, store), load_direction(y, lm, store)
+            for d, ref in ((dx, x), (dy, y)):
+                if d.label != kind:
+                    raise TsdpoError(f"{ref} is a {d.label} direction, not a {kind} one.")
+            methods.append(Method(kind, kind, dx, dy))
+    if args.scalarized:
+        points = []
+        for ref in args.scalarized:
+            d = load_direction(ref, lm, store)
+            if d.label != "scalarized":
+                raise TsdpoError(f"{ref} is a {d.label} direction, not a scalarized-DPO run.")
+            sources = d.meta.get("objective_sources", [])
+            share = float(sources[0]["weight"]) if sources else float("nan")
+            points.append((d.name, d, share))
+        methods.append(Method("scalarized", "scalarized", points=points))
+    bars = PhaseBars()
+    sweep = Sweep(lm, methods, data, cfg, args.out, progress=bars, trust_remote_code=args.trust_remote_code)
+    try:
+        with bars:
+            result = sweep.run()
+    except KeyboardInterrupt:
+        print(f"tsdpo: stopped; {len(sweep.state['points'])} points are saved in {args.out}. Run the same command to "
+              "resume.", file=sys.stderr)
+        return 130
+    files = write_outputs(result, args.out)
+    ox, oy = result["objectives"]
+    print(f"{'method':<12} {'points':>6} {'hypervolume':>12} {'pareto':>6}  smoothness {ox} / {oy} (Kendall tau)")
+    for name, info in result["methods"].items():
+        sm = info["smoothness"]
+        taus = " / ".join("-" if sm.get(o, {}).get("kendall_tau") is None else f"{sm[o]['kendall_tau']:+.2f}" for o in (ox, oy))
+        print(f"{name:<12} {len(info['points']):>6} {info['hypervolume']:>12.4g} {len(info['pareto']):>6}  {taus}")
+    for name, c in result.get("cca", {}).items():
+        print(f"CCA {name}: mean canonical correlation {c['mean']:.3f} (largest {c['top']:.3f})")
+    print(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("sweep", parents=MODEL_AND_STORE,
+                       help="measure a grid of plane points: Pareto fronts, smoothness, disentanglement, linearization gap")
+    p.add_argument("--x", help="TS-DPO direction on the x axis (file or stored name)")
+    p.add_argument("--y", help="TS-DPO direction on the y axis")
+    p.add_argument("--steer-x", help="steering vector on the x axis (the steering grid)")
+    p.add_argument("--steer-y", help="steering vector on the y axis")
+    p.add_argument("--scalarized", action="append", default=[], metavar="FILE", help="a scalarized-DPO run (repeatable)")
+    p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE",
+                   help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
+    p.add_argument("--format", default=None)
+    p.add_argument("--limit", type=int, help="as in training")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
+    p.add_argument("--seed", type=int, default=0, help="as in training")
+    p.add_argument("--pairs", type=int, default=16, help="held-out pairs per objective to score")
+    p.add_argument("--prompts", help="prompts for length / distinct-2 / reward (.jsonl with 'prompt', or .txt)")
+    p.add_argument("--n-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--reward-model", help="a sequence-classification model (folder or hub id) to score replies")
+    p.add_argument("--grid", type=int, default=5, help="points per axis (odd)")
+    p.add_argument("--range", default="-1,1", metavar="LOW,HIGH")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--metric", choices=METRICS[::-1], default="margin", help="Pareto front and hypervolume on this metric")
+    p.add_argument("--reference", metavar="X,Y", help="hypervolume reference point (default: the worst value of each objective)")
+    p.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per point)")
+    p.add_argument("--out", required=True, help="a folder: results, plots and report; rerun with the same --out to resume")
+    p.set_defaults(func=cmd_sweep)

@@ -1,0 +1,21 @@
+"""What a forward hook on a decoder block needs: the block's hidden state, and its output with that state
+replaced. transformers' decoder blocks return a tensor or a tuple whose first item is the hidden state."""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_output(out):
+    """Decoder blocks return a tensor or a tuple whose first item is the hidden state (transformers 5 does both)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_block_output(out, hidden):
+    """A block's output with its hidden state replaced, in the form the block returned it."""
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def add_to_block_output(block, delta: torch.Tensor):
+    """A forward hook that adds ``delta`` to the block's output at every position; returns its handle."""
+    return block.register_forward_hook(lambda module, args, out: with_block_output(out, block_output(out) + delta))
