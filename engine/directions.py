@@ -121,7 +121,7 @@ class Direction:
         return direction
 
     def __mul__(self, alpha: float) -> "Mix":
-        return Mix(((self.name, self, float(alpha)),))
+        return Mix(((self.name, self, float(alpha)),)) if float(alpha) else Mix()
 
     __rmul__ = __mul__
 

@@ -238,3 +238,20 @@ def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot
     third = reopen(qtbot, tmp_path, store, sid, "c.ini")
     assert list(third.directions) == ["kept", "gone"]
     third.close()
+
+
+def test_a_database_that_cannot_be_opened_is_said_in_a_dialog(qtbot, tmp_path, monkeypatch):
+    """The message was formatted by a timer after the ``except`` block had ended, when Python had already
+    deleted the exception: the dialog never came, and the user never learned that nothing would be saved."""
+    bad = tmp_path / "not-a-database.sqlite3"
+    bad.write_bytes(b"this is not an SQLite file, and must stay as it is" * 100)
+    monkeypatch.setenv("TSDPO_DB", str(bad))
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat), demo_directions=False)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitUntil(lambda: bool(w.error_dialogs), timeout=10000)
+    box = w.error_dialogs[0]
+    assert box.windowTitle() == "The session database cannot be used"
+    assert str(bad) in box.text() and "not saved" in box.text()
+    assert bad.read_bytes().startswith(b"this is not an SQLite file")  # left untouched
+    w.close()
