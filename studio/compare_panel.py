@@ -16,6 +16,9 @@ from PySide6.QtGui import QKeySequence, QShortcut, QTextCursor
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
                                QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from engine.generation import Column
+from studio.messages import ComparisonResult, Reply
+
 BASE, POINT, STEERING = "Base model", "Mix at the point", "Steering only, at the point"
 LETTERS = "ABCD"
 
@@ -91,7 +94,7 @@ class ComparePanel(QWidget):
         self.grid = grid
         self.order: list[int] = list(range(4))  # display slot -> request column (shuffled when blind)
         self.sources: Optional[list[str]] = None  # request column -> the source chosen for it when it started
-        self.last: Optional[dict] = None  # the finished comparison shown now
+        self.last: Optional[ComparisonResult] = None  # the finished comparison shown now
         self.revealed = True
 
         self.rate_buttons = []
@@ -192,26 +195,26 @@ class ComparePanel(QWidget):
     def append(self, request_column: int, piece: str) -> None:
         self.columns[self.slot_of(request_column)].append(piece)
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: ComparisonResult) -> None:
         self.last = result
-        for i, col in enumerate(result["columns"]):
+        for i, col in enumerate(result.columns):
             view = self.columns[self.slot_of(i)]
-            view.text.setPlainText(col["text"])
+            view.text.setPlainText(col.text)
             self._stats(view, col, hidden=not self.revealed)
-        self._enable_rating(result.get("comparison_id") is not None)
+        self._enable_rating(result.comparison_id is not None)
 
-    def _stats(self, view: ColumnView, col: dict, hidden: bool) -> None:
-        stop = " (stopped)" if col["stopped"] else " (cut at the token limit)" if col.get("truncated") else ""
-        line = f"{col['n_tokens']} tokens · {col['tokens_per_s']:.1f} tokens/s{stop}"
+    def _stats(self, view: ColumnView, col: Reply, hidden: bool) -> None:
+        stop = " (stopped)" if col.stopped else " (cut at the token limit)" if col.truncated else ""
+        line = f"{col.n_tokens} tokens · {col.tokens_per_s:.1f} tokens/s{stop}"
         if not hidden:
-            w = col["weights"]
-            line += "<br>" + (f"{col['label']}: " + ", ".join(f"{k} {v:+.2f}" for k, v in w.items()) if w else col["label"])
+            w = col.weights
+            line += "<br>" + (f"{col.label}: " + ", ".join(f"{k} {v:+.2f}" for k, v in w.items()) if w else col.label)
         view.stats.setText(line)
 
     def rate(self, outcome: str, slot: Optional[int] = None) -> None:
-        if self.last is None or self.last.get("comparison_id") is None:
+        if self.last is None or self.last.comparison_id is None:
             return
-        n = len(self.last["columns"])
+        n = len(self.last.columns)
         if slot is not None and slot >= n:
             return
         scores = {}
@@ -232,20 +235,20 @@ class ComparePanel(QWidget):
         self.note.clear()
         if not self.revealed and self.last is not None:
             self.revealed = True
-            for slot, request_column in enumerate(self.order[:len(self.last["columns"])]):
+            for slot, request_column in enumerate(self.order[:len(self.last.columns)]):
                 view = self.columns[slot]
                 if self.sources is not None:  # unknown for a comparison reopened from the history: the line below says it
                     view.source.blockSignals(True)
                     view.source.setCurrentText(self.sources[request_column])
                     view.source.blockSignals(False)
                     view.source.setVisible(True)
-                self._stats(view, self.last["columns"][request_column], hidden=False)
+                self._stats(view, self.last.columns[request_column], hidden=False)
 
     def letter_of(self, request_column: int) -> str:
         return LETTERS[self.slot_of(request_column)]
 
     def _enable_rating(self, on: bool) -> None:
-        n = len(self.last["columns"]) if self.last else self.n_columns.value()
+        n = len(self.last.columns) if self.last else self.n_columns.value()
         for i, b in enumerate(self.rate_buttons):
             b.setEnabled(on and i < n)
             b.setVisible(i < self.n_columns.value())
@@ -256,24 +259,24 @@ class ComparePanel(QWidget):
         n = self.n_columns.value()
         for i, c in enumerate(self.columns):
             c.setVisible(i < n)
-        self._enable_rating(self.last is not None and self.last.get("comparison_id") is not None)
+        self._enable_rating(self.last is not None and self.last.comparison_id is not None)
 
 
 def column_request(source: str, point: tuple[float, float], weights: dict[str, float], pins: dict,
-                   weights_at: Callable[[float, float], dict], kinds: dict[str, str]) -> dict:
-    """What the worker needs for one column chosen as ``source``."""
+                   weights_at: Callable[[float, float], dict], labels: dict[str, str]) -> Column:
+    """What the worker generates for one column chosen as ``source`` (``labels``: direction name -> steering,
+    tangent or scalarized)."""
     if source == BASE:
-        return {"label": "base", "weights": {}, "point": None}
+        return Column("base")
     if source == POINT:
-        return {"label": f"point ({point[0]:+.2f}, {point[1]:+.2f})", "weights": weights, "point": list(point)}
+        return Column(f"point ({point[0]:+.2f}, {point[1]:+.2f})", dict(weights), tuple(point))
     if source == STEERING:
-        return {"label": "steering only", "weights": {k: v for k, v in weights.items() if kinds.get(k) == "steering"},
-                "point": list(point)}
+        return Column("steering only", {k: v for k, v in weights.items() if labels.get(k) == "steering"}, tuple(point))
     if source.startswith("Pinned: "):
         name = source[len("Pinned: "):]
         x, y = pins[name]
-        return {"label": f"pinned {name}", "weights": weights_at(x, y), "point": [x, y]}
+        return Column(f"pinned {name}", weights_at(x, y), (x, y))
     if source.startswith("Scalarized: "):
         name = source[len("Scalarized: "):]
-        return {"label": f"scalarized {name}", "weights": {name: 1.0}, "point": None}
+        return Column(f"scalarized {name}", {name: 1.0})
     raise ValueError(source)

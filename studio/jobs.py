@@ -4,6 +4,7 @@ baseline) and the panel that follows it: progress with ETA, live loss/accuracy f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
@@ -13,9 +14,10 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
 
 from engine.data import FORMATS
 from engine.progress import Progress
+from studio.messages import BuildJob, Data, ExportJob, Job, JobResult
 
 AUTO = "detect"
-TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO tangent direction",
+TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO direction",
           "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix",
           "predict": "Predict margin maps"}
 EXPORT_FORMATS = {
@@ -51,10 +53,9 @@ class DataPicker(QWidget):
         if path:
             self.path.setText(path)
 
-    def values(self, suffix: str = "") -> dict:
+    def data(self, limit: Optional[int]) -> Data:
         fmt = self.format.currentText()
-        return {f"data{suffix}": self.path.text().strip(), f"format{suffix}": None if fmt == AUTO else fmt,
-                f"objective{suffix}": self.objective.text().strip() or None}
+        return Data(self.path.text().strip(), None if fmt == AUTO else fmt, self.objective.text().strip() or None, limit)
 
 
 class JobDialog(QDialog):
@@ -103,22 +104,23 @@ class JobDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(buttons)
 
-    def job(self) -> dict:
-        v = {"kind": self.kind, **self.data.values(), "limit": self.limit.value() or None}
-        if self.data_b is not None:
-            v.update(self.data_b.values("_b"))
-            v["weight"] = self.weight.value()
+    def job(self) -> BuildJob:
+        limit = self.limit.value() or None
+        data = self.data.data(limit)
+        job = BuildJob(self.kind, "", "", data, second=self.data_b.data(limit) if self.data_b is not None else None)
+        if self.kind == "scalarized":
+            job.weight = self.weight.value()
         if self.kind == "extract":
-            v["strength"] = self.strength.value()
+            job.strength = self.strength.value()
         else:
-            v.update(param=self.param.currentText(), steps=self.steps.value(), lr=self.lr.value(),
-                     beta=self.beta.value(), max_tokens=self.max_tokens.value())
-        name = self.name.text().strip() or (f"scalarized {v['objective'] or 'a'}={v['weight']:g}" if self.kind == "scalarized"
-                                            else (v["objective"] or Path(v["data"]).stem))
+            job.param, job.steps, job.lr = self.param.currentText(), self.steps.value(), self.lr.value()
+            job.beta, job.max_tokens = self.beta.value(), self.max_tokens.value()
+        job.name = self.name.text().strip() or (f"scalarized {data.objective or 'a'}={job.weight:g}" if self.kind == "scalarized"
+                                                else (data.objective or Path(data.path).stem))
         suffix = {"extract": "steer", "train": "tsdpo", "scalarized": "scalarized"}[self.kind]
-        safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in name)
-        v.update(name=name, out=str(self.out_dir / f"{safe}.{suffix}.safetensors"))
-        return v
+        safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in job.name)
+        job.out = str(self.out_dir / f"{safe}.{suffix}.safetensors")
+        return job
 
 
 class ExportDialog(QDialog):
@@ -172,12 +174,10 @@ class ExportDialog(QDialog):
         if path:
             self.out.setText(path)
 
-    def job(self) -> dict:
+    def job(self) -> ExportJob:
         dtype = self.dtype.currentText()
-        return {"kind": "export", "format": self.format.currentData(), "out": self.out.text().strip(),
-                "name": Path(self.out.text().strip()).name, "overwrite": self.overwrite.isChecked(),
-                "bake_steering": self.bake.isChecked() and self.format.currentData() == "hf",
-                "dtype": None if dtype == "as loaded" else dtype}
+        return ExportJob(self.out.text().strip(), self.format.currentData(), self.overwrite.isChecked(),
+                         self.bake.isChecked() and self.format.currentData() == "hf", None if dtype == "as loaded" else dtype)
 
 
 class JobPanel(QWidget):
@@ -212,15 +212,15 @@ class JobPanel(QWidget):
         self.losses: list[float] = []
         self.accs: list[float] = []
 
-    def started(self, job: dict) -> None:
-        self.title.setText(f"{TITLES[job['kind']]}: {job['name']}")
+    def started(self, job: Job) -> None:
+        self.title.setText(f"{TITLES[job.kind]}: {job.name}")
         self.bar.setRange(0, 0)
         self.eta.setText("starting...")
         self.cancel.setEnabled(True)
         self.steps, self.losses, self.accs = [], [], []
         self.loss_curve.setData([], [])
         self.acc_curve.setData([], [])
-        self.plot.setVisible(job["kind"] not in ("extract", "export", "predict"))
+        self.plot.setVisible(job.kind not in ("extract", "export", "predict"))
 
     def update_progress(self, p: Progress) -> None:
         self.bar.setRange(0, p.total)  # a total of 0: a stage with nothing to count, shown as busy
@@ -236,12 +236,12 @@ class JobPanel(QWidget):
             self.loss_curve.setData(self.steps, self.losses)
             self.acc_curve.setData(self.steps, self.accs)
 
-    def finished(self, result: dict) -> None:
+    def finished(self, result: JobResult) -> None:
         self.cancel.setEnabled(False)
         self.bar.setRange(0, 1)
-        if result.get("cancelled"):
+        if result.cancelled:
             self.bar.setValue(0)
-            self.eta.setText("failed" if result.get("failed") else "cancelled")
+            self.eta.setText("failed" if result.failed else "cancelled")
         else:
             self.bar.setValue(1)
-            self.eta.setText(result.get("summary") or f"done in {result['seconds']:.0f} s: {result['name']} added")
+            self.eta.setText(result.summary or f"done in {result.seconds:.0f} s: {result.name} added")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,15 +14,20 @@ from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
-                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QTreeWidget,
-                               QTreeWidgetItem, QVBoxLayout, QWidget)
+                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
+                               QVBoxLayout, QWidget)
 
 from engine.errors import TsdpoError
+from engine.generation import SamplingParams
 from engine.paths import data_dir, format_bytes, log_path
 from engine.plane import PreferencePlane
 from studio.compare_panel import ComparePanel, column_request
+from studio.history import HistoryView
 from studio.jobs import ExportDialog, JobDialog, JobPanel
+from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, Job, JobResult, ModelInfo,
+                             PredictJob)
 from studio.plane_widget import PreferencePlaneWidget
+from studio.session import SessionController, saved_point
 from studio.theme import apply_palette
 from studio.worker import WorkerHost
 
@@ -43,14 +48,12 @@ class MainWindow(QMainWindow):
         self.store = store if store is not None else self._open_store()
         self.host = WorkerHost(self.store, self)
         self.demo_directions = demo_directions
-        self.model_info: Optional[dict] = None
+        self.model_info: Optional[ModelInfo] = None
         self.busy_with = ""
-        self.session_id: Optional[int] = None
-        self.directions: dict[str, dict] = {}  # what the worker's mixer holds, as it last said (directionsChanged)
+        self.session = SessionController(self.store, DEMO_DIRECTIONS)
+        self.directions: dict[str, DirectionInfo] = {}  # what the worker's mixer holds, as it last said
         self.overlaps: dict[str, str] = {}  # direction name -> the interference warning shown beside it
-        self.unrestored: list[dict] = []  # the open session's directions that did not load (kept in the session)
-        self.last_result: Optional[dict] = None
-        self._restore: Optional[dict] = None
+        self.last_result: Optional[ComparisonResult] = None
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self._build_ui()
@@ -86,18 +89,18 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ layout
     def _build_ui(self) -> None:
-        self.plane = PreferencePlaneWidget()
-        self.plane.weightsChanged.connect(self.host.apply_weights)
-        self.plane.released.connect(self._on_released)
-        self.plane.pinsChanged.connect(self._on_pins_changed)
-        self.plane.layoutChanged.connect(self._save_session)
-        self.plane.layoutChanged.connect(self.refresh_heatmaps)
+        self.plane_view = PreferencePlaneWidget()
+        self.plane_view.weightsChanged.connect(self.host.apply_weights)
+        self.plane_view.released.connect(self._on_released)
+        self.plane_view.pinsChanged.connect(self._on_pins_changed)
+        self.plane_view.layoutChanged.connect(self._save_session)
+        self.plane_view.layoutChanged.connect(self.refresh_heatmaps)
         plane_box = QGroupBox("Preference plane")
         self.direction_list = QListWidget()
         self.direction_list.setObjectName("directions")
         self.direction_list.setMaximumHeight(70)
         pl = QVBoxLayout(plane_box)
-        pl.addWidget(self.plane, 1)
+        pl.addWidget(self.plane_view, 1)
         pl.addWidget(QLabel("Loaded directions (Directions menu to add or build more):"))
         pl.addWidget(self.direction_list)
 
@@ -149,10 +152,8 @@ class MainWindow(QMainWindow):
         self.splitter = split
         self.setCentralWidget(split)
 
-        self.history = QTreeWidget()
-        self.history.setHeaderLabels(["History", "tokens"])
-        self.history.setColumnWidth(0, 520)
-        self.history.itemDoubleClicked.connect(self._show_history_item)
+        self.history = HistoryView()
+        self.history.opened.connect(self._show_history_item)
         self.job_panel = JobPanel()
         self.job_panel.cancelRequested.connect(self.host.stop)
         for title, widget, name in (("History", self.history, "history_dock"), ("Job", self.job_panel, "job_dock")):
@@ -271,22 +272,21 @@ class MainWindow(QMainWindow):
         if ok and model_id.strip():
             self.load_model(model_id.strip())
 
-    def _on_model_loaded(self, info: dict) -> None:
-        changed = self.model_info is None or self.model_info["fingerprint"] != info["fingerprint"]
+    def _on_model_loaded(self, info: ModelInfo) -> None:
+        changed = self.model_info is None or self.model_info.fingerprint != info.fingerprint
         self.model_info = info
-        self.settings.setValue("last_model", "" if info["source"]["kind"] == "embedded" else info["source"]["ref"])
+        self.settings.setValue("last_model", "" if info.source["kind"] == "embedded" else info.source["ref"])
         if changed:
-            self.plane.set_directions([])
-            self.unrestored = []
-        elif info.get("kept_directions"):
+            self.plane_view.set_directions([])
+            self.session.unrestored = []
+        elif info.kept_directions:
             # The same model again: the worker carried the directions over; put the point's mix back on it.
-            self.host.apply_weights(self.plane.weights())
-        restore = self._restore
-        if restore is not None:
-            self._restore_directions(restore)
-        elif self.session_id is None or changed:
+            self.host.apply_weights(self.plane_view.weights())
+        if self.session.restore is not None:
+            self._restore_directions()
+        elif self.session.session_id is None or changed:
             self._create_session()
-            if self.demo_directions and info["source"]["kind"] == "embedded":
+            if self.demo_directions and info.source["kind"] == "embedded":
                 for path in sorted(DEMO_DIRECTIONS.glob("*.safetensors")):
                     self.host.add_direction(str(path))
         self._refresh_status()
@@ -300,7 +300,7 @@ class MainWindow(QMainWindow):
 
     def _on_directions_changed(self, infos: list) -> None:
         """The worker's list of what is loaded: the one source of truth for the plane and the columns."""
-        self.directions = {i["name"]: i for i in infos}
+        self.directions = {i.name: i for i in infos}
         self.overlaps = {k: v for k, v in self.overlaps.items() if k in self.directions}
         self._list_directions()
         self._directions_changed()
@@ -308,31 +308,32 @@ class MainWindow(QMainWindow):
     def _list_directions(self) -> None:
         self.direction_list.clear()
         for name, info in self.directions.items():
-            line = f"{name}  ·  {info['kind']}  ·  {info['detail']}"
+            line = f"{name}  ·  {info.label}  ·  {info.detail}"
             if name in self.overlaps:
                 line += "  ⚠ overlaps " + self.overlaps[name]
             self.direction_list.addItem(line)
 
-    def _on_direction_added(self, info: dict) -> None:
-        overlaps = [f"{b if a == info['name'] else a} (cosine {cos:+.2f})" for a, b, cos in info.get("interference", [])]
+    def _on_direction_added(self, info: DirectionInfo) -> None:
+        overlaps = [f"{b if a == info.name else a} (cosine {cos:+.2f})" for a, b, cos in info.interference]
         if overlaps:
             # A warning, not an error: mixing still works, it just mostly adds up one effect.
-            self.overlaps[info["name"]] = ", ".join(overlaps)
-            self.progress_label.setText(f"{info['name']} points nearly the same way as " + ", ".join(overlaps))
+            self.overlaps[info.name] = ", ".join(overlaps)
+            self.progress_label.setText(f"{info.name} points nearly the same way as " + ", ".join(overlaps))
             self._list_directions()
-        if self._restore is not None:
-            self._restore["waiting"] -= 1
+        if self.session.restore is not None:
+            self.session.direction_done()
             self._maybe_finish_restore()
         else:
             self._save_session()
 
     def _directions_changed(self) -> None:
         names = list(self.directions)
-        mixable = [n for n in names if self.directions[n]["kind"] != "scalarized"]
-        self.plane.set_directions(mixable)
-        self.compare.set_sources(list(self.plane.pins), [n for n in names if self.directions[n]["kind"] == "scalarized"],
-                                 any(d["kind"] == "steering" for d in self.directions.values()))
-        attrs = list(dict.fromkeys([*BASE_ATTRIBUTES, *(d["objective"] for d in self.directions.values())]))
+        # A scalarized-DPO run is a baseline to compare with, one point of its own, not an axis of the plane.
+        mixable = [n for n in names if self.directions[n].label != "scalarized"]
+        self.plane_view.set_directions(mixable)
+        self.compare.set_sources(list(self.plane_view.pins), [n for n in names if self.directions[n].label == "scalarized"],
+                                 any(d.label == "steering" for d in self.directions.values()))
+        attrs = list(dict.fromkeys([*BASE_ATTRIBUTES, *(d.objective for d in self.directions.values())]))
         self.compare.set_attributes(attrs)
 
     def _on_mix_applied(self, weights: dict, seconds: float) -> None:
@@ -348,18 +349,16 @@ class MainWindow(QMainWindow):
             self.start_generation()
 
     def _on_pins_changed(self) -> None:
-        if self.store is not None and self.session_id is not None:
-            try:
-                for name, (x, y) in self.plane.pins.items():
-                    self.store.pin_point(self.session_id, name, x, y)
-            except TsdpoError as exc:
-                self.show_error("The pinned point was not saved", str(exc))
+        try:
+            self.session.pin(self.plane_view.pins)
+        except TsdpoError as exc:
+            self.show_error("The pinned point was not saved", str(exc))
         self._directions_changed()
 
     # ------------------------------------------------------------------ generation and rating
-    def sampling_params(self) -> dict:
-        return {"max_new_tokens": self.max_tokens.value(), "temperature": self.temperature.value(),
-                "top_p": self.top_p.value(), "repetition_penalty": self.repetition.value(), "seed": self.seed.value()}
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens.value(), self.temperature.value(), self.top_p.value(), self.repetition.value(),
+                              self.seed.value())
 
     def start_generation(self) -> None:
         prompt = self.prompt.toPlainText().strip()
@@ -368,46 +367,43 @@ class MainWindow(QMainWindow):
             return
         if self.model_info is None or self.busy_with:
             return
-        kinds = {n: d["kind"] for n, d in self.directions.items()}
+        labels = {n: d.label for n, d in self.directions.items()}
         sources = self.compare.chosen_sources()
-        columns = [column_request(src, self.plane.point, self.plane.weights(), self.plane.pins, self.plane.plane.weights, kinds)
-                   for src in sources]
-        self.compare.start([c["label"] for c in columns], sources)
+        view = self.plane_view
+        columns = [column_request(src, view.point, view.weights(), view.pins, view.plane.weights, labels) for src in sources]
+        self.compare.start([c.label for c in columns], sources)
         self.last_result = None
-        self.host.compare({"prompt": prompt, "columns": columns, "params": self.sampling_params(),
-                           "blind": not self.compare.revealed,
-                           "session_id": self.session_id if self.store is not None else None})
+        self.host.compare(CompareRequest(prompt, columns, self.sampling_params(), blind=not self.compare.revealed,
+                                         session_id=self.session.session_id if self.store is not None else None))
 
-    def _on_compared(self, result: dict) -> None:
+    def _on_compared(self, result: ComparisonResult) -> None:
         self.last_result = result
         self.compare.finish(result)
-        self._add_history(result["prompt"], result["comparison_id"], result["columns"], [], bool(result.get("blind")))
+        self.history.add(result)
 
     @staticmethod
-    def _verdict(rating, columns: list[dict], letter) -> str:
+    def _verdict(rating, columns: list, letter) -> str:
         if rating.outcome != "winner":
             return {"tie": "tie", "both_bad": "both bad"}[rating.outcome]
-        i = next(k for k, c in enumerate(columns) if c["generation_id"] == rating.winner_id)
-        return f"{letter(i)} ({columns[i]['label']}) is better"
+        i = next(k for k, c in enumerate(columns) if c.generation_id == rating.winner_id)
+        return f"{letter(i)} ({columns[i].label}) is better"
 
     def _on_rated(self, r: dict) -> None:
         result = self.compare.last
         if self.store is None or result is None:
             return
-        gen_ids = [c["generation_id"] for c in result["columns"]]
+        gen_ids = [c.generation_id for c in result.columns]
         winner = None if r["winner_column"] is None else gen_ids[r["winner_column"]]
         scores = {gen_ids[col]: vals for col, vals in r["scores"].items()}
         try:
-            earlier = self.store.ratings(result["comparison_id"])
-            row = self.store.add_rating(result["comparison_id"], r["outcome"], winner_id=winner, scores=scores,
-                                        note=r["note"], blind=r["blind"])
+            row, earlier = self.session.rate(result.comparison_id, r["outcome"], winner, scores, r["note"], r["blind"])
         except TsdpoError as exc:
             self.show_error("The rating was not saved", f"{exc}\n\nRate again once the problem is solved.")
             return
-        what = self._verdict(row, result["columns"], self.compare.letter_of)
-        if earlier:
-            before = self._verdict(earlier[-1], result["columns"], self.compare.letter_of)
-            self._undo = {"rating_id": row.id, "columns": result["columns"]}
+        what = self._verdict(row, result.columns, self.compare.letter_of)
+        if earlier is not None:
+            before = self._verdict(earlier, result.columns, self.compare.letter_of)
+            self._undo = {"rating_id": row.id, "columns": result.columns}
             self.compare.rating_saved(f"Rating changed: {what} (it was: {before}"
                                       + (f"; note kept: {row.note}" if row.note and not r["note"] else "") + ")", undoable=True)
         else:
@@ -419,7 +415,7 @@ class MainWindow(QMainWindow):
         if self._undo is None or self.store is None:
             return
         try:
-            now = self.store.undo_rating(self._undo["rating_id"])
+            now = self.session.undo_rating(self._undo["rating_id"])
         except TsdpoError as exc:
             self.show_error("The change was not undone", str(exc))
             return
@@ -444,7 +440,7 @@ class MainWindow(QMainWindow):
         if self.model_info is None:
             self.show_error("No model", "Load a model first.")
             return
-        self.start_job({"kind": "predict", "name": "margin maps", "pairs": 16})
+        self.start_job(PredictJob(pairs=16))
 
     def load_sweep_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Sweep results", str(data_dir()), "Sweep results (sweep.json)")
@@ -463,15 +459,15 @@ class MainWindow(QMainWindow):
             return
         self.sweep_result = result
         self.refresh_heatmaps()
-        if not any(k.startswith("measured") for k in self.plane.layers):
+        if not any(k.startswith("measured") for k in self.plane_view.layers):
             self.progress_label.setText(f"Bind the sweep's objectives ({', '.join(result['objectives'])}) to the plane's "
                                         "axes to see its measurements.")
 
     def _plane_axes(self) -> dict:
-        p = self.plane.plane
+        p = self.plane_view.plane
         if p.anchors:
             return {}
-        return {k: (self.directions.get(a.direction, {}).get("objective"), a.scale)
+        return {k: (self.directions[a.direction].objective if a.direction in self.directions else None, a.scale)
                 for k, a in (("x", p.x), ("y", p.y)) if a.direction}
 
     def refresh_heatmaps(self, *_) -> None:
@@ -480,66 +476,67 @@ class MainWindow(QMainWindow):
         axes = self._plane_axes()
         layers = sweep_layers(self.sweep_result, axes) if self.sweep_result else {}
         if self.prediction:
-            xr, yr = self.plane.limits()
-            layers.update(predicted_layers(self.prediction, self.plane.plane.weights, xr, yr,
+            xr, yr = self.plane_view.limits()
+            layers.update(predicted_layers(self.prediction, self.plane_view.plane.weights, xr, yr,
                                            sweep=self.sweep_result, axes=axes))
-        self.plane.set_layers(layers)
+        self.plane_view.set_layers(layers)
 
     def open_export(self) -> None:
         if self.model_info is None:
             self.show_error("No model", "Load a model before exporting.")
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        dialog = ExportDialog(self.plane.weights(), {n: d["kind"] for n, d in self.directions.items()},
+        dialog = ExportDialog(self.plane_view.weights(), {n: d.label for n, d in self.directions.items()},
                               data_dir() / "exports" / f"mix-{stamp}", self)
         if dialog.exec():
             self.start_export(dialog.job())
 
-    def start_export(self, job: dict) -> None:
+    def start_export(self, job: ExportJob) -> None:
         """Export the mix at the current point (the dialog's choices in ``job``)."""
-        job.update(weights=self.plane.weights(), point=list(self.plane.point), plane=self.plane.plane.to_json())
-        self.start_job(job)
+        view = self.plane_view
+        self.start_job(replace(job, weights=view.weights(), point=tuple(view.point), plane=view.plane.to_json()))
 
-    def start_job(self, job: dict) -> None:
-        job["session_id"] = self.session_id
+    def start_job(self, job: Job) -> None:
+        job = replace(job, session_id=self.session.session_id)
         self.job_panel.started(job)
         self.job_dock.raise_()
         self.host.run_job(job)
 
-    def _on_job_finished(self, result: dict) -> None:
+    def _on_job_finished(self, result: JobResult) -> None:
         self.job_panel.finished(result)
-        if result["kind"] == "predict" and not result.get("cancelled"):
-            self.prediction = result["prediction"]
+        if result.kind == "predict" and not result.cancelled:
+            self.prediction = result.prediction
             self.refresh_heatmaps()
-            first = next((k for k in self.plane.layers if k.startswith("predicted") and k.endswith("margin")), None)
+            first = next((k for k in self.plane_view.layers if k.startswith("predicted") and k.endswith("margin")), None)
             if first:
-                self.plane.heat_combo.setCurrentText(first)
-        if result["kind"] == "export" and not result.get("cancelled"):
-            self.progress_label.setText(result["summary"])
-            box = QMessageBox(QMessageBox.Information, "Export finished", result["summary"], QMessageBox.Ok, self)
+                self.plane_view.heat_combo.setCurrentText(first)
+        if result.kind == "export" and not result.cancelled:
+            self.progress_label.setText(result.summary)
+            box = QMessageBox(QMessageBox.Information, "Export finished", result.summary, QMessageBox.Ok, self)
             folder = box.addButton("Open folder", QMessageBox.ActionRole)
-            folder.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(result["path"])))
+            folder.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(result.path)))
             box.setAttribute(Qt.WA_DeleteOnClose)
             box.setObjectName("export_done")
             self.export_dialog = box
             box.open()
 
     # ------------------------------------------------------------------ sessions
+    @property
+    def session_id(self) -> Optional[int]:
+        return self.session.session_id
+
     def _create_session(self) -> None:
         if self.store is None or self.model_info is None:
             return
         try:
-            row = self.store.create_session(time.strftime("Session %Y-%m-%d %H:%M"), self.model_info["source"],
-                                            self.model_info["fingerprint"], {})
+            sid = self.session.create(self.model_info.source, self.model_info.fingerprint)
         except TsdpoError as exc:
             self.show_error("The session was not created", str(exc))
             return
-        self.session_id = row.id
-        self.unrestored = []
-        self.settings.setValue("last_session", row.id)
-        self.plane.clear_pins()
+        self.settings.setValue("last_session", sid)
+        self.plane_view.clear_pins()
         self.history.clear()
-        self.session_label.setText(row.name)
+        self.session_label.setText(self.session.name)
 
     def new_session(self) -> None:
         """A fresh history and no pinned points, with the model and directions already loaded."""
@@ -548,18 +545,13 @@ class MainWindow(QMainWindow):
         self._save_session()
 
     def session_settings(self) -> dict:
-        loaded = [{"name": n, "path": d["path"]} for n, d in self.directions.items() if d.get("path")]
-        # Directions the session had but that did not load this time (a file moved, a disk not mounted) stay in it.
-        kept = [d for d in self.unrestored if d["name"] not in self.directions]
-        return {"directions": loaded + kept,
-                "plane": self.plane.plane.to_json(), "point": list(self.plane.point),
-                "columns": self.compare.chosen_sources(), "n_columns": self.compare.n_columns.value()}
+        view = self.plane_view
+        return self.session.settings({n: d.path for n, d in self.directions.items()}, view.plane.to_json(), view.point,
+                                     self.compare.chosen_sources(), self.compare.n_columns.value())
 
     def _save_session(self, *_) -> None:
-        if self.store is None or self.session_id is None or self._restore is not None:
-            return
         try:
-            self.store.update_session(self.session_id, settings=self.session_settings())
+            self.session.save(self.session_settings())
         except TsdpoError as exc:
             log.warning("session not saved: %s", exc)
             self.mix_label.setText("session not saved (database busy)")
@@ -587,51 +579,35 @@ class MainWindow(QMainWindow):
     def open_session(self, session_id: int) -> None:
         """Restore a session: its model, directions, plane, pinned points and history."""
         try:
-            row = self.store.session(session_id)
+            restore = self.session.open(session_id)
         except TsdpoError as exc:
             self.show_error("Could not open the session", str(exc))
             return
-        self.session_id = row.id
-        self.settings.setValue("last_session", row.id)
-        self.session_label.setText(row.name)
-        self._restore = {"settings": dict(row.settings or {}), "waiting": 0,
-                         "pins": {p.name: (p.x, p.y) for p in row.pinned}}
-        self.plane.clear_pins()
-        for name, (x, y) in self._restore["pins"].items():
-            self.plane.add_pin(name, x, y, emit=False)
+        self.settings.setValue("last_session", session_id)
+        self.session_label.setText(self.session.name)
+        self.plane_view.clear_pins()
+        for name, (x, y) in restore.pins.items():
+            self.plane_view.add_pin(name, x, y, emit=False)
         self._reload_history()
-        same_model = self.model_info is not None and self.model_info["fingerprint"] == row.model_fingerprint
-        if same_model:
-            self._restore_directions(self._restore)
+        if self.model_info is not None and self.model_info.fingerprint == restore.model_fingerprint:
+            self._restore_directions()
         else:
-            source = row.model_ref
+            source = restore.model_ref
             self.load_model(None if source.get("kind") == "embedded" else source.get("ref"))
 
-    def _restore_directions(self, restore: dict) -> None:
-        wanted = restore["settings"].get("directions", [])
-        missing = [d for d in wanted if d["name"] not in self.directions]
-        restore["waiting"] = len(missing)
-        for d in missing:
-            path = Path(d["path"])
-            if not path.is_file() and (DEMO_DIRECTIONS / path.name).is_file():
-                path = DEMO_DIRECTIONS / path.name  # a shipped demo direction, from a checkout that has moved
-            self.host.add_direction(str(path), d["name"])
+    def _restore_directions(self) -> None:
+        for path, name in self.session.directions_to_load(set(self.directions)):
+            self.host.add_direction(path, name)
         self._maybe_finish_restore()
 
     def _maybe_finish_restore(self) -> None:
-        r = self._restore
-        if r is None or r["waiting"] > 0:
+        if not self.session.ready():
             return
-        self._restore = None
-        s = r["settings"]
-        self.unrestored = [d for d in s.get("directions", []) if d["name"] not in self.directions]
+        s = self.session.finish(set(self.directions))
         self._directions_changed()
         if "plane" in s:
             try:
-                point = tuple(float(v) for v in s.get("point", (0.0, 0.0)))
-                if len(point) != 2 or not all(math.isfinite(v) for v in point):
-                    raise TsdpoError(f"The saved point {s.get('point')} is not two finite numbers; the point starts at the origin.")
-                self.plane.set_plane(PreferencePlane.from_json(s["plane"]), point)
+                self.plane_view.set_plane(PreferencePlane.from_json(s["plane"]), saved_point(s))
             except TsdpoError as exc:
                 self.show_error("The plane layout was not restored", str(exc))
         if s.get("n_columns"):
@@ -641,50 +617,13 @@ class MainWindow(QMainWindow):
         self.progress_label.setText("Session restored")
 
     def _reload_history(self) -> None:
-        from engine.store import is_truncated
+        self.history.show_session(self.session.history())
 
-        self.history.clear()
-        if self.store is None or self.session_id is None:
-            return
-        for comp in self.store.history(self.session_id):
-            cols = [{"label": g.label, "text": g.output, "n_tokens": g.n_tokens, "weights": g.weights,
-                     "point": (g.point_x, g.point_y) if g.point_x is not None else None, "seconds": g.seconds,
-                     "tokens_per_s": g.n_tokens / g.seconds if g.seconds else 0.0, "stopped": g.stopped,
-                     "truncated": is_truncated(g, (comp.params or {}).get("max_new_tokens")),
-                     "generation_id": g.id} for g in comp.generations]
-            self._add_history(comp.prompt, comp.id, cols, list(comp.ratings), bool((comp.params or {}).get("blind")))
-
-    def _add_history(self, prompt: str, comparison_id, columns: list[dict], ratings: list, blind: bool = False) -> None:
-        """One history entry. A blind comparison not rated yet names no source and shows no reply: both would
-        tell which column is which."""
-        hidden = blind and not ratings
-        top = QTreeWidgetItem([prompt.replace("\n", " ")[:120], ""])
-        top.setData(0, Qt.UserRole, {"prompt": prompt, "comparison_id": comparison_id, "columns": columns,
-                                     "blind": blind, "rated": bool(ratings)})
-        if hidden:
-            QTreeWidgetItem(top, [f"blind comparison of {len(columns)} replies: sources are shown once it is rated "
-                                  "(double-click to rate it)", ""])
-        else:
-            for c in columns:
-                QTreeWidgetItem(top, [f"{c['label']}: {c['text'].replace(chr(10), ' ')[:160]}", str(c["n_tokens"])])
-        labels = {c["generation_id"]: c["label"] for c in columns}
-        for i, rating in enumerate(ratings):
-            verdict = f"{labels.get(rating.winner_id, '?')} better" if rating.outcome == "winner" else rating.outcome.replace("_", " ")
-            replaced = " (replaced by the rating below)" if i < len(ratings) - 1 else ""
-            QTreeWidgetItem(top, [f"rating: {verdict}" + (" (blind)" if rating.blind else "")
-                                  + (f" · {rating.note}" if rating.note else "") + replaced, ""])
-        self.history.insertTopLevelItem(0, top)
-
-    def _show_history_item(self, item: QTreeWidgetItem, _col: int) -> None:
-        while item.parent() is not None:
-            item = item.parent()
-        data = item.data(0, Qt.UserRole)
-        if not data:
-            return
-        self.prompt.setPlainText(data["prompt"])
-        self.compare.n_columns.setValue(max(2, len(data["columns"])))
-        self.compare.start([c["label"] for c in data["columns"]], blind=data.get("blind") and not data.get("rated"))
-        self.compare.finish({"comparison_id": data["comparison_id"], "columns": data["columns"], "prompt": data["prompt"]})
+    def _show_history_item(self, result: ComparisonResult, rated: bool) -> None:
+        self.prompt.setPlainText(result.prompt)
+        self.compare.n_columns.setValue(max(2, len(result.columns)))
+        self.compare.start([c.label for c in result.columns], blind=result.blind and not rated)
+        self.compare.finish(result)
 
     def export_ratings(self) -> None:
         from engine.store import export_ratings_trl
@@ -702,15 +641,16 @@ class MainWindow(QMainWindow):
             self.progress_label.setText(f"{n} preference pairs written to {path}")
 
     # ------------------------------------------------------------------ errors, state, settings
-    def _on_failed(self, title: str, message: str) -> None:
-        if self._restore is not None:
-            if title == "Could not add the direction":
-                self._restore["waiting"] -= 1
+    def _on_failed(self, failure: Failure) -> None:
+        message = failure.message
+        if self.session.restore is not None:
+            if failure.kind == "direction":
+                self.session.direction_done()
                 self._maybe_finish_restore()
-            elif title == "Could not load the model":  # the session's model is gone: keep its history, stop restoring
-                self._restore = None
+            elif failure.kind == "load":  # the session's model is gone: keep its history, stop restoring
+                self.session.abandon()
                 message += "\n\nThe session's history is shown; open its model again to use its directions."
-        self.show_error(title, message)
+        self.show_error(failure.title, message)
 
     def show_error(self, title: str, message: str) -> None:
         """Non-modal, so a failing job never blocks the window (or a test)."""
@@ -740,9 +680,9 @@ class MainWindow(QMainWindow):
     def _refresh_status(self) -> None:
         info = self.model_info
         if info:
-            self.model_label.setText(f"{info['model']} · {info['layers']} layers · {info['device']} ({info['dtype']})")
+            self.model_label.setText(f"{info.name} · {info.layers} layers · {info.device} ({info.dtype})")
         text = f"memory {format_bytes(psutil.Process(os.getpid()).memory_info().rss)}"
-        if info and info["device"].startswith("cuda"):
+        if info and info.device.startswith("cuda"):
             import torch
 
             text += f" · GPU {format_bytes(torch.cuda.memory_allocated())}"
@@ -772,7 +712,7 @@ class MainWindow(QMainWindow):
     def _save_settings(self) -> None:
         self.settings.setValue("geometry", self.saveGeometry())
         self.settings.setValue("window_state", self.saveState())
-        for key, value in self.sampling_params().items():
+        for key, value in asdict(self.sampling_params()).items():
             self.settings.setValue(f"sampling/{key}", value)
         self.settings.setValue("regenerate_on_release", self.regen.isChecked())
         self.settings.sync()

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
 
     from engine.store import Store
     from studio.main_window import DEMO_DATA, MainWindow
+    from studio.messages import BuildJob, Data
 
     app = QApplication.instance() or QApplication([])
     app.setStyle("Fusion")
@@ -59,18 +60,18 @@ def main(argv=None) -> int:
     w.load_model(None)
     wait(lambda: w.model_info is not None and len(w.directions) >= 2 and not w.busy_with)
     print(f"launch to usable plane: {time.time() - t_launch:.1f} s")
-    w.plane.set_point(0.6, 0.5)
-    w.plane.add_pin("concise + helpful", 0.6, -0.6)
+    w.plane_view.set_point(0.6, 0.5)
+    w.plane_view.add_pin("concise + helpful", 0.6, -0.6)
     shot(w, "screenshot-plane.png")
 
     sweep = Path(__file__).resolve().parents[1] / "docs" / "sweep" / "sweep.json"
     if sweep.is_file():  # the recorded evidence sweep of the embedded model (tests/benchmarks/evidence_sweep.sh)
         w.load_sweep(str(sweep))
-        layer = next((k for k in w.plane.layers if k.endswith("tangent · verbosity/margin")), None)
+        layer = next((k for k in w.plane_view.layers if k.endswith("tangent · verbosity/margin")), None)
         if layer:
-            w.plane.heat_combo.setCurrentText(layer)
+            w.plane_view.heat_combo.setCurrentText(layer)
             shot(w, "screenshot-heatmap.png")
-        w.plane.heat_combo.setCurrentIndex(0)
+        w.plane_view.heat_combo.setCurrentIndex(0)
 
     w.prompt.setPlainText("How do I make a good cup of tea?")
     w.max_tokens.setValue(80)
@@ -84,9 +85,9 @@ def main(argv=None) -> int:
     w.compare.rate_buttons[1].click()
     shot(w, "screenshot-compare.png")
 
-    w.start_job({"kind": "train", "data": str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), "limit": 200,
-                 "objective": "helpfulness", "steps": 200, "param": "lowrank", "max_tokens": 96,
-                 "name": "helpfulness (screenshot)", "out": str(tmp / "shot.safetensors")})
+    w.start_job(BuildJob("train", "helpfulness (screenshot)", str(tmp / "shot.safetensors"),
+                         Data(str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), objective="helpfulness", limit=200),
+                         steps=200, max_tokens=96))
     wait(lambda: len(w.job_panel.steps) >= 6)
     shot(w, "screenshot-training.png")
     w.host.stop()

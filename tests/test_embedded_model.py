@@ -62,7 +62,7 @@ def test_first_launch_binds_the_demo_directions(qtbot, cache, tmp_path):
     w.show()
     w.load_model(None)
     qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=120000)
-    assert {w.plane.plane.x.direction, w.plane.plane.y.direction} == {"helpfulness", "verbosity"}
+    assert {w.plane_view.plane.x.direction, w.plane_view.plane.y.direction} == {"helpfulness", "verbosity"}
     w.close()
 
 

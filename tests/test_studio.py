@@ -10,6 +10,7 @@ from PySide6.QtWidgets import QApplication
 
 from engine.store import Store
 from studio.main_window import MainWindow
+from studio.messages import BuildJob, Data
 
 pg.setConfigOptions(mouseRateLimit=-1)  # otherwise pyqtgraph drops synthetic drag events
 
@@ -42,7 +43,7 @@ def reopen(qtbot, tmp_path, store, session_id, ini="other.ini"):
     qtbot.addWidget(w)
     w.show()
     w.open_session(session_id)
-    qtbot.waitUntil(lambda: w.model_info is not None and w._restore is None and not w.busy_with, timeout=30000)
+    qtbot.waitUntil(lambda: w.model_info is not None and w.session.restore is None and not w.busy_with, timeout=30000)
     return w
 
 
@@ -75,7 +76,7 @@ def drag(view, start, end, steps=8):
 
 
 def test_dragging_the_point_sets_weights_and_applies_the_mix(qtbot, window):
-    plane = window.plane
+    plane = window.plane_view
     assert plane.plane.x.direction == "v1" and plane.plane.y.direction == "v2"
     drag(plane.view, (0.0, 0.0), (0.5, -0.25))
     x, y = plane.point
@@ -88,7 +89,7 @@ def test_dragging_the_point_sets_weights_and_applies_the_mix(qtbot, window):
 
 
 def test_arrow_keys_nudge_and_scale_changes_weights(qtbot, window):
-    plane = window.plane
+    plane = window.plane_view
     plane.view.setFocus()
     qtbot.keyClick(plane.view, Qt.Key_Right)
     qtbot.keyClick(plane.view, Qt.Key_Up)
@@ -99,7 +100,7 @@ def test_arrow_keys_nudge_and_scale_changes_weights(qtbot, window):
 
 
 def test_two_columns_stream_and_are_stored_then_rated(qtbot, window, store):
-    window.plane.set_point(0.6, 0.0)
+    window.plane_view.set_point(0.6, 0.0)
     window.prompt.setPlainText("Tell me about the sea.")
     window.max_tokens.setValue(12)
     window.compare.n_columns.setValue(2)
@@ -109,10 +110,10 @@ def test_two_columns_stream_and_are_stored_then_rated(qtbot, window, store):
     window.host.worker.text.connect(lambda c, p: pieces[c].append(p))
     window.generate_button.click()
     qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
-    cols = window.last_result["columns"]
-    assert [c["label"] for c in cols] == ["base", "point (+0.60, +0.00)"]
-    assert all(c["n_tokens"] > 0 for c in cols)
-    assert window.compare.columns[1].text.toPlainText() == cols[1]["text"] == "".join(pieces[1])
+    cols = window.last_result.columns
+    assert [c.label for c in cols] == ["base", "point (+0.60, +0.00)"]
+    assert all(c.n_tokens > 0 for c in cols)
+    assert window.compare.columns[1].text.toPlainText() == cols[1].text == "".join(pieces[1])
     (comp,) = store.history(window.session_id)
     assert [g.label for g in comp.generations] == ["base", "point (+0.60, +0.00)"]
     assert comp.generations[1].weights == {"v1": pytest.approx(0.6), "v2": 0.0}
@@ -142,9 +143,9 @@ def test_blind_mode_hides_labels_until_rated(qtbot, window, store):
 
 
 def test_reopening_a_session_restores_everything(qtbot, tmp_path, store, tiny_model_dir, window):
-    window.plane.set_point(-0.3, 0.4)
-    window.plane.add_pin("favourite", -0.3, 0.4)
-    window.plane.y_scale.setValue(1.5)
+    window.plane_view.set_point(-0.3, 0.4)
+    window.plane_view.add_pin("favourite", -0.3, 0.4)
+    window.plane_view.y_scale.setValue(1.5)
     window.prompt.setPlainText("Hello.")
     window.max_tokens.setValue(4)
     window.generate_button.click()
@@ -154,9 +155,9 @@ def test_reopening_a_session_restores_everything(qtbot, tmp_path, store, tiny_mo
 
     again = reopen(qtbot, tmp_path, store, session_id)
     assert set(again.directions) == {"v1", "v2"}
-    assert again.plane.point == pytest.approx((-0.3, 0.4))
-    assert again.plane.plane.y.scale == 1.5 and again.plane.plane.x.direction == "v1"
-    assert again.plane.pins == {"favourite": (-0.3, 0.4)}
+    assert again.plane_view.point == pytest.approx((-0.3, 0.4))
+    assert again.plane_view.plane.y.scale == 1.5 and again.plane_view.plane.x.direction == "v1"
+    assert again.plane_view.pins == {"favourite": (-0.3, 0.4)}
     assert again.history.topLevelItemCount() == 1 and again.history.topLevelItem(0).text(0) == "Hello."
     again.close()
 
@@ -164,9 +165,9 @@ def test_reopening_a_session_restores_everything(qtbot, tmp_path, store, tiny_mo
 def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
     seen = []
     window.host.worker.jobProgress.connect(lambda p: (seen.append(p), window.job_panel.cancel.click() if len(seen) == 2 else None))
-    window.start_job({"kind": "train", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 20,
-                      "objective": "helpfulness", "steps": 500, "param": "lowrank", "max_tokens": 24,
-                      "name": "helpfulness", "out": str(tmp_path / "h.safetensors")})
+    window.start_job(BuildJob("train", "helpfulness", str(tmp_path / "h.safetensors"),
+                              Data(str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), objective="helpfulness", limit=20),
+                              steps=500, param="lowrank", max_tokens=24))
     # jobFinished and the worker's idle signal arrive one after the other: wait for both.
     qtbot.waitUntil(lambda: window.job_panel.eta.text() == "cancelled" and not window.busy_with, timeout=60000)
     assert 2 <= len(seen) < 100 and "loss" in seen[-1].metrics  # stopped long before its 500 steps
@@ -177,17 +178,18 @@ def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
 
 def test_finished_job_adds_a_bindable_direction(qtbot, tmp_path, store, tiny_model_dir, demo_data):
     w = make_window(qtbot, tmp_path, store, tiny_model_dir)
-    w.start_job({"kind": "extract", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 12,
-                 "objective": "verbosity", "strength": 1.0, "name": "verbosity", "out": str(tmp_path / "v.safetensors")})
+    w.start_job(BuildJob("extract", "verbosity", str(tmp_path / "v.safetensors"),
+                         Data(str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), objective="verbosity", limit=12),
+                         strength=1.0))
     qtbot.waitUntil(lambda: "verbosity" in w.directions, timeout=60000)
-    assert w.plane.plane.x.direction == "verbosity"  # bound to the free axis at once
+    assert w.plane_view.plane.x.direction == "verbosity"  # bound to the free axis at once
     assert [d.name for d in store.directions()] == ["verbosity"]
     w.close()
 
 
 def test_errors_become_dialogs_and_the_app_keeps_working(qtbot, window, tmp_path, other_tiny_dir, demo_data):
-    window.start_job({"kind": "extract", "data": str(tmp_path / "nope.jsonl"), "limit": 5, "objective": "x",
-                      "name": "x", "out": str(tmp_path / "x.safetensors")})
+    window.start_job(BuildJob("extract", "x", str(tmp_path / "x.safetensors"),
+                              Data(str(tmp_path / "nope.jsonl"), objective="x", limit=5)))
     qtbot.waitUntil(lambda: bool(window.error_dialogs), timeout=30000)
     assert "does not exist" in window.error_dialogs[-1].text()
     from engine.models import load_model
@@ -226,7 +228,7 @@ def test_stop_and_close_during_generation(qtbot, window):
     window.host.worker.text.connect(lambda *_: window.stop_button.click())
     window.generate_button.click()
     qtbot.waitUntil(lambda: window.last_result is not None, timeout=30000)
-    assert all(c["stopped"] and c["n_tokens"] < 10 for c in window.last_result["columns"])
+    assert all(c.stopped and c.n_tokens < 10 for c in window.last_result.columns)
     window.host.worker.text.disconnect()
     window.generate_button.click()
     qtbot.waitUntil(lambda: window.busy_with == "Generating", timeout=10000)
@@ -264,23 +266,23 @@ def test_reopening_a_session_whose_model_is_gone(qtbot, tmp_path, store, tiny_mo
     qtbot.addWidget(again)
     again.open_session(sid)
     qtbot.waitUntil(lambda: bool(again.error_dialogs), timeout=30000)
-    assert "does not exist" in again.error_dialogs[-1].text() and again._restore is None
-    again.plane.set_point(0.1, 0.1)  # still usable, and the session still saves
+    assert "does not exist" in again.error_dialogs[-1].text() and again.session.restore is None
+    again.plane_view.set_point(0.1, 0.1)  # still usable, and the session still saves
     assert store.session(sid).settings.get("point") == [pytest.approx(0.1), pytest.approx(0.1)]
     again.close()
 
 
 def test_launch_reopens_the_last_session(qtbot, tmp_path, store, tiny_model_dir, vector_file):
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(vector_file, "v1")])
-    w.plane.set_point(0.4, 0.0)
+    w.plane_view.set_point(0.4, 0.0)
     sid = w.session_id
     w.close()
     again = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
     qtbot.addWidget(again)
     again.start()
-    qtbot.waitUntil(lambda: again.model_info is not None and again._restore is None and not again.busy_with, timeout=30000)
-    assert again.session_id == sid and again.model_info["model"] == "tiny-llama"
-    assert again.plane.point == pytest.approx((0.4, 0.0)) and set(again.directions) == {"v1"}
+    qtbot.waitUntil(lambda: again.model_info is not None and again.session.restore is None and not again.busy_with, timeout=30000)
+    assert again.session_id == sid and again.model_info.name == "tiny-llama"
+    assert again.plane_view.point == pytest.approx((0.4, 0.0)) and set(again.directions) == {"v1"}
     again.close()
 
 
@@ -288,9 +290,9 @@ def test_export_the_mix_at_the_point(qtbot, window, tmp_path):
     from engine.export import MANIFEST
     from studio.jobs import ExportDialog
 
-    window.plane.set_point(0.5, -0.25)
-    weights = window.plane.weights()
-    dialog = ExportDialog(weights, {n: d["kind"] for n, d in window.directions.items()}, tmp_path / "cv")
+    window.plane_view.set_point(0.5, -0.25)
+    weights = window.plane_view.weights()
+    dialog = ExportDialog(weights, {n: d.label for n, d in window.directions.items()}, tmp_path / "cv")
     assert dialog.format.currentData() == "controlvector"  # only steering vectors are on the plane
     window.start_export(dialog.job())
     qtbot.waitUntil(lambda: window.job_panel.eta.text().startswith("exported to"), timeout=30000)
@@ -332,17 +334,17 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
                       hyperparameters={"val_fraction": 0.2, "seed": 0})
         paths.append(d.save(tmp_path / f"{objective}.safetensors"))
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(paths[0], "helpfulness"), (paths[1], "verbosity")])
-    assert (w.plane.plane.x.direction, w.plane.plane.y.direction) == ("helpfulness", "verbosity")
-    w.plane.set_point(0.5, 0.25)
+    assert (w.plane_view.plane.x.direction, w.plane_view.plane.y.direction) == ("helpfulness", "verbosity")
+    w.plane_view.set_point(0.5, 0.25)
     qtbot.waitUntil(lambda: w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}], timeout=30000)
     w.start_prediction()
     qtbot.waitUntil(lambda: w.prediction is not None and not w.busy_with, timeout=60000)
     assert w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}]  # the point's mix is back
-    assert w.plane.heat_combo.currentText() == "predicted · helpfulness · margin"
-    assert w.plane.heatmap.isVisible() and w.plane.colorbar.isVisible()
-    layer = w.plane.layers["predicted · helpfulness · margin"]
+    assert w.plane_view.heat_combo.currentText() == "predicted · helpfulness · margin"
+    assert w.plane_view.heatmap.isVisible() and w.plane_view.colorbar.isVisible()
+    layer = w.plane_view.layers["predicted · helpfulness · margin"]
     assert layer["values"][20][20] == 0.0  # the centre of the 41 x 41 map is the base model
-    assert w.plane.layers["predicted · verbosity · accuracy"]["values"][20][20] == 0.5
+    assert w.plane_view.layers["predicted · verbosity · accuracy"]["values"][20][20] == 0.5
 
     # Measured points from a sweep of the same directions: heatmap layers, and marks on the prediction.
     data = {o: load_pairs(uf, objective=o, limit=40).split(0.2)[1] for o in ("helpfulness", "verbosity")}
@@ -350,19 +352,19 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
     cfg = SweepConfig(grid=3, pairs=4, max_prompt_tokens=32, max_response_tokens=32, linearization_gap=False)
     write_outputs(Sweep(lm, [Method("tangent", "tangent", *dirs)], data, cfg, tmp_path / "sw").run(), tmp_path / "sw")
     w.load_sweep(str(tmp_path / "sw" / "sweep.json"))
-    assert "measured · tangent · helpfulness/margin" in w.plane.layers
-    marks = [m for _, _, m in w.plane.layers["predicted · helpfulness · margin"]["points"]]
+    assert "measured · tangent · helpfulness/margin" in w.plane_view.layers
+    marks = [m for _, _, m in w.plane_view.layers["predicted · helpfulness · margin"]["points"]]
     assert len(marks) == 9 and set(marks) <= {"confirmed", "contradicted"}
-    w.plane.heat_combo.setCurrentText("measured · tangent · helpfulness/margin")
-    measured = w.plane.layers["measured · tangent · helpfulness/margin"]
+    w.plane_view.heat_combo.setCurrentText("measured · tangent · helpfulness/margin")
+    measured = w.plane_view.layers["measured · tangent · helpfulness/margin"]
     sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     corner = next(e for e in sweep["methods"]["tangent"]["points"] if (e["x"], e["y"]) == (1, -1))
     assert measured["values"][0][2] == pytest.approx(corner["helpfulness/margin"])  # row y=-1, column x=+1
-    assert len(w.plane.marks.data) == 9
+    assert len(w.plane_view.marks.data) == 9
 
     # Halving the x scale maps the measured weights to twice the plane coordinate.
-    w.plane.x_scale.setValue(0.5)
-    assert max(x for x, _, _ in w.plane.layers["measured · tangent · helpfulness/margin"]["points"]) == pytest.approx(2.0)
+    w.plane_view.x_scale.setValue(0.5)
+    assert max(x for x, _, _ in w.plane_view.layers["measured · tangent · helpfulness/margin"]["points"]) == pytest.approx(2.0)
     w.load_sweep(str(tmp_path / "nope.json"))
     assert "could not be read" in w.error_dialogs[-1].text()
     w.close()

@@ -3,14 +3,17 @@ its request, closing never waits for a job, and a blind comparison names no sour
 
 import math
 import time
+from dataclasses import replace
 
 import pyqtgraph as pg
 import pytest
 from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QAbstractButton, QComboBox, QLabel, QLineEdit, QPlainTextEdit, QTreeWidget, QWidget
 
+from engine.generation import Column, SamplingParams
 from engine.store import Store
 from studio.main_window import MainWindow
+from studio.messages import BuildJob, CompareRequest, Data
 from test_studio import make_window, reopen
 
 pg.setConfigOptions(mouseRateLimit=-1)
@@ -39,20 +42,20 @@ def _generate(qtbot, w, prompt="How do I cook rice?", tokens=6):
 
 
 def test_reloading_the_same_model_keeps_the_directions_and_the_mix(qtbot, window, tiny_model_dir):
-    window.plane.set_point(0.5, -0.25)
-    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
+    window.plane_view.set_point(0.5, -0.25)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane_view.weights()], timeout=10000)
     window.load_model(str(tiny_model_dir))
     qtbot.waitUntil(lambda: not window.busy_with and window.host.worker.mixer is not None
                     and list(window.host.worker.mixer.directions) == ["v1", "v2"], timeout=30000)
     # One source of truth: the window lists what the worker holds, and the point's mix is applied to the new model.
     assert list(window.directions) == ["v1", "v2"]
-    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
-    window.plane.set_point(-0.4, 0.3)
-    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane.weights()], timeout=10000)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane_view.weights()], timeout=10000)
+    window.plane_view.set_point(-0.4, 0.3)
+    qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane_view.weights()], timeout=10000)
     window.compare.columns[1].source.setCurrentText("Mix at the point")
     _generate(qtbot, window)
     assert not window.error_dialogs, [b.text() for b in window.error_dialogs]
-    assert window.compare.last["columns"][1]["weights"] == window.plane.weights()
+    assert window.compare.last.columns[1].weights == window.plane_view.weights()
 
 
 def test_a_refused_mix_says_so_and_changes_nothing(qtbot, window):
@@ -71,19 +74,18 @@ def test_a_stop_is_not_erased_by_the_next_request(qtbot, window):
     results = []
     w.host.worker.compared.connect(lambda r: results.append(r))
     try:
-        first = {"prompt": "Tell me a long story.", "columns": [{"label": "base", "weights": {}, "point": None}],
-                 "params": {"max_new_tokens": 300}, "session_id": None}
+        first = CompareRequest("Tell me a long story.", [Column("base")], SamplingParams(max_new_tokens=300))
         texts = []
         w.host.worker.text.connect(lambda i, piece: texts.append(piece))
         w.host.compare(first)
         qtbot.waitUntil(lambda: len(texts) >= 2, timeout=20000)
         w.host.stop()
-        w.host.compare({**first, "params": {"max_new_tokens": 3}})  # the next request, sent right after the Stop
+        w.host.compare(replace(first, params=SamplingParams(max_new_tokens=3)))  # the next request, right after the Stop
         qtbot.waitUntil(lambda: len(results) == 2, timeout=60000)
     finally:
         slow.remove()
-    assert results[0]["columns"][0]["stopped"] and results[0]["columns"][0]["n_tokens"] < 300
-    assert not results[1]["columns"][0]["stopped"]  # a new request has its own token
+    assert results[0].columns[0].stopped and results[0].columns[0].n_tokens < 300
+    assert not results[1].columns[0].stopped  # a new request has its own token
 
 
 def test_closing_the_window_during_a_job_does_not_wait_for_it(qtbot, tmp_path, store, tiny_model_dir, demo_data):
@@ -94,9 +96,9 @@ def test_closing_the_window_during_a_job_does_not_wait_for_it(qtbot, tmp_path, s
     steps = []
     w.host.worker.jobProgress.connect(steps.append)
     out = tmp_path / "h.safetensors"
-    w.start_job({"kind": "train", "data": str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "limit": 20,
-                 "objective": "helpfulness", "steps": 100000, "param": "full", "max_tokens": 24, "name": "h",
-                 "out": str(out)})
+    w.start_job(BuildJob("train", "h", str(out),
+                         Data(str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), objective="helpfulness", limit=20),
+                         steps=100000, param="full", max_tokens=24))
     qtbot.waitUntil(lambda: len(steps) >= 3, timeout=30000)
     # From now on a step takes several seconds (as on a real model): each block waits 1.2 s.
     slow = [b.register_forward_pre_hook(lambda *a: time.sleep(1.2)) for b in w.host.worker.lm.decoder_layers()]
@@ -135,8 +137,8 @@ def _visible_strings(w, skip=()) -> list[str]:
 
 def test_a_blind_comparison_names_no_source_until_rated_then_the_true_one(qtbot, window, monkeypatch):
     w = window
-    w.plane.set_point(0.6, 0.2)
-    w.plane.add_pin("p1", -0.5, 0.5)
+    w.plane_view.set_point(0.6, 0.2)
+    w.plane_view.add_pin("p1", -0.5, 0.5)
     w.compare.n_columns.setValue(3)
     for view, src in zip(w.compare.columns, ("Base model", "Mix at the point", "Pinned: p1")):
         view.source.setCurrentText(src)
@@ -144,11 +146,11 @@ def test_a_blind_comparison_names_no_source_until_rated_then_the_true_one(qtbot,
     monkeypatch.setattr("studio.compare_panel.random.shuffle", lambda order: order.reverse())
     _generate(qtbot, w, tokens=8)
     result = w.compare.last
-    labels = [c["label"] for c in result["columns"]]
+    labels = [c.label for c in result.columns]
     assert labels[0] == "base" and labels[1].startswith("point (") and labels[2] == "pinned p1"
     secrets = ["Base model", "Mix at the point", "Pinned: p1", "pinned p1", "point (", "base:", "v1 +", "v2 +"]
     # The plane shows where the point is (the person put it there); it says nothing of which column is which.
-    visible = _visible_strings(w, skip=[w.plane])
+    visible = _visible_strings(w, skip=[w.plane_view])
     leaks = [(s, t) for t in visible for s in secrets if s in t]
     assert not leaks, leaks
 
@@ -158,11 +160,11 @@ def test_a_blind_comparison_names_no_source_until_rated_then_the_true_one(qtbot,
     for slot in range(3):
         r = w.compare.order[slot]
         view = w.compare.columns[slot]
-        assert view.text.toPlainText() == result["columns"][r]["text"]
+        assert view.text.toPlainText() == result.columns[r].text
         assert view.source.currentText() == ["Base model", "Mix at the point", "Pinned: p1"][r]
         assert labels[r] in view.stats.text()
-    rating = w.store.ratings(result["comparison_id"])[-1]
-    assert rating.blind and rating.winner_id == result["columns"][2]["generation_id"]
+    rating = w.store.ratings(result.comparison_id)[-1]
+    assert rating.blind and rating.winner_id == result.columns[2].generation_id
 
 
 def test_rating_again_is_an_edit_that_can_be_undone(qtbot, window):
@@ -174,7 +176,7 @@ def test_rating_again_is_an_edit_that_can_be_undone(qtbot, window):
     w.compare.rate("tie")
     qtbot.waitUntil(lambda: "Rating changed" in w.compare.rating_status.text(), timeout=5000)
     assert "it was: A" in w.compare.rating_status.text() and w.compare.undo_button.isVisible()
-    cid = w.compare.last["comparison_id"]
+    cid = w.compare.last.comparison_id
     assert [r.outcome for r in w.store.ratings(cid)] == ["winner", "tie"]
     assert w.store.ratings(cid)[-1].note == "A is clearer"
     history = "\n".join(_visible_strings(w))
@@ -186,27 +188,27 @@ def test_rating_again_is_an_edit_that_can_be_undone(qtbot, window):
 
 def test_a_scale_that_reaches_huge_weights_asks_first(qtbot, window, monkeypatch):
     asked = []
-    monkeypatch.setattr(window.plane, "confirm_large", lambda weight: asked.append(weight) or False)
-    window.plane.x_range.setValue(10.0)
-    window.plane.x_scale.setValue(20.0)
-    assert asked and window.plane.plane.x.scale * window.plane.plane.x.high <= 100.0 + 1e-9
+    monkeypatch.setattr(window.plane_view, "confirm_large", lambda weight: asked.append(weight) or False)
+    window.plane_view.x_range.setValue(10.0)
+    window.plane_view.x_scale.setValue(20.0)
+    assert asked and window.plane_view.plane.x.scale * window.plane_view.plane.x.high <= 100.0 + 1e-9
 
 
 def test_a_blind_comparison_reopened_from_the_history_stays_blind_and_reveals_truly(qtbot, window, monkeypatch):
     w = window
-    w.plane.set_point(0.6, 0.2)
+    w.plane_view.set_point(0.6, 0.2)
     for view, src in zip(w.compare.columns, ("Base model", "Mix at the point")):
         view.source.setCurrentText(src)
     w.compare.blind.setChecked(True)
     monkeypatch.setattr("studio.compare_panel.random.shuffle", lambda order: order.reverse())
     _generate(qtbot, w, tokens=6)
-    labels = [c["label"] for c in w.compare.last["columns"]]
+    labels = [c.label for c in w.compare.last.columns]
     w.compare.blind.setChecked(False)  # reopening must not un-blind an unrated blind comparison
     w.compare.columns[0].source.setCurrentText("Mix at the point")  # dropdowns no longer say what it was run with
     w.compare.columns[1].source.setCurrentText("Base model")
-    w._show_history_item(w.history.topLevelItem(0), 0)
+    w.history.open_item(w.history.topLevelItem(0))
     assert not w.compare.revealed
-    assert not any("base" in t or "point (" in t for t in _visible_strings(w, skip=[w.plane]) if "How do I" not in t)
+    assert not any("base" in t or "point (" in t for t in _visible_strings(w, skip=[w.plane_view]) if "How do I" not in t)
     w.compare.rate("winner", 0)
     qtbot.waitUntil(lambda: w.compare.revealed, timeout=5000)
     for slot in range(2):
@@ -220,14 +222,14 @@ def test_a_session_whose_direction_file_is_gone_restores_without_naming_it(qtbot
     every drag then failed with 'No loaded direction named ...'."""
     kept, gone = tiny_vector.save(tmp_path / "kept.safetensors"), tiny_vector.save(tmp_path / "gone.safetensors")
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(kept, "kept"), (gone, "gone")])
-    w.plane.set_point(0.3, 0.6)
+    w.plane_view.set_point(0.3, 0.6)
     sid = w.session_id
     w.close()
     gone.unlink()
     again = reopen(qtbot, tmp_path, store, sid, "b.ini")
     assert list(again.directions) == ["kept"]
-    assert again.plane.plane.x.direction == "kept" and again.plane.plane.y.direction is None
-    again.plane.set_point(0.5, 0.5)
+    assert again.plane_view.plane.x.direction == "kept" and again.plane_view.plane.y.direction is None
+    again.plane_view.set_point(0.5, 0.5)
     qtbot.waitUntil(lambda: again.host.worker.mixer.rows == [{"kept": 0.5}], timeout=10000)
     texts = [b.text() for b in again.error_dialogs]
     assert any("gone.safetensors" in t for t in texts) and not any("No loaded direction" in t for t in texts), texts

@@ -1,0 +1,201 @@
+"""What the window and the model worker say to each other: requests and results as plain values, no Qt.
+
+A request carries its own cancellation token (``engine.progress.CancelToken``), set by Stop; progress is the
+engine's one ``Progress`` type; a failure says what failed as a ``kind`` the window can act on, not only as
+a title for the dialog.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from engine.generation import Column, SamplingParams
+from engine.progress import CancelToken
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class LoadRequest:
+    source: Optional[str] = None  # a folder, a hub id or a .gguf file; None: the embedded model
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    token: CancelToken = field(default_factory=CancelToken)
+
+
+@dataclass
+class CompareRequest:
+    prompt: str
+    columns: list[Column]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    session_id: Optional[int] = None  # where the replies are saved; None: not saved
+    blind: bool = False
+    token: CancelToken = field(default_factory=CancelToken)
+
+
+@dataclass
+class Data:
+    """One source of preference pairs for a job."""
+
+    path: str
+    format: Optional[str] = None  # None: detected
+    objective: Optional[str] = None
+    limit: Optional[int] = None
+
+    def load(self):
+        from engine.data import load_pairs
+
+        return load_pairs(self.path, format=self.format, objective=self.objective, limit=self.limit)
+
+
+BUILD_KINDS = ("extract", "train", "scalarized")  # a steering vector, a TS-DPO direction, the scalarized baseline
+
+
+@dataclass
+class BuildJob:
+    """Build a direction from preference pairs, save it to ``out`` and add it to the plane."""
+
+    kind: str  # one of BUILD_KINDS
+    name: str
+    out: str
+    data: Data
+    second: Optional[Data] = None  # scalarized: the second objective
+    weight: float = 0.5  # scalarized: the share of the first objective
+    strength: Optional[float] = None  # extract: weight 1 adds this fraction of the layer's typical norm
+    param: str = "lowrank"
+    steps: int = 60
+    lr: float = 0.0  # 0: the default for the parameterization
+    beta: float = 0.1
+    batch_size: int = 4
+    max_tokens: int = 128  # for prompts and for responses
+    overwrite: bool = False
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+
+@dataclass
+class ExportJob:
+    """Export the mix the window showed when Export was pressed."""
+
+    out: str
+    format: str = "hf"
+    overwrite: bool = False
+    bake_steering: bool = False
+    dtype: Optional[str] = None  # None: as loaded
+    weights: dict = field(default_factory=dict)
+    point: Optional[tuple[float, float]] = None
+    plane: Optional[dict] = None
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    kind: ClassVar[str] = "export"
+
+    @property
+    def name(self) -> str:
+        return Path(self.out).name
+
+
+@dataclass
+class PredictJob:
+    """The margin gradients behind the first-order predicted maps."""
+
+    pairs: int = 16  # held-out pairs per objective
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    kind: ClassVar[str] = "predict"
+    name: ClassVar[str] = "margin maps"
+
+
+Job = BuildJob | ExportJob | PredictJob
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    fingerprint: str
+    source: dict  # {"kind": embedded | folder | gguf | hub, "ref": ...}
+    layers: int
+    device: str
+    dtype: str
+    description: dict  # everything LoadedModel.describe() says
+    kept_directions: list[str] = field(default_factory=list)  # carried over from the same model loaded before
+
+    @classmethod
+    def of(cls, lm, kept: list[str]) -> "ModelInfo":
+        d = lm.describe()
+        return cls(d["model"], d["fingerprint"], d["source"], d["layers"], d["device"], d["dtype"], d, list(kept))
+
+
+@dataclass
+class DirectionInfo:
+    name: str
+    label: str  # steering | tangent | scalarized
+    objective: str
+    path: str
+    detail: str
+    interference: list[tuple[str, str, float]] = field(default_factory=list)  # (a, b, cosine) pairs that overlap
+
+    @classmethod
+    def of(cls, name: str, d) -> "DirectionInfo":
+        facts = d.describe()
+        if d.space == "activation":
+            detail = f"layer {', '.join(map(str, facts['layers']))}, strength {facts['strength']:g}"
+        else:
+            val = d.meta.get("validation", {}).get("rewards/accuracies")
+            detail = facts["param"] + (f", held-out accuracy {val:.2f}" if val is not None else "")
+        return cls(name, d.label, d.objective, d.meta.get("_path", ""), detail)
+
+
+@dataclass
+class Reply:
+    """One column's reply as the window shows it (from a comparison just made, or from the history)."""
+
+    label: str
+    weights: dict
+    point: Optional[tuple[float, float]]
+    text: str
+    n_tokens: int
+    seconds: float
+    tokens_per_s: float
+    stopped: bool  # by Stop
+    truncated: bool  # it used every token it was allowed without ending
+    generation_id: Optional[int]  # in the store; None when not saved
+
+
+@dataclass
+class ComparisonResult:
+    prompt: str
+    columns: list[Reply]
+    comparison_id: Optional[int] = None  # None: not saved, so not rateable
+    batched: bool = False
+    blind: bool = False
+    max_new_tokens: Optional[int] = None
+
+
+@dataclass
+class JobResult:
+    kind: str
+    seconds: float
+    name: str = ""
+    path: str = ""
+    cancelled: bool = False
+    failed: bool = False
+    summary: str = ""
+    prediction: Optional[dict] = None  # predict: {"names": [...], "grads": {objective: [[...]]}}
+    export: Optional[dict] = None  # export: ExportResult.to_json()
+
+
+FAILURE_KINDS = ("no_model", "load", "direction", "apply", "generate", "not_saved", "not_registered", "job")
+
+
+@dataclass
+class Failure:
+    kind: str  # one of FAILURE_KINDS: what the window may need to undo or stop waiting for
+    title: str
+    message: str
