@@ -8,6 +8,7 @@ moment ``add_rating`` returns. A Store may be shared between threads: each call 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import REAL, ForeignKey, Integer, Text, TypeDecorator, create_engine, event, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
 
@@ -92,26 +93,69 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OUTCOMES = ("winner", "tie", "both_bad")
-DIRECTION_KINDS = ("steering", "tangent", "scalarized")
+DIRECTION_KINDS = ("steering", "tangent", "scalarized")  # a direction's label: how it was made
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+# The migrations above are the one source of the schema. The ORM below names the same columns with types
+# stored exactly as the migrations declare them (TEXT, INTEGER, REAL); a test reads a migrated database and
+# fails on any column where the two disagree.
+
+class JsonText(TypeDecorator):
+    """A JSON value in a TEXT column."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else json.loads(value)
+
+
+class UtcText(TypeDecorator):
+    """A naive UTC datetime in a TEXT column, as 'YYYY-MM-DD HH:MM:SS.ffffff' (which sorts as time does)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else value.isoformat(sep=" ", timespec="microseconds")
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else datetime.fromisoformat(value)
+
+
+class IntBool(TypeDecorator):
+    """A bool in an INTEGER column (0 or 1)."""
+
+    impl = Integer
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else int(bool(value))
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else bool(value)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict: JSON}
+    type_annotation_map = {dict: JsonText, datetime: UtcText, bool: IntBool, float: REAL, str: Text}
 
 
 class SessionRow(Base):
     __tablename__ = "sessions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
-    model_ref: Mapped[dict] = mapped_column(JSON)
-    model_fingerprint: Mapped[Optional[str]] = mapped_column(String)
-    settings: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    name: Mapped[str] = mapped_column()
+    model_ref: Mapped[dict] = mapped_column()
+    model_fingerprint: Mapped[Optional[str]] = mapped_column()
+    settings: Mapped[dict] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now)
     directions: Mapped[list["DirectionRow"]] = relationship(back_populates="session", order_by="DirectionRow.id")
     comparisons: Mapped[list["Comparison"]] = relationship(back_populates="session", order_by="Comparison.id")
     pinned: Mapped[list["PinnedPoint"]] = relationship(order_by="PinnedPoint.id")
@@ -121,14 +165,14 @@ class DirectionRow(Base):
     __tablename__ = "directions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(Text)
-    objective: Mapped[str] = mapped_column(Text)
-    path: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(Text)
-    model_fingerprint: Mapped[Optional[str]] = mapped_column(Text)
-    meta: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    name: Mapped[str] = mapped_column()
+    kind: Mapped[str] = mapped_column()
+    objective: Mapped[str] = mapped_column()
+    path: Mapped[str] = mapped_column()
+    sha256: Mapped[str] = mapped_column()
+    model_fingerprint: Mapped[Optional[str]] = mapped_column()
+    meta: Mapped[dict] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
     session: Mapped[Optional[SessionRow]] = relationship(back_populates="directions")
 
 
@@ -138,10 +182,10 @@ class Comparison(Base):
     __tablename__ = "comparisons"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
-    prompt: Mapped[str] = mapped_column(Text)
-    params: Mapped[dict] = mapped_column(JSON, default=dict)
-    seed: Mapped[Optional[int]] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    prompt: Mapped[str] = mapped_column()
+    params: Mapped[dict] = mapped_column(default=dict)
+    seed: Mapped[Optional[int]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=_now)
     session: Mapped[SessionRow] = relationship(back_populates="comparisons")
     generations: Mapped[list["Generation"]] = relationship(back_populates="comparison", order_by="Generation.position")
     ratings: Mapped[list["Rating"]] = relationship(back_populates="comparison", order_by="Rating.id")
@@ -151,16 +195,16 @@ class Generation(Base):
     __tablename__ = "generations"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
-    position: Mapped[int] = mapped_column(Integer)
-    label: Mapped[str] = mapped_column(Text)
-    point_x: Mapped[Optional[float]] = mapped_column(Float)
-    point_y: Mapped[Optional[float]] = mapped_column(Float)
-    weights: Mapped[dict] = mapped_column(JSON, default=dict)
-    output: Mapped[str] = mapped_column(Text)
-    n_tokens: Mapped[int] = mapped_column(Integer)
-    seconds: Mapped[float] = mapped_column(Float)
-    stopped: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    position: Mapped[int] = mapped_column()
+    label: Mapped[str] = mapped_column()
+    point_x: Mapped[Optional[float]] = mapped_column()
+    point_y: Mapped[Optional[float]] = mapped_column()
+    weights: Mapped[dict] = mapped_column(default=dict)
+    output: Mapped[str] = mapped_column()
+    n_tokens: Mapped[int] = mapped_column()
+    seconds: Mapped[float] = mapped_column()
+    stopped: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
     comparison: Mapped[Comparison] = relationship(back_populates="generations")
 
 
@@ -168,12 +212,12 @@ class Rating(Base):
     __tablename__ = "ratings"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
-    outcome: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column()
     winner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
-    scores: Mapped[dict] = mapped_column(JSON, default=dict)  # {generation id: {attribute: 1..5}}
-    note: Mapped[str] = mapped_column(Text, default="")
-    blind: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    scores: Mapped[dict] = mapped_column(default=dict)  # {generation id: {attribute: 1..5}}
+    note: Mapped[str] = mapped_column(default="")
+    blind: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
     comparison: Mapped[Comparison] = relationship(back_populates="ratings")
 
 
@@ -181,10 +225,10 @@ class PinnedPoint(Base):
     __tablename__ = "pinned_points"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(Text)
-    x: Mapped[float] = mapped_column(Float)
-    y: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    name: Mapped[str] = mapped_column()
+    x: Mapped[float] = mapped_column()
+    y: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 def _locked(exc: BaseException) -> bool:

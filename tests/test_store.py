@@ -185,3 +185,54 @@ def test_ratings_export_as_trl_pairs_that_load_back(tmp_path):
     assert pairs.format == "trl" and len(pairs) == 1
     p = pairs.pairs[0]
     assert (p.prompt[-1]["content"], p.chosen, p.rejected) == ("Why is the sky blue?", mix.output, base.output)
+
+
+def test_the_orm_describes_the_schema_the_migrations_make(tmp_path):
+    """The migrations are the schema's one source: every ORM column is there with the declared type and NOT NULL
+    the migrations gave it, and no migrated column is missing from the ORM."""
+    import sqlite3
+
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from engine.store import Base, Store
+
+    path = tmp_path / "schema.sqlite3"
+    Store(path)
+    con = sqlite3.connect(str(path))
+    problems = []
+    for table in Base.metadata.sorted_tables:
+        migrated = {r[1]: {"type": r[2], "notnull": bool(r[3]), "pk": bool(r[5])}
+                    for r in con.execute(f"PRAGMA table_info({table.name})")}
+        orm = {c.name: c for c in table.columns}
+        if set(migrated) != set(orm):
+            problems.append(f"{table.name}: migrated {sorted(set(migrated) - set(orm))} vs ORM {sorted(set(orm) - set(migrated))}")
+            continue
+        for name, col in orm.items():
+            declared = col.type.compile(dialect=sqlite_dialect.dialect())
+            m = migrated[name]
+            if declared != m["type"]:
+                problems.append(f"{table.name}.{name}: ORM {declared}, migrations {m['type']}")
+            if not m["pk"] and (not col.nullable) != m["notnull"]:
+                problems.append(f"{table.name}.{name}: ORM {'NOT NULL' if not col.nullable else 'NULL'}, "
+                                f"migrations {'NOT NULL' if m['notnull'] else 'NULL'}")
+    con.close()
+    assert problems == []
+
+
+def test_rows_written_by_the_earlier_orm_read_back(tmp_path):
+    """Earlier versions stored datetimes and JSON through SQLAlchemy's DateTime and JSON types: the same text."""
+    import sqlite3
+    from datetime import datetime
+
+    from engine.store import Store
+
+    path = tmp_path / "old.sqlite3"
+    Store(path)
+    con = sqlite3.connect(str(path), isolation_level=None)
+    con.execute("INSERT INTO sessions (name, model_ref, model_fingerprint, settings, created_at, updated_at) VALUES "
+                "(?, ?, ?, ?, ?, ?)", ("old", '{"kind": "embedded", "ref": null}', "f", '{"point": [0.5, -0.25]}',
+                                       "2026-11-30 09:15:02.123456", "2026-11-30 09:16:00.000000"))
+    con.close()
+    (row,) = Store(path).sessions()
+    assert row.model_ref == {"kind": "embedded", "ref": None} and row.settings == {"point": [0.5, -0.25]}
+    assert row.created_at == datetime(2026, 11, 30, 9, 15, 2, 123456)
