@@ -58,6 +58,9 @@ class Direction:
     meta: dict
     name: str
 
+    def __post_init__(self):
+        self.name = self.name or self.objective  # unnamed: it is mixed under its objective
+
     # activation space
     def steered_layers(self) -> list[int]:
         return []

@@ -61,9 +61,6 @@ class SteeringVector(Direction):
     space: ClassVar[str] = ACTIVATION
     kind: ClassVar[str] = KIND
 
-    def __post_init__(self):
-        self.name = self.name or self.objective
-
     # the protocol
     def steered_layers(self) -> list[int]:
         return list(self.layers)

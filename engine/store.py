@@ -104,43 +104,44 @@ def _now() -> datetime:
 # stored exactly as the migrations declare them (TEXT, INTEGER, REAL); a test reads a migrated database and
 # fails on any column where the two disagree.
 
-class JsonText(TypeDecorator):
+class _Stored(TypeDecorator):
+    """A Python value kept in a column of the migrations' declared type, through ``encode`` and ``decode``."""
+
+    impl = Text
+    cache_ok = True
+    encode = decode = staticmethod(lambda v: v)
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else self.encode(value)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else self.decode(value)
+
+
+class JsonText(_Stored):
     """A JSON value in a TEXT column."""
 
-    impl = Text
-    cache_ok = True
+    cache_ok = True  # SQLAlchemy asks each TypeDecorator class itself
 
-    def process_bind_param(self, value, dialect):
-        return None if value is None else json.dumps(value)
-
-    def process_result_value(self, value, dialect):
-        return None if value is None else json.loads(value)
+    encode, decode = staticmethod(json.dumps), staticmethod(json.loads)
 
 
-class UtcText(TypeDecorator):
+class UtcText(_Stored):
     """A naive UTC datetime in a TEXT column, as 'YYYY-MM-DD HH:MM:SS.ffffff' (which sorts as time does)."""
 
-    impl = Text
-    cache_ok = True
+    cache_ok = True  # SQLAlchemy asks each TypeDecorator class itself
 
-    def process_bind_param(self, value, dialect):
-        return None if value is None else value.isoformat(sep=" ", timespec="microseconds")
-
-    def process_result_value(self, value, dialect):
-        return None if value is None else datetime.fromisoformat(value)
+    encode = staticmethod(lambda v: v.isoformat(sep=" ", timespec="microseconds"))
+    decode = staticmethod(datetime.fromisoformat)
 
 
-class IntBool(TypeDecorator):
+class IntBool(_Stored):
     """A bool in an INTEGER column (0 or 1)."""
 
+    cache_ok = True  # SQLAlchemy asks each TypeDecorator class itself
+
     impl = Integer
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        return None if value is None else int(bool(value))
-
-    def process_result_value(self, value, dialect):
-        return None if value is None else bool(value)
+    encode, decode = staticmethod(lambda v: int(bool(v))), staticmethod(bool)
 
 
 class Base(DeclarativeBase):

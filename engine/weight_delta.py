@@ -37,7 +37,7 @@ class WeightDelta(Direction):
     kind: ClassVar[str] = KIND
 
     def __post_init__(self):
-        self.name = self.name or self.objective
+        super().__post_init__()
         self.method = LEGACY_METHODS.get(self.method, self.method)
         if self.method not in METHODS:
             raise DirectionError(f"A weight delta is trained by one of {METHODS}, not {self.method!r}.")

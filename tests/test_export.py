@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from engine.cli import main
 from engine.errors import Cancelled
 from engine.export import MANIFEST, ExportError, export_mix
+from engine.hooks import add_to_block_output
 from engine.mixer import Mixer
 from engine.models import load_model
 from tiny_model import random_tangent
@@ -217,8 +218,7 @@ def test_control_vector_gguf_reads_back_and_steers_like_the_mixer(lm, steer, tmp
     # direction.N added to the output of block N gives the mixer's logits: the block mapping is right.
     want = mixed_logits(mixer, weights)
     blocks = lm.decoder_layers()
-    handles = [blocks[l].register_forward_hook(
-        lambda m, a, out, v=v: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v) for l, v in values.items()]
+    handles = [add_to_block_output(blocks[l], v) for l, v in values.items()]
     try:
         with torch.no_grad():
             got = lm.model(torch.tensor([PROMPT_IDS])).logits

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from engine.paths import atomic_write_text
 from engine.sweep.metrics import pareto_front
 from engine.sweep.runner import RESULT
 
@@ -21,7 +22,7 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / RESULT]
-    (out / RESULT).write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / RESULT, json.dumps(result, indent=2))
     ox, oy = result["objectives"]
     metric = result["reference"]["metric"]
     colours = {"tangent": "tab:blue", "steering": "tab:orange", "scalarized": "tab:green"}
@@ -76,7 +77,7 @@ def write_outputs(result: dict, out: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)
-    (out / "report.md").write_text(report(result))
+    atomic_write_text(out / "report.md", report(result))
     files.append(out / "report.md")
     return files
 
