@@ -73,6 +73,10 @@ class Direction:
     def weight_names(self) -> list[str]:
         return []
 
+    def changes(self, name: str) -> bool:
+        """Whether it changes the weight matrix ``name``."""
+        return name in self.weight_names()
+
     def weight_delta(self, name: str) -> torch.Tensor:
         """What weight 1 adds to the weight matrix ``name`` (float32)."""
         raise DirectionError(f"{self.name} does not change weights.")
@@ -205,7 +209,7 @@ class Mix:
         """sum_k alpha_k tau_k for one weight matrix (float32); one matrix at a time keeps memory small."""
         out = None
         for _, d, a in self.terms:
-            if name in d.weight_names():
+            if d.changes(name):
                 x = a * d.weight_delta(name).float()
                 out = x if out is None else out + x
         if out is None:

@@ -148,23 +148,28 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict: JsonText, datetime: UtcText, bool: IntBool, float: REAL, str: Text}
 
 
-class SessionRow(Base):
-    __tablename__ = "sessions"
+class _Row(Base):
+    """What every table has: an integer id and the time the row was made (UTC)."""
+
+    __abstract__ = True
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class SessionRow(_Row):
+    __tablename__ = "sessions"
     name: Mapped[str] = mapped_column()
     model_ref: Mapped[dict] = mapped_column()
     model_fingerprint: Mapped[Optional[str]] = mapped_column()
     settings: Mapped[dict] = mapped_column(default=dict)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now)
     directions: Mapped[list["DirectionRow"]] = relationship(back_populates="session", order_by="DirectionRow.id")
     comparisons: Mapped[list["Comparison"]] = relationship(back_populates="session", order_by="Comparison.id")
     pinned: Mapped[list["PinnedPoint"]] = relationship(order_by="PinnedPoint.id")
 
 
-class DirectionRow(Base):
+class DirectionRow(_Row):
     __tablename__ = "directions"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[Optional[int]] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column()
     kind: Mapped[str] = mapped_column()
@@ -173,28 +178,24 @@ class DirectionRow(Base):
     sha256: Mapped[str] = mapped_column()
     model_fingerprint: Mapped[Optional[str]] = mapped_column()
     meta: Mapped[dict] = mapped_column(default=dict)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
     session: Mapped[Optional[SessionRow]] = relationship(back_populates="directions")
 
 
-class Comparison(Base):
+class Comparison(_Row):
     """One prompt run through 1-4 columns with the same sampling parameters and seed."""
 
     __tablename__ = "comparisons"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     prompt: Mapped[str] = mapped_column()
     params: Mapped[dict] = mapped_column(default=dict)
     seed: Mapped[Optional[int]] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(default=_now)
     session: Mapped[SessionRow] = relationship(back_populates="comparisons")
     generations: Mapped[list["Generation"]] = relationship(back_populates="comparison", order_by="Generation.position")
     ratings: Mapped[list["Rating"]] = relationship(back_populates="comparison", order_by="Rating.id")
 
 
-class Generation(Base):
+class Generation(_Row):
     __tablename__ = "generations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column()
     label: Mapped[str] = mapped_column()
@@ -205,31 +206,26 @@ class Generation(Base):
     n_tokens: Mapped[int] = mapped_column()
     seconds: Mapped[float] = mapped_column()
     stopped: Mapped[bool] = mapped_column(default=False)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
     comparison: Mapped[Comparison] = relationship(back_populates="generations")
 
 
-class Rating(Base):
+class Rating(_Row):
     __tablename__ = "ratings"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
     outcome: Mapped[str] = mapped_column()
     winner_id: Mapped[Optional[int]] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     scores: Mapped[dict] = mapped_column(default=dict)  # {generation id: {attribute: 1..5}}
     note: Mapped[str] = mapped_column(default="")
     blind: Mapped[bool] = mapped_column(default=False)
-    created_at: Mapped[datetime] = mapped_column(default=_now)
     comparison: Mapped[Comparison] = relationship(back_populates="ratings")
 
 
-class PinnedPoint(Base):
+class PinnedPoint(_Row):
     __tablename__ = "pinned_points"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column()
     x: Mapped[float] = mapped_column()
     y: Mapped[float] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 def _locked(exc: BaseException) -> bool:

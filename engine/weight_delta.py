@@ -48,9 +48,15 @@ class WeightDelta(Direction):
 
     # the protocol
     def weight_names(self) -> list[str]:
-        if self.param == "full":
-            return list(self.tensors)
-        return [k[:-2] for k in self.tensors if k.endswith(":B")]
+        names = self.__dict__.get("_names")  # asked once per weight of every mix applied: computed once
+        if names is None:
+            names = list(self.tensors) if self.param == "full" else [k[:-2] for k in self.tensors if k.endswith(":B")]
+            self.__dict__["_names"], self.__dict__["_name_set"] = names, frozenset(names)
+        return list(names)
+
+    def changes(self, name: str) -> bool:
+        self.weight_names()
+        return name in self.__dict__["_name_set"]
 
     def weight_delta(self, name: str) -> torch.Tensor:
         if self.param == "full":

@@ -32,7 +32,7 @@ def child_studio() -> float:
     w.show()
     w.start()
     while not (w.model_info is not None and len(w.directions) >= 2 and not w.busy_with
-               and w.plane.plane.x.direction and w.plane.plane.y.direction):
+               and w.plane_view.plane.x.direction and w.plane_view.plane.y.direction):
         app.processEvents()
         time.sleep(0.005)
         if time.perf_counter() - T0 > 300:
