@@ -101,3 +101,14 @@ def test_importing_the_whole_engine_loads_no_qt():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_session_controller_and_the_worker_messages_need_no_qt():
+    studio = ENGINE.parent / "studio"
+    code = ("import sys, importlib\n"
+            "for m in ('studio.session', 'studio.messages'): importlib.import_module(m)\n"
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN[:2] + FORBIDDEN[3:]!r}]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    assert (studio / "session.py").is_file() and (studio / "messages.py").is_file()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr

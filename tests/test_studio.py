@@ -368,3 +368,32 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
     w.load_sweep(str(tmp_path / "nope.json"))
     assert "could not be read" in w.error_dialogs[-1].text()
     w.close()
+
+
+def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_data):
+    from studio.jobs import JobDialog
+
+    data = str(demo_data / "ultrafeedback_helpfulness_400.jsonl")
+    extract = JobDialog("extract", tmp_path, data)
+    qtbot.addWidget(extract)
+    extract.limit.setValue(50)
+    extract.strength.setValue(0.2)
+    job = extract.job()
+    assert (job.kind, job.name, job.strength, job.data) == ("extract", "verbosity", 0.2, Data(data, None, "verbosity", 50))
+    assert job.out == str(tmp_path / "verbosity.steer.safetensors") and job.second is None
+
+    train = JobDialog("train", tmp_path, data)
+    qtbot.addWidget(train)
+    train.param.setCurrentText("full")
+    train.steps.setValue(7)
+    train.name.setText("help fast")
+    job = train.job()
+    assert (job.kind, job.param, job.steps, job.name) == ("train", "full", 7, "help fast")
+    assert job.out == str(tmp_path / "help_fast.tsdpo.safetensors") and job.data.objective == "helpfulness"
+
+    scal = JobDialog("scalarized", tmp_path, data)
+    qtbot.addWidget(scal)
+    scal.weight.setValue(0.3)
+    job = scal.job()
+    assert job.kind == "scalarized" and job.weight == 0.3 and job.name == "scalarized helpfulness=0.3"
+    assert job.second == Data(data, None, "verbosity", 200)
