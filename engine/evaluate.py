@@ -6,7 +6,7 @@ import statistics
 from typing import Optional, Sequence
 
 from engine.generation import SamplingParams, decode
-from engine.mixer import Mixer, steering_only
+from engine.mixer import Mixer, batches
 from engine.progress import Phase, ProgressFn
 
 
@@ -14,22 +14,19 @@ def response_lengths(mixer: Mixer, name: str, weights: Sequence[float], prompts:
                      params: SamplingParams = SamplingParams(max_new_tokens=200),
                      progress: Optional[ProgressFn] = None) -> dict[float, list[int]]:
     """Tokens generated for each prompt at each weight of direction ``name`` (greedy unless ``params`` say otherwise);
-    for a steering vector all weights of one prompt run as one batch."""
+    for a steering vector or a low-rank direction all weights of one prompt run as one batch."""
     lm = mixer.lm
     phase = Phase(progress, "prompts", len(prompts))
     out: dict[float, list[int]] = {w: [] for w in weights}
     rows = [{name: w} for w in weights]
-    batched = steering_only(mixer, rows)
+    groups = batches(mixer, rows)  # one batch unless the direction is full rank: then one weight at a time
     for i, prompt in enumerate(prompts):
         ids = lm.prompt_ids(prompt)
-        if batched:
-            with mixer.applied(rows):
-                results = decode(lm, ids, len(weights), params, mixer=mixer)
-        else:  # weight-space directions change the weights themselves: one weight at a time
-            results = []
-            for row in rows:
-                with mixer.applied([row]):
-                    results += decode(lm, ids, 1, params, mixer=mixer)
+        results: list = [None] * len(rows)
+        for group in groups:
+            with mixer.applied([rows[k] for k in group]):
+                for k, r in zip(group, decode(lm, ids, len(group), params, mixer=mixer)):
+                    results[k] = r
         for w, r in zip(weights, results):
             out[w].append(r.n_tokens)
         phase.update(i + 1)

@@ -195,7 +195,8 @@ class ColumnResult:
 @dataclass
 class Comparison:
     columns: list[ColumnResult]
-    batched: bool
+    batched: bool  # all columns in one batch
+    batches: int = 1  # how many batches they ran in (full-rank directions at different weights cannot share one)
     comparison_id: Optional[int] = None
     save_error: Optional[str] = None  # the store could not keep the generations; they are still here
 
@@ -206,41 +207,39 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
             batched: Optional[bool] = None, blind: bool = False) -> Comparison:
     """Run ``prompt`` through 1-4 columns (a label and weights each; base = no weights) and store the result.
 
-    Columns that differ only in steering coefficients run as one batch with per-row coefficients, unless
-    ``batched=False``. Whatever mix was applied before is applied again afterwards. A store that cannot save
+    Columns run as one batch with per-row weights (steering and low-rank directions), unless ``batched=False``;
+    columns that give full-rank directions different weights run as few batches as the mix allows. Whatever mix was applied before is applied again afterwards. A store that cannot save
     them (a locked database) does not lose them: they come back with ``save_error`` set. ``blind`` is recorded
     with the comparison, so its sources stay hidden wherever it is shown until it is rated.
     """
-    from engine.mixer import steering_only
+    from engine.mixer import batches as batches_of
 
     if not 1 <= len(columns) <= 4:
         raise TsdpoError(f"A comparison has 1 to 4 columns, not {len(columns)}.")
     if any(c.weights for c in columns) and mixer is None:
         raise TsdpoError("Columns with weights need a mixer holding their directions.")
     rows = [dict(c.weights) for c in columns]
-    can_batch = steering_only(mixer, rows)
-    if batched and not can_batch:
-        raise TsdpoError("These columns include weight-space directions, which cannot share one batch.")
-    batched = can_batch if batched is None else batched
+    groups = batches_of(mixer, rows) if batched is not False else [[i] for i in range(len(rows))]
+    if batched and len(groups) > 1:
+        raise TsdpoError("These columns give full-rank directions different weights, which cannot share one batch.")
     ids = lm.prompt_ids(prompt)
-    if batched:
+    results: list = [None] * len(rows)
+    for group in groups:
+        if stop is not None and stop.is_set() and any(r is not None for r in results):
+            break
+        index = {row: i for row, i in enumerate(group)}
+        cb = (lambda r, piece, index=index: on_text(index[r], piece)) if on_text else None
         if mixer is not None:
-            with mixer.applied(rows):
-                results = decode(lm, ids, len(columns), params, on_text, stop, mixer)
+            with mixer.applied([rows[i] for i in group]):
+                out = decode(lm, ids, len(group), params, cb, stop, mixer)
         else:
-            results = decode(lm, ids, len(columns), params, on_text, stop)
-    else:
-        results = []
-        for i, row in enumerate(rows):
-            cb = (lambda _r, piece, i=i: on_text(i, piece)) if on_text else None
-            if mixer is not None:
-                with mixer.applied([row]):
-                    results.append(decode(lm, ids, 1, params, cb, stop, mixer)[0])
-            else:
-                results.append(decode(lm, ids, 1, params, cb, stop)[0])
-            if stop is not None and stop.is_set():
-                break
-    comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched)
+            out = decode(lm, ids, len(group), params, cb, stop)
+        for i, r in zip(group, out):
+            results[i] = r
+    columns = [c for c, r in zip(columns, results) if r is not None]
+    results = [r for r in results if r is not None]
+    batched = len(groups) == 1
+    comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched, len(groups))
     if store is not None and session_id is not None:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         try:

@@ -5,9 +5,12 @@ Steering vectors go in through forward hooks on the steered blocks, which add
 Changing weights swaps one small tensor per steered layer and reloads nothing. A mix may carry
 one row of weights per batch row, so columns that differ only in steering coefficients run as one batch.
 
-Weight-space directions (TS-DPO and scalarized-DPO weight deltas) change the weights in place:
-each touched weight is first copied back from an exact copy of the base, then sum_k alpha_k tau_k is
-added. Restoring is a copy, not a subtraction, so the base comes back bit for bit.
+Low-rank weight-space directions (tau = B A0) run as adapters on the linear layers (``engine.adapters``):
+applying a point recomputes the small sum of B's, nothing else, and each batch row can carry its own mix.
+Full-rank directions, and any mix asked for ``merge=True`` (the export), change the weights in place: each
+touched weight is first copied back from an exact copy of the base, then sum_k alpha_k tau_k is added.
+Restoring is a copy, not a subtraction, so the base comes back bit for bit. Rows of one batch must share
+the weights of what is merged in place; ``batches`` groups rows that can run together.
 
 With every weight at zero no hook is left and every weight is the base copy: logits are bit-identical.
 
@@ -25,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from engine.adapters import LowRankAdapters
 from engine.directions import Direction, DirectionError, Mix, check_model
 from engine.hooks import block_output, with_block_output
 from engine.models import LoadedModel
@@ -42,7 +46,9 @@ class Mixer:
         self._params = dict(lm.model.named_parameters())
         self._base: dict[str, torch.Tensor] = {}  # exact copies of the weights a weight-space direction touches
         self._modified: set[str] = set()
-        self._weight_mix = Mix()
+        self._weight_mix = Mix()  # what is merged into the weights now
+        self._adapters = LowRankAdapters(lm.model)
+        self.merged = False  # whether the low-rank directions of the applied mix are merged into the weights
         self.rows: list[dict[str, float]] = [{}]  # the weights now applied, one dict per batch row
         self.prompt_len: Optional[int] = None  # set by generation for "generated" positions on full sequences
         self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
@@ -65,9 +71,8 @@ class Mixer:
         for n in direction.weight_names():
             if n not in self._params:
                 raise DirectionError(f"{name}: the model has no weight {n}.")
-        for n in direction.weight_names():
-            if n not in self._base:
-                self._base[n] = self._params[n].detach().clone()
+        if LowRankAdapters.fits(direction):
+            self._adapters.add(name, direction)
         # Its largest entry, once: whether a mix overflows is then one comparison per apply, not a pass over
         # every touched element.
         direction.max_abs()
@@ -88,17 +93,36 @@ class Mixer:
     def set_weights(self, weights: dict[str, float]) -> None:
         self.set_row_weights([weights])
 
-    def set_row_weights(self, rows: Sequence[dict[str, float]]) -> None:
-        """Apply one weight dict per batch row (a single dict applies to every row).
+    def in_place(self, name: str, merge: bool = False) -> bool:
+        """Whether a direction's weights are merged into the model when it is applied (else: hooks)."""
+        d = self.directions[name]
+        return d.space == "weight" and (merge or name not in self._adapters.directions)
+
+    def _merged_part(self, mix: Mix, merge: bool) -> Mix:
+        return Mix(tuple(t for t in mix.terms if self.in_place(t[0], merge)))
+
+    def batches(self, rows: Sequence[dict[str, float]], merge: bool = False) -> list[list[int]]:
+        """Row indices grouped into batches that can run together: rows that share the weights of what is merged
+        in place (full-rank directions). Steering and low-rank directions can differ per row."""
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            key = tuple(sorted((k, float(v)) for k, v in r.items() if v and k in self.directions and self.in_place(k, merge)))
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def set_row_weights(self, rows: Sequence[dict[str, float]], merge: bool = False) -> None:
+        """Apply one weight dict per batch row (a single dict applies to every row); ``merge`` puts every
+        weight-space direction into the weights (one mix for all rows), as an export needs.
 
         A request that is not valid (an unknown direction, a weight that is not a finite number, rows that
-        differ in weight-space weights) changes nothing. A failure while applying leaves the exact base model."""
+        differ in what is merged in place) changes nothing. A failure while applying leaves the exact base model."""
         mixes = [Mix.of(self.directions, r) for r in rows] or [Mix()]
         rows = [{k: float(v) for k, v in r.items()} for r in rows] or [{}]
-        weight_mix = mixes[0].weight_space
-        if any(m.weight_space.weights != weight_mix.weights for m in mixes[1:]):
-            raise DirectionError("Rows of one batch must share their weight-space directions' weights; "
-                                 "only steering coefficients can differ per row.")
+        weight_mix = self._merged_part(mixes[0], merge)
+        if any(self._merged_part(m, merge).weights != weight_mix.weights for m in mixes[1:]):
+            raise DirectionError("Rows of one batch must share the weights of their full-rank directions (merged into "
+                                 "the model); steering and low-rank directions can differ per row.")
+        adapter_rows = [] if merge else [{k: v for k, v in r.items() if k in self._adapters.directions} for r in rows]
         p = next(self.lm.model.parameters())
         delta: dict[int, torch.Tensor] = {}
         for i, m in enumerate(mixes):
@@ -111,12 +135,14 @@ class Mixer:
             if not torch.isfinite(d).all():
                 raise DirectionError(f"The steering weights {_describe(rows)} add values too large to represent at layer "
                                      f"{layer} (they overflow to infinity). Use smaller weights; nothing was applied.")
-        if weight_mix.max_abs() >= torch.finfo(p.dtype).max:
+        if weight_mix.max_abs() >= torch.finfo(p.dtype).max or self._adapters.bound(adapter_rows) >= torch.finfo(p.dtype).max:
             self._reset()
-            raise DirectionError(f"The weights {_describe([weight_mix.weights])} make the weight deltas overflow to "
+            raise DirectionError(f"The weights {_describe(rows)} make the weight deltas overflow to "
                                  "infinity; use smaller weights. The model is back at its base weights.")
         try:
             self._apply_weights(weight_mix)
+            self._adapters.set(adapter_rows) if adapter_rows else self._adapters.clear()
+            self.merged = merge
             self._delta = delta
             for layer in list(self._hooks):
                 if layer not in self._delta:
@@ -140,6 +166,8 @@ class Mixer:
     def _reset(self) -> None:
         """The exact base model: every touched weight copied back, no hook."""
         self._restore_weights()
+        self._adapters.clear()
+        self.merged = False
         for handle in self._hooks.values():
             handle.remove()
         self._hooks = {}
@@ -153,6 +181,8 @@ class Mixer:
         self._restore_weights()  # and until every delta is in, the applied mix is unknown: a failure resets to the base
         for n, delta in mix.weight_deltas():
             w = self._params[n]
+            if n not in self._base:  # first merged here: until now it was the base
+                self._base[n] = w.detach().clone()
             self._modified.add(n)  # before the edit: a failure inside it is still undone
             w.add_(delta.to(device=w.device, dtype=w.dtype))
         self._weight_mix = mix
@@ -164,21 +194,21 @@ class Mixer:
     @property
     def active(self) -> bool:
         """Whether anything is applied (``LoadedModel.at_base`` sets such mixers aside)."""
-        return bool(self._hooks) or bool(self._modified)
+        return bool(self._hooks) or bool(self._modified) or self._adapters.active
 
     def mix(self, weights: dict[str, float]) -> Mix:
         """The loaded directions with these weights, as one value (what the export writes)."""
         return Mix.of(self.directions, weights)
 
     @contextmanager
-    def applied(self, rows: Sequence[dict[str, float]]) -> Iterator[None]:
+    def applied(self, rows: Sequence[dict[str, float]], merge: bool = False) -> Iterator[None]:
         """Apply ``rows`` for the duration of a block, then put back what was applied before."""
-        before = [dict(r) for r in self.rows]
-        self.set_row_weights(rows)
+        before, merged = [dict(r) for r in self.rows], self.merged
+        self.set_row_weights(rows, merge)
         try:
             yield
         finally:
-            self.set_row_weights(before)
+            self.set_row_weights(before, merged)
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -206,6 +236,6 @@ def _describe(rows: Sequence[dict[str, float]]) -> str:
     return "; ".join(", ".join(f"{k}={v:g}" for k, v in r.items()) for r in rows if r) or "(none)"
 
 
-def steering_only(mixer: Optional[Mixer], rows: Sequence[dict[str, float]]) -> bool:
-    """True when the rows differ only in steering coefficients, so they can run as one batch."""
-    return mixer is None or all(mixer.directions[k].space == "activation" for row in rows for k in row if row[k])
+def batches(mixer: Optional[Mixer], rows: Sequence[dict[str, float]]) -> list[list[int]]:
+    """The rows grouped into as few batches as the mix allows (one, without a mixer)."""
+    return [list(range(len(rows)))] if mixer is None else mixer.batches(rows)

@@ -247,14 +247,14 @@ class LoadedModel:
     def at_base(self) -> Iterator[None]:
         """Run a block at the exact base weights with no steering hook, whatever a caller left applied,
         then apply again what was there."""
-        saved = [(m, [dict(r) for r in m.rows]) for m in list(self.mixers) if m.active]
-        for m, _ in saved:
+        saved = [(m, [dict(r) for r in m.rows], m.merged) for m in list(self.mixers) if m.active]
+        for m, _, _ in saved:
             m.clear()
         try:
             yield
         finally:
-            for m, rows in saved:
-                m.set_row_weights(rows)
+            for m, rows, merged in saved:
+                m.set_row_weights(rows, merged)
 
     @contextmanager
     def forward_ad_kernels(self) -> Iterator[None]:

@@ -54,6 +54,7 @@ class MainWindow(QMainWindow):
         self.directions: dict[str, DirectionInfo] = {}  # what the worker's mixer holds, as it last said
         self.overlaps: dict[str, str] = {}  # direction name -> the interference warning shown beside it
         self.last_result: Optional[ComparisonResult] = None
+        self._idle_note = ""  # shown in the status bar once the worker is idle again
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self._build_ui()
@@ -336,12 +337,13 @@ class MainWindow(QMainWindow):
         attrs = list(dict.fromkeys([*BASE_ATTRIBUTES, *(d.objective for d in self.directions.values())]))
         self.compare.set_attributes(attrs)
 
-    def _on_mix_applied(self, weights: dict, seconds: float) -> None:
+    def _on_mix_applied(self, weights: dict, seconds: float, since_drag: float) -> None:
         active = [f"{k} {v:+.2f}" for k, v in weights.items() if v]
         if seconds < 0:  # refused (the mix before stays) or failed midway (the engine put back the base)
             self.mix_label.setText("mix not applied: " + (f"still {', '.join(active)}" if active else "the model is at its base weights"))
             return
-        self.mix_label.setText(f"mix applied in {seconds * 1e3:.1f} ms" if active else f"base model (applied in {seconds * 1e3:.1f} ms)")
+        took = f"in {seconds * 1e3:.2f} ms, {since_drag * 1e3:.1f} ms after the drag"  # the second adds the thread hop
+        self.mix_label.setText(f"mix applied {took}" if active else f"base model (applied {took})")
 
     def _on_released(self, weights: dict) -> None:
         self._save_session()
@@ -380,6 +382,12 @@ class MainWindow(QMainWindow):
         self.last_result = result
         self.compare.finish(result)
         self.history.add(result)
+        n = len(result.columns)
+        if n > 1:
+            self._idle_note = (
+                f"{n} columns generated in one batch" if result.batched else
+                f"{n} columns generated in {result.batches} batches: full-rank directions at different weights change "
+                "the weights themselves, so their columns cannot share one")
 
     @staticmethod
     def _verdict(rating, columns: list, letter) -> str:
@@ -664,7 +672,8 @@ class MainWindow(QMainWindow):
         self.busy_with = what
         self.progress_bar.setVisible(bool(what))
         if not what:
-            self.progress_label.setText("")
+            self.progress_label.setText(self._idle_note)  # what the finished request left to say, if anything
+            self._idle_note = ""
         self._update_actions()
 
     def _update_actions(self) -> None:

@@ -176,6 +176,7 @@ class ComparisonResult:
     batched: bool = False
     blind: bool = False
     max_new_tokens: Optional[int] = None
+    batches: int = 1  # more than one when full-rank directions at different weights could not share a batch
 
 
 @dataclass

@@ -40,7 +40,7 @@ class ModelWorker(QObject):
     modelLoaded = Signal(object)  # ModelInfo
     directionsChanged = Signal(object)  # list[DirectionInfo]: every direction in the mixer, in order
     directionAdded = Signal(object)  # DirectionInfo
-    mixApplied = Signal(dict, float)  # weights, seconds from request to applied (-1: refused or failed)
+    mixApplied = Signal(dict, float, float)  # weights, seconds applying, seconds from the drag to applied (-1: refused)
     text = Signal(int, str)  # column, streamed piece
     compared = Signal(object)  # ComparisonResult
     jobProgress = Signal(object)  # engine.progress.Progress
@@ -143,11 +143,14 @@ class ModelWorker(QObject):
             return  # a newer request already took it
         weights, asked = pending
         try:
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             self.mixer.set_weights(weights)
-            self.mixApplied.emit(dict(self.mixer.rows[0]), time.perf_counter() - asked)
+            done = time.perf_counter()
+            log.debug("mix applied: %.3f ms wall, %.3f ms of this thread's CPU", (done - t0) * 1e3, (time.thread_time() - cpu0) * 1e3)
+            self.mixApplied.emit(dict(self.mixer.rows[0]), done - t0, done - asked)
         except BaseException as exc:  # noqa: BLE001
             # What is applied now: the mix from before (the request was refused) or the base (it failed midway).
-            self.mixApplied.emit(dict(self.mixer.rows[0]) if len(self.mixer.rows) == 1 else {}, -1.0)
+            self.mixApplied.emit(dict(self.mixer.rows[0]) if len(self.mixer.rows) == 1 else {}, -1.0, -1.0)
             self._fail("apply", "Could not apply the mix", exc)
 
     # ------------------------------------------------------------------ generation
@@ -167,7 +170,7 @@ class ModelWorker(QObject):
                 [Reply(cr.column.label, cr.column.weights, cr.column.point, cr.result.text, cr.result.n_tokens,
                        cr.result.seconds, cr.result.tokens_per_s, cr.result.stopped, cr.result.truncated, cr.generation_id)
                  for cr in comp.columns],
-                comp.comparison_id, comp.batched, request.blind, request.params.max_new_tokens))
+                comp.comparison_id, comp.batched, request.blind, request.params.max_new_tokens, comp.batches))
             if comp.save_error:
                 self.failed.emit(Failure("not_saved", "The replies were not saved",
                                          f"{comp.save_error}\n\nThe replies are shown, but they are not in the session and "

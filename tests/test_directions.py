@@ -45,8 +45,8 @@ def test_the_sum_is_the_same_for_the_mixer_the_adapter_and_by_hand(tiny_lm):
     mixer = Mixer(tiny_lm)
     mixer.add(a)
     mixer.add(b)
-    mixer.set_weights({"a": 0.7, "b": -0.4})
-    for n in m.weight_names():  # what the mixer applies is theta0 + the mix's delta, to the bit
+    mixer.set_row_weights([{"a": 0.7, "b": -0.4}], merge=True)
+    for n in m.weight_names():  # what the mixer merges is theta0 + the mix's delta, to the bit
         assert torch.equal(tiny_lm.model.get_parameter(n), base[n] + m.weight_delta(n)), n
     assert mixer.mix({"a": 0.7, "b": -0.4}).weights == m.weights
     mixer.clear()

@@ -84,7 +84,7 @@ def test_dragging_the_point_sets_weights_and_applies_the_mix(qtbot, window):
     expected = plane.weights()
     assert expected["v1"] == pytest.approx(x) and expected["v2"] == pytest.approx(y)
     qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [expected], timeout=10000)
-    assert "mix applied in" in window.mix_label.text()
+    assert "mix applied in" in window.mix_label.text() and "after the drag" in window.mix_label.text()
     assert f"v1 {expected['v1']:+.3f}, v2 {expected['v2']:+.3f}" in plane.weights_label.text()
 
 
@@ -397,3 +397,34 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     job = scal.job()
     assert job.kind == "scalarized" and job.weight == 0.3 and job.name == "scalarized helpfulness=0.3"
     assert job.second == Data(data, None, "verbosity", 200)
+
+
+def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_model_dir):
+    from engine.models import load_model
+    from tiny_model import random_tangent
+
+    lm = load_model(tiny_model_dir)
+    low = [random_tangent(lm, o, seed=s, scale=0.3).save(tmp_path / f"{o}.safetensors") for o, s in (("help", 1), ("verb", 2))]
+    full = random_tangent(lm, "full", seed=3, param="full", scale=0.3).save(tmp_path / "full.safetensors")
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(low[0], "help"), (low[1], "verb")])
+    assert (w.plane_view.plane.x.direction, w.plane_view.plane.y.direction) == ("help", "verb")
+    w.plane_view.set_point(0.5, -0.3)
+    w.plane_view.add_pin("other", -0.6, 0.4)
+    w.prompt.setPlainText("Hello")
+    w.max_tokens.setValue(4)
+    w.compare.n_columns.setValue(3)
+    for view, src in zip(w.compare.columns, ["Base model", "Mix at the point", "Pinned: other"]):
+        view.source.setCurrentText(src)
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
+    assert w.last_result.batched and w.progress_label.text() == "3 columns generated in one batch"
+
+    w.host.add_direction(str(full), "full")  # a full-rank direction bound to an axis: its columns split
+    qtbot.waitUntil(lambda: "full" in w.directions and not w.busy_with, timeout=30000)
+    w.plane_view.x_combo.setCurrentText("full")
+    w.last_result = None
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
+    assert not w.last_result.batched and "in 3 batches" in w.progress_label.text()
+    assert "full-rank" in w.progress_label.text()
+    w.close()

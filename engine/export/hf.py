@@ -88,7 +88,7 @@ class HFWriter(Writer):
         lm = self.lm
         before_positions = self.mixer.positions
         note(progress, "Applying the mix to the weights...")
-        with self.mixer.applied([self.mix.weights]):
+        with self.mixer.applied([self.mix.weights], merge=True):  # the weights written are the merged ones
             try:
                 self.mixer.positions = "all"  # what a baked bias does
                 self._reference = lm.model(self._fixed_input()).logits.float().cpu()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE))
 
 from common import machine  # noqa: E402
 
-ORDER = ["bench_steering.py", "bench_tangent.py", "bench_export.py", "bench_studio.py", "bench_cancel.py"]
+ORDER = ["bench_steering.py", "bench_tangent.py", "bench_adapters.py", "bench_export.py", "bench_studio.py", "bench_cancel.py"]
 SUMMARY = [
     ("steering", "extraction_vs_dpo_run", "steering extraction time / ordinary DPO run on the same pairs"),
     ("tangent", "ts_dpo_vs_dpo_step_time_full", "TS-DPO step time / ordinary DPO step (full deltas)"),
@@ -26,6 +26,9 @@ SUMMARY = [
     ("steering", "apply_vs_decode_step", "steering mix-apply latency / one decode step"),
     ("tangent", "apply_full_vs_lowrank", "weight-space mix-apply latency, full / low-rank"),
     ("steering", "mix_vs_base_tokens_per_s", "generation tokens/s, mixed / base"),
+    ("adapters", "merged_vs_adapter_apply", "low-rank mix-apply latency, merged into the weights / as an adapter"),
+    ("adapters", "adapter_vs_merged_tokens_per_s", "tokens/s with a low-rank mix, adapter / merged (goal >= 0.85)"),
+    ("adapters", "sequential_vs_batched", "3 tangent + steering columns one after another / in one batch (goal >= 2.5)"),
     ("steering", "sequential_vs_batched", "3 columns one after another / in one batch (time)"),
     ("studio", "launch_vs_model_load", "launch to usable plane / bare model load"),
     ("export", "export_vs_save_pretrained: hf, 2 tangent directions + check",
@@ -53,6 +56,8 @@ def main() -> int:
     absolute = [("steering", "apply_latency_median_ms", "ms, steering mix-apply latency (median)"),
                 ("tangent", "apply_latency", "ms, weight-space mix-apply latency full / low-rank (median)"),
                 ("steering", "tokens_per_s_base", "tokens/s, base model"),
+                ("adapters", "apply_adapter_median_ms", "ms, low-rank mix-apply latency as an adapter (median; goal <= 1)"),
+                ("adapters", "apply_adapter_p95_ms", "ms, low-rank mix-apply latency as an adapter (p95; goal <= 2)"),
                 ("studio", "launch_to_usable_plane_s", "s, launch to usable plane"),
                 ("export", "export_hf_checked_s", "s, HF export of the embedded model, with its check"),
                 ("cancel", "ranking_cancel_s", "s, cancel latency in the steering layer ranking (goal < 2)"),

@@ -1,0 +1,106 @@
+"""Low-rank directions as adapters: the same model as the merged weights, without touching them, and a mix per
+batch row."""
+
+import pytest
+import torch
+
+from engine.directions import DirectionError
+from engine.generation import Column, SamplingParams, compare
+from engine.mixer import Mixer
+from tiny_model import random_tangent
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+
+
+@torch.no_grad()
+def logits(lm, ids=IDS):
+    return lm.model(ids).logits
+
+
+def _params(lm):
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_an_adapter_mix_is_the_merged_model_and_leaves_the_weights(tiny_lm, k):
+    base = _params(tiny_lm)
+    mixer = Mixer(tiny_lm)
+    weights = {}
+    for i in range(k):
+        name = mixer.add(random_tangent(tiny_lm, f"d{i}", seed=10 + i, scale=0.3), name=f"d{i}")
+        weights[name] = [0.9, -0.6, 0.35, -1.2][i]  # mixed signs
+    mixer.set_weights(weights)
+    assert mixer.active and not mixer.merged
+    for n, p in tiny_lm.model.named_parameters():  # the weights are untouched: the adapter adds beside them
+        assert torch.equal(p, base[n]), n
+    via_adapter = logits(tiny_lm)
+    mixer.set_row_weights([weights], merge=True)
+    merged = logits(tiny_lm)
+    assert mixer.merged and float((via_adapter - merged).abs().max()) <= 1e-5
+    assert float((merged - logits_at_base(tiny_lm, mixer)).abs().max()) > 1e-2  # the mix does change the model
+    mixer.clear()
+    for n, p in tiny_lm.model.named_parameters():
+        assert torch.equal(p, base[n]), n
+    assert not mixer.active and not any(m._forward_hooks for m in tiny_lm.model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def logits_at_base(lm, mixer):
+    with lm.at_base():
+        return logits(lm)
+
+
+def test_each_batch_row_carries_its_own_mix(tiny_lm, tiny_vector):
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "a", seed=1, scale=0.3), name="a")
+    mixer.add(random_tangent(tiny_lm, "b", seed=2, scale=0.3), name="b")
+    mixer.add(tiny_vector, name="s")
+    rows = [{}, {"a": 0.8, "b": -0.5}, {"a": -0.4, "s": 1.0}]
+    assert mixer.batches(rows) == [[0, 1, 2]]
+    ids = IDS.repeat(3, 1)
+    with mixer.applied(rows):
+        together = logits(tiny_lm, ids)
+    for i, row in enumerate(rows):
+        with mixer.applied([row]):
+            alone = logits(tiny_lm)
+        assert float((together[i] - alone[0]).abs().max()) <= 1e-5, row
+    assert not mixer.active
+
+
+def test_full_rank_directions_split_the_batches_and_low_rank_ones_do_not(tiny_lm):
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "low", seed=1, scale=0.3), name="low")
+    mixer.add(random_tangent(tiny_lm, "full", seed=2, param="full", scale=0.3), name="full")
+    rows = [{}, {"low": 0.5}, {"full": 0.5}, {"full": 0.5, "low": -1.0}]
+    assert mixer.batches(rows) == [[0, 1], [2, 3]]
+    with pytest.raises(DirectionError, match="full-rank"):
+        mixer.set_row_weights(rows)
+    comp = compare(tiny_lm, "Hello", [Column("base"), Column("low", {"low": 0.5}), Column("full", {"full": 0.5})],
+                   SamplingParams(max_new_tokens=4), mixer=mixer)
+    assert not comp.batched and comp.batches == 2 and [c.column.label for c in comp.columns] == ["base", "low", "full"]
+    one = compare(tiny_lm, "Hello", [Column("base"), Column("low", {"low": 0.5}), Column("low2", {"low": -0.5})],
+                  SamplingParams(max_new_tokens=4), mixer=mixer)
+    assert one.batched and one.batches == 1
+    for cr in one.columns:  # the same text as each column alone
+        alone = compare(tiny_lm, "Hello", [cr.column], SamplingParams(max_new_tokens=4), mixer=mixer)
+        assert alone.columns[0].result.text == cr.result.text
+
+
+def test_directions_with_another_A0_get_their_own_branch(tiny_lm):
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "a", seed=1, scale=0.3), name="a")
+    mixer.add(random_tangent(tiny_lm, "c", seed=3, scale=0.3, a0_seed=9), name="c")
+    assert len(mixer._adapters.groups) == 2
+    mixer.set_weights({"a": 0.6, "c": -0.7})
+    via = logits(tiny_lm)
+    mixer.set_row_weights([{"a": 0.6, "c": -0.7}], merge=True)
+    assert float((via - logits(tiny_lm)).abs().max()) <= 1e-5
+    mixer.clear()
+
+
+def test_an_adapter_weight_that_overflows_is_refused(tiny_lm):
+    base = _params(tiny_lm)
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "a", seed=1), name="a")
+    with pytest.raises(DirectionError, match="overflow"):
+        mixer.set_weights({"a": 1e38 * 1e3})
+    assert not mixer.active and all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())
