@@ -160,6 +160,12 @@ class ComparePanel(QWidget):
             c.source.setCurrentText(current if current in items else default)
             c.source.blockSignals(False)
 
+    def choose(self, sources: list[str], n_columns: Optional[int] = None) -> None:
+        """Show ``n_columns`` columns (default: one per source) with these sources, in order."""
+        self.n_columns.setValue(max(1, n_columns or len(sources)))
+        for view, src in zip(self.columns, sources):
+            view.source.setCurrentText(src)
+
     def chosen_sources(self) -> list[str]:
         return [self.columns[i].source.currentText() for i in range(self.n_columns.value())]
 

@@ -618,10 +618,8 @@ class MainWindow(QMainWindow):
                 self.plane_view.set_plane(PreferencePlane.from_json(s["plane"]), saved_point(s))
             except TsdpoError as exc:
                 self.show_error("The plane layout was not restored", str(exc))
-        if s.get("n_columns"):
-            self.compare.n_columns.setValue(int(s["n_columns"]))
-        for view, src in zip(self.compare.columns, s.get("columns", [])):
-            view.source.setCurrentText(src)
+        if s.get("n_columns") or s.get("columns"):
+            self.compare.choose(list(s.get("columns", [])), int(s.get("n_columns") or 0) or None)
         self.progress_label.setText("Session restored")
 
     def _reload_history(self) -> None:

@@ -75,9 +75,7 @@ def main(argv=None) -> int:
 
     w.prompt.setPlainText("How do I make a good cup of tea?")
     w.max_tokens.setValue(80)
-    w.compare.n_columns.setValue(3)
-    for view, src in zip(w.compare.columns, ["Base model", "Mix at the point", "Pinned: concise + helpful"]):
-        view.source.setCurrentText(src)
+    w.compare.choose(["Base model", "Mix at the point", "Pinned: concise + helpful"])
     w.generate_button.click()
     wait(lambda: w.last_result is not None)
     w.compare.columns[1].scores["helpfulness"].setValue(4)

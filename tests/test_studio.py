@@ -412,9 +412,7 @@ def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_mod
     w.plane_view.add_pin("other", -0.6, 0.4)
     w.prompt.setPlainText("Hello")
     w.max_tokens.setValue(4)
-    w.compare.n_columns.setValue(3)
-    for view, src in zip(w.compare.columns, ["Base model", "Mix at the point", "Pinned: other"]):
-        view.source.setCurrentText(src)
+    w.compare.choose(["Base model", "Mix at the point", "Pinned: other"])
     w.generate_button.click()
     qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
     assert w.last_result.batched and w.progress_label.text() == "3 columns generated in one batch"
