@@ -84,17 +84,15 @@ class LowRankAdapters:
         self._layouts: dict[tuple, dict] = {}  # (rows, groups in use) -> the branches (views into the groups' buffers)
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
-    @staticmethod
-    def fits(d: Direction) -> bool:
-        """A weight-space direction with B @ A0 factors on every weight it changes."""
+    def fits(self, d: Direction) -> bool:
+        """A weight-space direction with B @ A0 factors on every weight it changes, each the weight of a linear
+        layer (anything else is merged into the weights instead)."""
         names = d.weight_names()
-        return bool(names) and all(d.low_rank(w) is not None for w in names)
+        return bool(names) and all(d.low_rank(w) is not None and w.endswith(".weight")
+                                   and isinstance(self.modules.get(w[: -len(".weight")]), torch.nn.Linear) for w in names)
 
     def add(self, name: str, d: Direction) -> None:
-        for w in d.weight_names():
-            module = self.modules.get(w[: -len(".weight")]) if w.endswith(".weight") else None
-            if not isinstance(module, torch.nn.Linear):
-                raise DirectionError(f"{name}: {w} is not the weight of a linear layer, which a low-rank adapter needs.")
+        """Run ``d`` as an adapter (``fits(d)`` must hold)."""
         self.directions[name] = d
         group = next((g for g in self.groups if g.accepts(d)), None)
         if group is None:

@@ -71,7 +71,7 @@ class Mixer:
         for n in direction.weight_names():
             if n not in self._params:
                 raise DirectionError(f"{name}: the model has no weight {n}.")
-        if LowRankAdapters.fits(direction):
+        if self._adapters.fits(direction):
             self._adapters.add(name, direction)
         # Its largest entry, once: whether a mix overflows is then one comparison per apply, not a pass over
         # every touched element.

@@ -104,3 +104,23 @@ def test_an_adapter_weight_that_overflows_is_refused(tiny_lm):
     with pytest.raises(DirectionError, match="overflow"):
         mixer.set_weights({"a": 1e38 * 1e3})
     assert not mixer.active and all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())
+
+
+def test_a_low_rank_direction_on_a_weight_that_is_no_linear_layer_is_merged_instead(tiny_lm):
+    from engine.weight_delta import WeightDelta
+
+    d = random_tangent(tiny_lm, "a", seed=1, scale=0.3)
+    emb = "model.embed_tokens.weight"
+    rows, cols = tiny_lm.model.get_parameter(emb).shape
+    g = torch.Generator().manual_seed(5)
+    tensors = {**d.tensors, emb + ":B": torch.randn(rows, 4, generator=g) * 0.1,
+               emb + ":A": torch.randn(4, cols, generator=g) * 0.1}
+    odd = WeightDelta("odd", "lowrank", tensors, tiny_lm.identity(), name="odd")
+    mixer = Mixer(tiny_lm)
+    mixer.add(odd)
+    assert mixer.in_place("odd")  # no adapter can carry the embedding: the weights are edited, exactly
+    before = logits(tiny_lm)
+    mixer.set_weights({"odd": 0.5})
+    assert float((logits(tiny_lm) - before).abs().max()) > 1e-3
+    mixer.clear()
+    assert torch.equal(logits(tiny_lm), before)

@@ -5,7 +5,6 @@ gets in; no model code runs unless the user turned it on."""
 import ast
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """Nothing bad gets in, and nothing made is lost: every error a user can cause is one `tsdpo: error:` line
 with exit 2; a locked database keeps the work; exports with non-finite values or failed checks leave nothing."""
 
-import json
 import os
 import sqlite3
 import subprocess
