@@ -153,3 +153,4 @@ class LowRankAdapters:
             return out
 
         return hook
+

@@ -3,6 +3,9 @@ replaced. transformers' decoder blocks return a tensor or a tuple whose first it
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 
@@ -19,3 +22,17 @@ def with_block_output(out, hidden):
 def add_to_block_output(block, delta: torch.Tensor):
     """A forward hook that adds ``delta`` to the block's output at every position; returns its handle."""
     return block.register_forward_hook(lambda module, args, out: with_block_output(out, block_output(out) + delta))
+
+
+@contextmanager
+def completion_rows(model, mask: torch.Tensor) -> Iterator[None]:
+    """The language-model head computes logits only where ``mask`` [rows, T] is set: its input [rows, T, H] becomes
+    [1, N, H] (N = mask.sum(), row-major), so ``.logits[0]`` is ``logits[mask]`` of the whole forward. Anything the
+    model does after its head (soft-capping, logit scaling) still applies. Losses over completion tokens need
+    nothing else, and the 49k-wide head is most of a small model's cost."""
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][mask].unsqueeze(0), *args[1:]), prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()

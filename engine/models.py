@@ -257,16 +257,25 @@ class LoadedModel:
                 m.set_row_weights(rows, merged)
 
     @contextmanager
-    def forward_ad_kernels(self) -> Iterator[None]:
+    def forward_ad_kernels(self, dual_attention: bool = False) -> Iterator[None]:
         """Forward-mode AD has no rule for fused attention kernels or grouped expert matmuls: use the eager
-        implementations inside the block, and put back whatever was set before."""
+        implementations inside the block, and put back whatever was set before. ``dual_attention``: where the
+        model's attention is transformers' standard eager code, run ``engine.branches.dual_attention`` instead
+        (the same maths with the tangent in closed form; for ``forward_ad.dual_level``, not ``torch.func``)."""
         model, config = self.model, self.model.config
         attn = getattr(config, "_attn_implementation", None)
         experts = getattr(config, "_experts_implementation", None)
-        switch_attn = attn not in (None, "eager")
+        target = "eager"
+        if dual_attention and attn is not None:
+            from engine import branches
+
+            if branches.uses_standard_attention(model):
+                branches.register_dual_attention()
+                target = branches.DUAL_ATTENTION
+        switch_attn = attn not in (None, target)
         switch_experts = experts not in (None, "eager") and hasattr(model, "set_experts_implementation")
         if switch_attn:
-            model.set_attn_implementation("eager")
+            model.set_attn_implementation(target)
         if switch_experts:
             model.set_experts_implementation("eager")
         try:

@@ -25,11 +25,14 @@ import zlib
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, jvp
 
+from engine.branches import lora_branches, tangent_branches
 from engine.directions import DirectionError, Mix
 from engine.dpo import PairBatch, completion_sums, dpo_loss, token_logps
+from engine.hooks import completion_rows
 from engine.models import LoadedModel, runs_at_base
 from engine.weight_delta import METHODS, PARAMS, WeightDelta
 
@@ -93,15 +96,16 @@ class DirectionModel(nn.Module):
         return getattr(self, f"A0__{self.keys[name]}")
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self.names:
-            t = self.tau[self.keys[n]]
-            out[n] = t if self.param == "full" else t @ self.A0(n)
-        return out
+        return _materialized(self.factors())
+
+    def factors(self) -> Tau:
+        """Weight name -> the full delta, or -> (B, A0): what ``completion_logps`` takes."""
+        return {n: (self.tau[self.keys[n]] if self.param == "full" else (self.tau[self.keys[n]], self.A0(n)))
+                for n in self.names}
 
     def forward(self, batch: PairBatch, beta: float = 0.1, loss_type: str = "sigmoid"):
         # Summed log-probs, as TRL computes its metrics; IPO averages per token inside its loss only.
-        pol, ref = completion_logps(self.lm, batch, self.deltas(), self.method)
+        pol, ref = completion_logps(self.lm, batch, self.factors(), self.method)
         b = batch.n_pairs
         counts = batch.target_mask.sum(-1).clamp_min(1).float()
         return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type, lengths=(counts[:b], counts[b:]))
@@ -120,16 +124,23 @@ class DirectionModel(nn.Module):
         return WeightDelta(objective, self.param, tensors, self.lm.identity(), self.method, meta)
 
 
+Tau = dict  # weight name -> a full delta, or -> (B, A0) low-rank factors
+
+
+def _materialized(tau: Tau) -> dict[str, torch.Tensor]:
+    return {n: (t[0] @ t[1] if isinstance(t, tuple) else t) for n, t in tau.items()}
+
+
 def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]):
     """What the completion functions share: theta0 for the touched weights, a forward that returns the logits
-    at response positions for given weights, and a per-sequence sum of per-token values."""
+    at response positions for given weights (the head runs at those positions only), and a per-sequence sum
+    of per-token values."""
     mask = batch.target_mask.bool()
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
     params0 = {n: p.detach() for n, p in lm.model.named_parameters() if n in deltas}
 
     def logits(params):
-        return functional_call(lm.model, params, args=(), kwargs=kwargs).logits[mask]
+        with completion_rows(lm.model, mask):
+            return functional_call(lm.model, params, args=(), kwargs=_forward_kwargs(batch)).logits[0]
 
     def seq_sum(logits_at_completion):
         return completion_sums(token_logps(logits_at_completion, batch.targets[mask]), mask)
@@ -140,27 +151,57 @@ def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Te
     return params0, tangents, logits, seq_sum, mask
 
 
-def completion_logps(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor], method: str = "tangent",
+def _forward_kwargs(batch: PairBatch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False)
+
+
+def _lowrank_logits(lm: LoadedModel, batch: PairBatch, factors: Tau, method: str):
+    """(policy, reference) logits at completion positions with tau = B A0 run as a branch beside each linear
+    layer, never materialized: tangent, one forward-mode pass whose primal is the reference and whose tangent
+    is J tau (``adapters.tangent_branches``); scalarized, a reference pass and a pass with the branches added."""
+    mask = batch.target_mask.bool()
+    dtype = lm.dtype
+    factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in factors.items()}
+    with completion_rows(lm.model, mask):
+        if method == "tangent":
+            with fwAD.dual_level(), lm.forward_ad_kernels(dual_attention=True), tangent_branches(lm.model, factors):
+                ref, dlogits = fwAD.unpack_dual(lm.model(**_forward_kwargs(batch)).logits[0])
+            ref = ref.detach()
+            return (ref if dlogits is None else ref + dlogits), ref
+        with torch.no_grad():
+            ref = lm.model(**_forward_kwargs(batch)).logits[0]
+        with lora_branches(lm.model, factors):
+            return lm.model(**_forward_kwargs(batch)).logits[0], ref
+
+
+def completion_logps(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = "tangent",
                      average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``.
 
-    tangent: policy logits = f(theta0) + J.tau from one jvp call, whose primal output is the reference.
+    ``tau``: weight name -> full delta, or -> (B, A0) factors on linear layers (every entry), which run as a
+    branch beside the layer (``_lowrank_logits``) instead of materializing B A0.
+    tangent: policy logits = f(theta0) + J.tau from one forward-mode pass, whose primal is the reference.
     scalarized: policy = f(theta0 + tau), the ordinary model, with gradients; reference = f(theta0) without.
     """
-    params0, tangents, logits_at_completion, seq_sum, mask = _at_completion(lm, batch, deltas)
-    if method == "tangent":
-        with lm.forward_ad_kernels():
-            ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
-        pol_logits = ref_logits + dlogits
-        ref_logits = ref_logits.detach()
+    mask = batch.target_mask.bool()
+    if tau and all(isinstance(t, tuple) for t in tau.values()):
+        pol_logits, ref_logits = _lowrank_logits(lm, batch, tau, method)
     else:
-        with torch.no_grad():
-            ref_logits = logits_at_completion(params0)
-        pol_logits = logits_at_completion({n: params0[n] + tangents[n] for n in params0})
+        params0, tangents, logits_at_completion, _, mask = _at_completion(lm, batch, _materialized(tau))
+        if method == "tangent":
+            with lm.forward_ad_kernels():
+                ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
+            pol_logits = ref_logits + dlogits
+            ref_logits = ref_logits.detach()
+        else:
+            with torch.no_grad():
+                ref_logits = logits_at_completion(params0)
+            pol_logits = logits_at_completion({n: params0[n] + tangents[n] for n in params0})
     counts = mask.sum(-1).clamp_min(1).float()
 
     def per_sequence(logits):
-        seq = seq_sum(logits)
+        seq = completion_sums(token_logps(logits, batch.targets[mask]), mask)
         return seq / counts if average else seq
 
     return per_sequence(pol_logits), per_sequence(ref_logits)
@@ -175,15 +216,29 @@ def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[s
         return jvp(lambda params: seq_sum(logits_at_completion(params)), (params0,), (tangents,))
 
 
+def _tau_of(lm: LoadedModel, mix: Mix) -> Tau:
+    """The weight-space terms of ``mix`` as (sum alpha B, A0) factors where they share A0 on linear layers (run as
+    branches), else as full deltas."""
+    ws = mix.weight_space
+    modules = dict(lm.model.named_modules())
+    try:
+        factors = ws.adapter()
+    except DirectionError:  # a full-rank term, or another A0
+        factors = None
+    if factors and all(isinstance(modules.get(w.removesuffix(".weight")), nn.Linear) for w in factors):
+        return {w: (B.to(lm.device), A.to(lm.device)) for w, (B, A) in factors.items()}
+    return {n: d.to(lm.device) for n, d in ws.weight_deltas()}
+
+
 @runs_at_base
 @torch.no_grad()
 def linearization_gap(lm: LoadedModel, batch: PairBatch, mix: Mix, average: bool = False) -> dict:
     """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau (the
     weight-space terms of ``mix``; per response token with ``average``). The difference shows where the
     tangent approximation holds."""
-    deltas = {n: d.to(lm.device) for n, d in mix.weight_space.weight_deltas()}
-    lin, base = completion_logps(lm, batch, deltas, "tangent", average=average)
-    ordinary, _ = completion_logps(lm, batch, deltas, "scalarized", average=average)
+    tau = _tau_of(lm, mix)
+    lin, base = completion_logps(lm, batch, tau, "tangent", average=average)
+    ordinary, _ = completion_logps(lm, batch, tau, "scalarized", average=average)
     gap = (lin - ordinary).abs()
     return {"linearized": lin, "ordinary": ordinary, "base": base, "gap_mean": float(gap.mean()),
             "gap_max": float(gap.max())}

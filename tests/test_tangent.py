@@ -183,17 +183,19 @@ def test_scalarized_baseline_mixes_sources_by_weight(tiny_lm, tiny_pairs, demo_d
     assert [s["weight"] for s in res.direction.meta["objective_sources"]] == [0.3, 0.7]
 
 
-def test_two_processes_match_one(tiny_model_dir, demo_data, tmp_path):
-    """DDP over two CPU processes (gloo) gives the same direction as one process on the same data."""
+@pytest.mark.parametrize("param", ["full", "lowrank"])
+def test_two_processes_match_one(tiny_model_dir, demo_data, tmp_path, param):
+    """DDP over two CPU processes (gloo) gives the same direction as one process on the same data: full rank
+    through the jvp, low rank through the adapter's dual tangent."""
     bin_dir = Path(sys.executable).parent
     common = ["train", "--data", str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), "--limit", "24",
-              "--objective", "help", "--model", str(tiny_model_dir), "--steps", "4", "--param", "full",
+              "--objective", "help", "--model", str(tiny_model_dir), "--steps", "4", "--param", param,
               "--max-prompt-tokens", "32", "--max-response-tokens", "32", "--no-store"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([str(bin_dir / "tsdpo"), *common, "--out", str(tmp_path / "one.safetensors")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517",
+    two = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29517 + (param == "lowrank")),
                           "-m", "engine.cli", *common, "--out", str(tmp_path / "two.safetensors")],
                          capture_output=True, text=True, env=env, timeout=600, cwd=str(Path(__file__).parents[1]))
     assert two.returncode == 0, two.stderr[-2000:]
