@@ -3,11 +3,13 @@
 A low-rank direction is tau_k = B_k A0 per weight matrix, with A0 shared by the directions trained with the
 same seed and rank. A mix sum_k alpha_k tau_k is then (sum_k alpha_k B_k) A0, and a linear layer computes
 
-    W x + (sum_k alpha_k B_k) (A0 x)
+    W x + sum_k alpha_k B_k (A0 x) = W x + [B_1 ... B_K] (alpha (x) A0 x)
 
-so applying a new point only recomputes the small sum of B's: one matrix product of the weights [rows, K]
-with every direction's B's stacked and flattened [K, total]. Each batch row carries its own mixed B, so
-columns at different points of the plane run as one batch (per-row adapters, as in S-LoRA / punica).
+with the K directions' B's side by side, [out, K r], and the rank-r activations h = A0 x repeated K times,
+block k scaled by alpha_k. Applying a new point only replaces the [rows, K] weights: nothing of the size of a
+weight is computed, and each batch row carries its own weights, so columns at different points of the plane
+run as one batch (per-row adapters, as in S-LoRA / punica). The forward pays a second product of inner size
+K r instead of r.
 
 Directions whose A0 differ (another seed or rank) go in separate groups, each its own branch. With every
 weight of a group at zero its hooks are removed: the base model runs with no hook at all.
@@ -28,11 +30,10 @@ class _Group:
     """Directions sharing A0 on every weight they have in common."""
 
     A: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> A0 [r, in], the model's dtype and device
-    members: list[str] = field(default_factory=list)  # direction names, one row of ``stack`` each
+    members: list[str] = field(default_factory=list)  # direction names, in the order of their blocks
     bound: list[float] = field(default_factory=list)  # per member: its largest |B| entry
-    offsets: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # weight -> (start, out, r) in a row
-    stack: Optional[torch.Tensor] = None  # [K, total] float32: member k's B's, transposed and flattened one after another
-    buffers: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = field(default_factory=dict)  # rows -> (mixed, views)
+    Bt: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [K r, out]: member k's B^T in block k (zeros
+    #                                                             where it does not change the weight)
 
     def accepts(self, d: Direction) -> bool:
         return all(torch.equal(self.A[w].float().cpu(), d.low_rank(w)[1].float()) for w in d.weight_names() if w in self.A)
@@ -42,37 +43,25 @@ class _Group:
             self.A.setdefault(w, d.low_rank(w)[1].to(device=like.device, dtype=like.dtype))
         self.members.append(name)
         self.bound.append(max(float(d.low_rank(w)[0].abs().max()) for w in d.weight_names()))
-        start, self.offsets = 0, {}
         for w, A in self.A.items():
             out = next(blocks[m].low_rank(w)[0].shape[0] for m in self.members if blocks[m].changes(w))
-            self.offsets[w] = (start, out, A.shape[0])
-            start += out * A.shape[0]
-        stack = torch.zeros(len(self.members), start, dtype=torch.float32, device=like.device)
-        for k, m in enumerate(self.members):
-            for w in blocks[m].weight_names():
-                s, out, r = self.offsets[w]
-                # B transposed [r, out]: the branch's second product then reads it contiguously
-                stack[k, s:s + out * r] = blocks[m].low_rank(w)[0].float().T.reshape(-1).to(like.device)
-        self.stack, self.buffers = stack, {}
+            parts = [blocks[m].low_rank(w)[0].T if blocks[m].changes(w) else torch.zeros(A.shape[0], out)
+                     for m in self.members]
+            self.Bt[w] = torch.cat(parts).to(device=like.device, dtype=like.dtype).contiguous()
 
-    def mixed(self, alpha: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weight -> its mixed B, transposed, per row [rows, r, out], for the weights ``alpha`` [rows, K]: one matrix
-        product into a buffer whose per-weight views are made once per row count."""
-        rows = alpha.shape[0]
-        if rows not in self.buffers:
-            buf = torch.empty(rows, self.stack.shape[1], dtype=like.dtype, device=like.device)
-            self.buffers[rows] = (buf, {w: buf[:, s:s + out * r].view(rows, r, out) for w, (s, out, r) in self.offsets.items()})
-        buf, views = self.buffers[rows]
-        alpha = alpha.to(self.stack.device)
-        if buf.dtype == torch.float32:
-            torch.matmul(alpha, self.stack, out=buf)
-        else:  # summed in float32, then rounded once to the model's dtype
-            buf.copy_(alpha @ self.stack)
-        return views
+    def scale(self, rows: Sequence[dict[str, float]], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """[rows, K r]: block k of each row holds that row's weight of member k; None when every weight is 0."""
+        weights = [[float(r.get(m, 0.0)) for m in self.members] for r in rows]
+        if not any(w for row in weights for w in row):
+            return None
+        rank = next(iter(self.A.values())).shape[0]
+        # one torch call, made from Python numbers: every call that releases the GIL may then wait for the GUI
+        # thread to hand it back (up to the interpreter's switch interval)
+        return torch.tensor([[w for w in row for _ in range(rank)] for row in weights], dtype=like.dtype, device=like.device)
 
 
 class LowRankAdapters:
-    """Forward hooks on the linear layers that low-rank directions change, adding (A0 x) times the mixed B."""
+    """Forward hooks on the linear layers that low-rank directions change, adding [B_1 ... B_K] (alpha (x) A0 x)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -80,8 +69,9 @@ class LowRankAdapters:
         self.like = next(model.parameters())
         self.groups: list[_Group] = []
         self.directions: dict[str, Direction] = {}
-        self._branches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # module -> [(A0, B^T [rows, r, out])]
-        self._layouts: dict[tuple, dict] = {}  # (rows, groups in use) -> the branches (views into the groups' buffers)
+        self._branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # module -> [(A0, B^T, group)]
+        self._scales: dict[int, torch.Tensor] = {}  # group -> [rows, K r]
+        self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
     def fits(self, d: Direction) -> bool:
@@ -108,24 +98,25 @@ class LowRankAdapters:
 
     @torch.no_grad()
     def set(self, rows: Sequence[dict[str, float]]) -> None:
-        """Apply one weight dict per batch row (only the low-rank directions' weights are read)."""
-        used, views = [], {}
+        """Apply one weight dict per batch row (only the low-rank directions' weights are read): a [rows, K r]
+        tensor per group, nothing more, so the apply costs the same whatever the model's size."""
+        scales = {}
         for i, g in enumerate(self.groups):
-            alpha = torch.tensor([[float(r.get(m, 0.0)) for m in g.members] for r in rows], dtype=torch.float32)
-            if alpha.any():
-                used.append(i)
-                views[i] = g.mixed(alpha, self.like)  # [rows, r, out] per weight: every mixed B at once
-        key = (len(rows), tuple(used))
+            scale = g.scale(rows, self.like)
+            if scale is not None:
+                scales[i] = scale
+        key = tuple(scales)
         if key not in self._layouts:
-            layout: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for i in used:
-                for w, B in views[i].items():
-                    layout.setdefault(w[: -len(".weight")], []).append((self.groups[i].A[w], B))
+            layout: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+            for i in key:
+                g = self.groups[i]
+                for w, A in g.A.items():
+                    layout.setdefault(w[: -len(".weight")], []).append((A, g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
             self._hooks.pop(module).remove()
-        self._branches = branches
+        self._branches, self._scales = branches, scales
         for module in branches:
             if module not in self._hooks:
                 self._hooks[module] = self.modules[module].register_forward_hook(self._hook(module))
@@ -133,7 +124,7 @@ class LowRankAdapters:
     def clear(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
-        self._hooks, self._branches = {}, {}
+        self._hooks, self._branches, self._scales = {}, {}, {}
 
     @property
     def active(self) -> bool:
@@ -142,15 +133,17 @@ class LowRankAdapters:
     def _hook(self, module: str):
         def hook(mod, args, out):
             x = args[0]
-            for A, Bt in self._branches.get(module, ()):
+            for A, Bt, group in self._branches.get(module, ()):
+                scale = self._scales[group]  # [rows, K r]
+                k = Bt.shape[0] // A.shape[0]
                 h = x @ A.T  # [..., r]
-                if x.dim() == 3 and x.shape[0] == Bt.shape[0]:
-                    out = out + torch.bmm(h, Bt)  # a mix per row (bmm is also the fastest for one row)
-                elif Bt.shape[0] == 1:
-                    out = out + h @ Bt[0]
+                if x.dim() == 3 and x.shape[0] == scale.shape[0]:
+                    scale = scale[:, None, :]  # a mix per row
+                elif scale.shape[0] == 1:
+                    scale = scale[0]
                 else:
-                    raise DirectionError(f"The mix has {Bt.shape[0]} rows of weights but the batch has {x.shape[0]}.")
+                    raise DirectionError(f"The mix has {scale.shape[0]} rows of weights but the batch has {x.shape[0]}.")
+                out = out + (h.repeat(*([1] * (h.dim() - 1)), k) * scale) @ Bt
             return out
 
         return hook
-
