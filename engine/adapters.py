@@ -34,6 +34,7 @@ class _Group:
     bound: list[float] = field(default_factory=list)  # per member: its largest |B| entry
     Bt: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [K r, out]: member k's B^T in block k (zeros
     #                                                             where it does not change the weight)
+    A_rep: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [in, K r]: A0^T side by side K times
 
     def accepts(self, d: Direction) -> bool:
         return all(torch.equal(self.A[w].float().cpu(), d.low_rank(w)[1].float()) for w in d.weight_names() if w in self.A)
@@ -48,6 +49,7 @@ class _Group:
             parts = [blocks[m].low_rank(w)[0].T if blocks[m].changes(w) else torch.zeros(A.shape[0], out)
                      for m in self.members]
             self.Bt[w] = torch.cat(parts).to(device=like.device, dtype=like.dtype).contiguous()
+            self.A_rep[w] = A.repeat(len(self.members), 1).T.contiguous()  # [in, K r]: x @ A_rep is h repeated K times
 
     def scale(self, rows: Sequence[dict[str, float]], like: torch.Tensor) -> Optional[torch.Tensor]:
         """[rows, K r]: block k of each row holds that row's weight of member k; None when every weight is 0."""
@@ -69,8 +71,8 @@ class LowRankAdapters:
         self.like = next(model.parameters())
         self.groups: list[_Group] = []
         self.directions: dict[str, Direction] = {}
-        self._branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # module -> [(A0, B^T, group)]
-        self._scales: dict[int, torch.Tensor] = {}  # group -> [rows, K r]
+        self._branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # module -> [(A_rep, B^T, group)]
+        self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> ([rows, 1, K r], [K r])
         self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
 
@@ -110,13 +112,15 @@ class LowRankAdapters:
             layout: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
             for i in key:
                 g = self.groups[i]
-                for w, A in g.A.items():
-                    layout.setdefault(w[: -len(".weight")], []).append((A, g.Bt[w], i))
+                for w in g.A:
+                    layout.setdefault(w[: -len(".weight")], []).append((g.A_rep[w], g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
             self._hooks.pop(module).remove()
-        self._branches, self._scales = branches, scales
+        # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and a [K r] shared one
+        self._branches = branches
+        self._scales = {i: (sc[:, None, :], sc[0]) for i, sc in scales.items()}
         for module in branches:
             if module not in self._hooks:
                 self._hooks[module] = self.modules[module].register_forward_hook(self._hook(module))
@@ -133,17 +137,19 @@ class LowRankAdapters:
     def _hook(self, module: str):
         def hook(mod, args, out):
             x = args[0]
-            for A, Bt, group in self._branches.get(module, ()):
-                scale = self._scales[group]  # [rows, K r]
-                k = Bt.shape[0] // A.shape[0]
-                h = x @ A.T  # [..., r]
-                if x.dim() == 3 and x.shape[0] == scale.shape[0]:
-                    scale = scale[:, None, :]  # a mix per row
-                elif scale.shape[0] == 1:
-                    scale = scale[0]
+            for A_rep, Bt, group in self._branches.get(module, ()):
+                per_row, shared = self._scales[group]
+                h = x @ A_rep  # [..., K r]: A0 x once per member
+                if x.dim() == 3 and x.shape[0] == per_row.shape[0] and per_row.shape[0] > 1:
+                    h.mul_(per_row)  # a mix per row
+                elif per_row.shape[0] == 1:
+                    h.mul_(shared)
                 else:
-                    raise DirectionError(f"The mix has {scale.shape[0]} rows of weights but the batch has {x.shape[0]}.")
-                out = out + (h.repeat(*([1] * (h.dim() - 1)), k) * scale) @ Bt
+                    raise DirectionError(f"The mix has {per_row.shape[0]} rows of weights but the batch has {x.shape[0]}.")
+                if torch.is_grad_enabled() or not out.is_contiguous():
+                    out = out + h @ Bt
+                else:  # the layer's own fresh output, added to in place: one call instead of two
+                    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
             return out
 
         return hook
