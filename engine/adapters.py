@@ -17,6 +17,7 @@ weight of a group at zero its hooks are removed: the base model runs with no hoo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -75,6 +76,15 @@ class LowRankAdapters:
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> ([rows, 1, K r], [K r])
         self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        # What the branches cost, measured inside the hooks: batch rows -> [seconds, forward passes]
+        self._spent: dict[int, list] = {}
+        self._first: Optional[str] = None  # the module whose hook counts the forward passes
+
+    def cost_per_forward(self, rows: int) -> Optional[float]:
+        """Seconds the branches added to one forward pass at this batch size, averaged over what ran so far
+        (None before any). Timed on the host: on a GPU it is the launch cost, not the kernels'."""
+        spent = self._spent.get(rows)
+        return spent[0] / spent[1] if spent and spent[1] else None
 
     def fits(self, d: Direction) -> bool:
         """A weight-space direction with B @ A0 factors on every weight it changes, each the weight of a linear
@@ -121,6 +131,8 @@ class LowRankAdapters:
         # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and a [K r] shared one
         self._branches = branches
         self._scales = {i: (sc[:, None, :], sc[0]) for i, sc in scales.items()}
+        self._account = self._spent.setdefault(len(rows), [0.0, 0])
+        self._first = next(iter(branches), None)
         for module in branches:
             if module not in self._hooks:
                 self._hooks[module] = self.modules[module].register_forward_hook(self._hook(module))
@@ -136,6 +148,7 @@ class LowRankAdapters:
 
     def _hook(self, module: str):
         def hook(mod, args, out):
+            t0 = time.perf_counter()
             x = args[0]
             for A_rep, Bt, group in self._branches.get(module, ()):
                 per_row, shared = self._scales[group]
@@ -150,6 +163,10 @@ class LowRankAdapters:
                     out = out + h @ Bt
                 else:  # the layer's own fresh output, added to in place: one call instead of two
                     out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
+            account = self._account
+            account[0] += time.perf_counter() - t0
+            if module == self._first:
+                account[1] += 1
             return out
 
         return hook

@@ -197,6 +197,7 @@ class Comparison:
     columns: list[ColumnResult]
     batched: bool  # all columns in one batch
     batches: int = 1  # how many batches they ran in (full-rank directions at different weights cannot share one)
+    merged: int = 0  # how many of them ran with their low-rank mix merged into the weights (measured to be faster)
     comparison_id: Optional[int] = None
     save_error: Optional[str] = None  # the store could not keep the generations; they are still here
 
@@ -224,13 +225,17 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
         raise TsdpoError("These columns give full-rank directions different weights, which cannot share one batch.")
     ids = lm.prompt_ids(prompt)
     results: list = [None] * len(rows)
+    merged = 0
     for group in groups:
         if stop is not None and stop.is_set() and any(r is not None for r in results):
             break
         index = {row: i for row, i in enumerate(group)}
         cb = (lambda r, piece, index=index: on_text(index[r], piece)) if on_text else None
         if mixer is not None:
-            with mixer.applied([rows[i] for i in group]):
+            batch = [rows[i] for i in group]
+            merge = mixer.prefer_merged(batch, params.max_new_tokens)  # one low-rank mix, long enough: merged
+            merged += merge
+            with mixer.applied(batch, merge=merge):
                 out = decode(lm, ids, len(group), params, cb, stop, mixer)
         else:
             out = decode(lm, ids, len(group), params, cb, stop)
@@ -239,7 +244,7 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     columns = [c for c, r in zip(columns, results) if r is not None]
     results = [r for r in results if r is not None]
     batched = len(groups) == 1
-    comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched, len(groups))
+    comp = Comparison([ColumnResult(c, r) for c, r in zip(columns, results)], batched, len(groups), merged)
     if store is not None and session_id is not None:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         try:

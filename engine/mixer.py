@@ -6,7 +6,9 @@ Changing weights swaps one small tensor per steered layer and reloads nothing. A
 one row of weights per batch row, so columns that differ only in steering coefficients run as one batch.
 
 Low-rank weight-space directions (tau = B A0) run as adapters on the linear layers (``engine.adapters``):
-applying a point recomputes the small sum of B's, nothing else, and each batch row can carry its own mix.
+applying a point replaces a [rows, K r] tensor of weights, nothing else, and each batch row can carry its own
+mix. A long generation of one mix can instead merge it into the weights (``prefer_merged`` decides by the
+measured cost of each).
 Full-rank directions, and any mix asked for ``merge=True`` (the export), change the weights in place: each
 touched weight is first copied back from an exact copy of the base, then sum_k alpha_k tau_k is added.
 Restoring is a copy, not a subtraction, so the base comes back bit for bit. Rows of one batch must share
@@ -23,6 +25,7 @@ can set whatever it applied aside (``LoadedModel.at_base``).
 from __future__ import annotations
 
 import itertools
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -54,6 +57,7 @@ class Mixer:
         self._delta: dict[int, torch.Tensor] = {}  # layer -> [rows, hidden] in the model's dtype
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._blocks = lm.decoder_layers()
+        self._merge_s: Optional[float] = None  # measured: merging the low-rank directions and putting them back
         lm.mixers.add(self)
 
     # ------------------------------------------------------------------ directions
@@ -73,6 +77,7 @@ class Mixer:
                 raise DirectionError(f"{name}: the model has no weight {n}.")
         if self._adapters.fits(direction):
             self._adapters.add(name, direction)
+            self._merge_s = None  # more weights to merge: measured again when next needed
         # Its largest entry, once: whether a mix overflows is then one comparison per apply, not a pass over
         # every touched element.
         direction.max_abs()
@@ -109,6 +114,26 @@ class Mixer:
             key = tuple(sorted((k, float(v)) for k, v in r.items() if v and k in self.directions and self.in_place(k, merge)))
             groups.setdefault(key, []).append(i)
         return list(groups.values())
+
+    def prefer_merged(self, rows: Sequence[dict[str, float]], forwards: int) -> bool:
+        """Whether ``forwards`` passes over a batch of ``rows`` run faster with their low-rank mix merged into the
+        weights than as adapters: only when every row has the same low-rank weights, and by measurement, not by
+        rule. The adapters' cost per pass at this batch size is what their hooks timed so far (nothing timed:
+        the adapter, and this run times it); the cost of merging is the time of one merge and of putting the
+        adapter back, timed once for this set of directions (here, the first time it matters)."""
+        low = [{k: float(v) for k, v in r.items() if v and k in self._adapters.directions} for r in rows]
+        if not low or not low[0] or any(l != low[0] for l in low[1:]):
+            return False
+        per_pass = self._adapters.cost_per_forward(len(rows))
+        if per_pass is None:
+            return False
+        if self._merge_s is None:
+            before, merged = [dict(r) for r in self.rows], self.merged
+            t0 = time.perf_counter()
+            self.set_row_weights(rows, merge=True)
+            self.set_row_weights(before, merged)
+            self._merge_s = time.perf_counter() - t0
+        return per_pass * forwards > self._merge_s
 
     def set_row_weights(self, rows: Sequence[dict[str, float]], merge: bool = False) -> None:
         """Apply one weight dict per batch row (a single dict applies to every row); ``merge`` puts every

@@ -177,6 +177,7 @@ class ComparisonResult:
     blind: bool = False
     max_new_tokens: Optional[int] = None
     batches: int = 1  # more than one when full-rank directions at different weights could not share a batch
+    merged: int = 0  # batches whose low-rank mix was merged into the weights (measured faster than the adapter)
 
 
 @dataclass

@@ -170,7 +170,8 @@ class ModelWorker(QObject):
                 [Reply(cr.column.label, cr.column.weights, cr.column.point, cr.result.text, cr.result.n_tokens,
                        cr.result.seconds, cr.result.tokens_per_s, cr.result.stopped, cr.result.truncated, cr.generation_id)
                  for cr in comp.columns],
-                comp.comparison_id, comp.batched, request.blind, request.params.max_new_tokens, comp.batches))
+                comp.comparison_id, comp.batched, request.blind, request.params.max_new_tokens, comp.batches,
+                comp.merged))
             if comp.save_error:
                 self.failed.emit(Failure("not_saved", "The replies were not saved",
                                          f"{comp.save_error}\n\nThe replies are shown, but they are not in the session and "

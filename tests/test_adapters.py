@@ -124,3 +124,34 @@ def test_a_low_rank_direction_on_a_weight_that_is_no_linear_layer_is_merged_inst
     assert float((logits(tiny_lm) - before).abs().max()) > 1e-3
     mixer.clear()
     assert torch.equal(logits(tiny_lm), before)
+
+
+def test_merging_a_long_single_mix_is_chosen_by_measured_costs(tiny_lm):
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "a", seed=1, scale=0.3), name="a")
+    mixer.add(random_tangent(tiny_lm, "b", seed=2, scale=0.3), name="b")
+    w = {"a": 0.6, "b": -0.4}
+    assert not mixer.prefer_merged([w], 10**9)  # nothing timed yet: the adapter, and that run times it
+    assert mixer._adapters.cost_per_forward(1) is None
+    first = compare(tiny_lm, "Hello", [Column("mix", w)], SamplingParams(max_new_tokens=6), mixer=mixer)
+    assert first.merged == 0
+    per_pass = mixer._adapters.cost_per_forward(1)
+    assert per_pass is not None and per_pass > 0  # the hooks timed themselves over the passes that ran
+    base = _params(tiny_lm)
+    assert mixer.prefer_merged([w], 10**9)  # long enough: merged (the merge is timed here, once)
+    assert mixer._merge_s is not None and mixer._merge_s > 0 and not mixer.active  # and put back as it was
+    assert all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())
+    assert not mixer.prefer_merged([w], 0)
+    assert not mixer.prefer_merged([w, {"a": 0.1}], 10**9)  # rows with different low-rank mixes: the adapter
+    assert not mixer.prefer_merged([{}], 10**9)  # nothing low-rank to merge
+    mixer.set_weights({"a": 0.2})  # what was applied before the comparison comes back afterwards
+    # 48 passes of the adapter against one merge and restore: on the tiny model ~11 ms against ~1.4 ms
+    assert mixer._adapters.cost_per_forward(1) * 48 > 4 * mixer._merge_s
+    merged = compare(tiny_lm, "Hello", [Column("mix", w)], SamplingParams(max_new_tokens=48), mixer=mixer)
+    mixer._merge_s = float("inf")  # a merge that would never pay: the same reply through the adapter
+    adapter = compare(tiny_lm, "Hello", [Column("mix", w)], SamplingParams(max_new_tokens=48), mixer=mixer)
+    assert merged.merged == 1 and adapter.merged == 0
+    assert merged.columns[0].result.text == adapter.columns[0].result.text
+    assert mixer.rows == [{"a": 0.2}] and not mixer.merged
+    mixer.clear()
+    assert all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())

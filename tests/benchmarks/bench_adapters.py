@@ -2,9 +2,9 @@
 8, as TS-DPO trains them), against the same mix merged into the weights:
 
 - point -> mix applied: the adapter path vs merging (the in-place path every weight-space mix took before);
-- tokens/s with the mix as an adapter vs merged;
+- tokens/s with the mix as an adapter vs merged, and which of the two the mixer picks (``prefer_merged``);
 - three columns (base, the point, a pinned point; tangent and steering directions both in the mix) in one batch
-  vs one after another.
+  vs one after another (each column alone as the mixer picks: adapter, or merged where measured faster).
 """
 
 from __future__ import annotations
@@ -87,6 +87,18 @@ def main() -> dict:
     results["tokens_per_s_merged"] = round(tps_merged, 2)
     results["adapter_vs_merged_tokens_per_s"] = round(tps_adapter / tps_merged, 3)
     print(f"tokens/s with the mix: adapter {tps_adapter:.1f}, merged {tps_merged:.1f} -> ratio {tps_adapter / tps_merged:.3f}")
+    # What the mixer picks for this generation (one row, 96 tokens), from what it measured: the hooks' time per
+    # pass during the adapter runs above, and one merge + restore (timed inside prefer_merged on first use).
+    choice = mixer.prefer_merged([weights], p96.max_new_tokens)
+    per_pass, merge_s = mixer._adapters.cost_per_forward(1), mixer._merge_s
+    results["mixer_choice_96_tokens"] = "merged" if choice else "adapter"
+    results["adapter_cost_per_pass_ms"] = round(per_pass * 1e3, 2)
+    results["merge_and_restore_ms"] = round(merge_s * 1e3, 1)
+    print(f"the mixer chooses {results['mixer_choice_96_tokens']} for 96 tokens of one mix: the adapter measured "
+          f"{per_pass * 1e3:.2f} ms a pass (x 96 = {per_pass * 96 * 1e3:.0f} ms), a merge and restore {merge_s * 1e3:.0f} ms")
+    for cutoff in (16, 64, 256):
+        results[f"mixer_choice_{cutoff}_tokens"] = "merged" if mixer.prefer_merged([weights], cutoff) else "adapter"
+    print("  and for 16 / 64 / 256 tokens: " + " / ".join(results[f"mixer_choice_{c}_tokens"] for c in (16, 64, 256)))
 
     # 3. Base, the point and a pinned point, with tangent and steering in the mix.
     point, pinned = plane.weights(0.6, -0.4), plane.weights(-0.5, 0.7)
