@@ -76,6 +76,7 @@ class LowRankAdapters:
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> ([rows, 1, K r], [K r])
         self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._folded: dict[tuple, torch.Tensor] = {}
         # What the branches cost, measured inside the hooks: batch rows -> [seconds, forward passes]
         self._spent: dict[int, list] = {}
         self._first: Optional[str] = None  # the module whose hook counts the forward passes
@@ -131,6 +132,7 @@ class LowRankAdapters:
         # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and a [K r] shared one
         self._branches = branches
         self._scales = {i: (sc[:, None, :], sc[0]) for i, sc in scales.items()}
+        self._folded = {}  # (module, group) -> A_rep times the one row's weights
         self._account = self._spent.setdefault(len(rows), [0.0, 0])
         self._first = next(iter(branches), None)
         for module in branches:
@@ -140,7 +142,7 @@ class LowRankAdapters:
     def clear(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
-        self._hooks, self._branches, self._scales = {}, {}, {}
+        self._hooks, self._branches, self._scales, self._folded = {}, {}, {}, {}
 
     @property
     def active(self) -> bool:
@@ -152,11 +154,13 @@ class LowRankAdapters:
             x = args[0]
             for A_rep, Bt, group in self._branches.get(module, ()):
                 per_row, shared = self._scales[group]
-                h = x @ A_rep  # [..., K r]: A0 x once per member
                 if x.dim() == 3 and x.shape[0] == per_row.shape[0] and per_row.shape[0] > 1:
-                    h.mul_(per_row)  # a mix per row
-                elif per_row.shape[0] == 1:
-                    h.mul_(shared)
+                    h = (x @ A_rep).mul_(per_row)  # [..., K r]: A0 x once per member, scaled per row
+                elif per_row.shape[0] == 1:  # one mix: its weights folded into A0, once per apply, on first use
+                    folded = self._folded.get((module, group))
+                    if folded is None:
+                        folded = self._folded[(module, group)] = A_rep * shared
+                    h = x @ folded
                 else:
                     raise DirectionError(f"The mix has {per_row.shape[0]} rows of weights but the batch has {x.shape[0]}.")
                 if torch.is_grad_enabled() or not out.is_contiguous():
