@@ -72,14 +72,23 @@ def test_jvp_primal_is_the_reference_model(tiny_lm, tiny_pairs):
     torch.testing.assert_close(ref, direct, atol=1e-4, rtol=1e-5)
 
 
-def test_linearized_and_ordinary_agree_to_second_order(tiny_lm, tiny_pairs):
-    """For tau -> eps tau, |f_lin - f| shrinks like eps^2 (halving eps divides the error by about 4)."""
+@pytest.mark.parametrize("param", ["full", "lowrank"])
+def test_linearized_and_ordinary_agree_to_second_order(tiny_lm, tiny_pairs, param):
+    """For tau -> eps tau, |f_lin - f| shrinks like eps^2 (halving eps divides the error by about 4): full deltas
+    through the jvp, low-rank ones through the adapter's dual tangent and the LoRA branch."""
     batch = encode_pairs(tiny_lm, tiny_pairs.pairs[:2], **SMALL)
     g = torch.Generator().manual_seed(0)
     names = linear_weights(tiny_lm)
     params = dict(tiny_lm.model.named_parameters())
-    tau = {n: torch.randn(params[n].shape, generator=g) * params[n].detach().std() * 0.5 for n in names}
-    d = WeightDelta("x", "full", tau, tiny_lm.identity())
+    if param == "full":
+        tau = {n: torch.randn(params[n].shape, generator=g) * params[n].detach().std() * 0.5 for n in names}
+    else:
+        tau = {}
+        for n in names:
+            A = shared_A0(n, 4, params[n].shape[1], seed=0)
+            tau[n + ":B"] = torch.randn(params[n].shape[0], 4, generator=g) * params[n].detach().std() * 2.0
+            tau[n + ":A"] = A
+    d = WeightDelta("x", param, tau, tiny_lm.identity())
     errors = []
     for eps in (0.4, 0.2, 0.1):
         gap = linearization_gap(tiny_lm, batch, d * eps)
