@@ -425,4 +425,14 @@ def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_mod
     qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
     assert not w.last_result.batched and "in 3 batches" in w.progress_label.text()
     assert "full-rank" in w.progress_label.text()
+
+    # The point's and the pin's batches are one row each with a low-rank mix: asked for many tokens, the engine
+    # merges them (the adapter's timed cost per pass x 300 tokens against one timed merge + restore: ~0.4 ms x 300
+    # against ~1.4 ms on the tiny model), and the status bar says so.
+    w.max_tokens.setValue(300)
+    w.last_result = None
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=60000)
+    assert w.last_result.merged == 2 and w.last_result.batches == 3
+    assert "merged into the weights for this generation" in w.progress_label.text()
     w.close()
