@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.directions import Direction, DirectionError
+from engine.hooks import linear_layer
 
 
 @dataclass
@@ -79,6 +80,7 @@ class LowRankAdapters:
         self._folded: dict[tuple, torch.Tensor] = {}
         # What the branches cost, measured inside the hooks: batch rows -> [seconds, forward passes]
         self._spent: dict[int, list] = {}
+        self._account: list = [0.0, 0]  # the entry of ``_spent`` for the rows now applied
         self._first: Optional[str] = None  # the module whose hook counts the forward passes
 
     def cost_per_forward(self, rows: int) -> Optional[float]:
@@ -91,8 +93,7 @@ class LowRankAdapters:
         """A weight-space direction with B @ A0 factors on every weight it changes, each the weight of a linear
         layer (anything else is merged into the weights instead)."""
         names = d.weight_names()
-        return bool(names) and all(d.low_rank(w) is not None and w.endswith(".weight")
-                                   and isinstance(self.modules.get(w[: -len(".weight")]), torch.nn.Linear) for w in names)
+        return bool(names) and all(d.low_rank(w) is not None and linear_layer(self.modules, w) is not None for w in names)
 
     def add(self, name: str, d: Direction) -> None:
         """Run ``d`` as an adapter (``fits(d)`` must hold)."""

@@ -29,6 +29,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from engine.directions import DirectionError
+from engine.hooks import linear_layer
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (B [out, r], A0 [r, in])
 DUAL_ATTENTION = "tsdpo_dual"
@@ -38,11 +39,28 @@ def _linear_modules(model: torch.nn.Module, factors: Factors) -> dict[str, torch
     modules = dict(model.named_modules())
     out = {}
     for w in factors:
-        module = modules.get(w[: -len(".weight")]) if w.endswith(".weight") else None
-        if not isinstance(module, torch.nn.Linear):
+        module = linear_layer(modules, w)
+        if module is None:
             raise DirectionError(f"{w} is not the weight of a linear layer: it cannot carry a low-rank branch.")
         out[w[: -len(".weight")]] = module
     return out
+
+
+def _branch(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(x A0^T) B^T: what tau = B A0 adds to a linear layer's output for input x."""
+    B, A = factors
+    return (x @ A.T) @ B.T
+
+
+def _linear_tangent(weight: torch.Tensor, x: torch.Tensor, dx: Optional[torch.Tensor],
+                    factors: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The tangent of a linear layer's output at input x with tangent dx: W dx, plus the branch where the layer
+    has one (None when neither)."""
+    tangent = None if dx is None else torch.nn.functional.linear(dx, weight)
+    if factors is not None:
+        branch = _branch(x, factors)
+        tangent = branch if tangent is None else tangent + branch
+    return tangent
 
 
 @contextmanager
@@ -60,8 +78,8 @@ def lora_branches(model: torch.nn.Module, factors: Factors):
     """The ordinary model at theta0 + B A0: each selected linear layer adds (x A0^T) B^T to its output."""
     handles = []
     for name, module in _linear_modules(model, factors).items():
-        B, A = factors[name + ".weight"]
-        handles.append(module.register_forward_hook(lambda mod, args, out, A=A, B=B: out + (args[0] @ A.T) @ B.T))
+        f = factors[name + ".weight"]
+        handles.append(module.register_forward_hook(lambda mod, args, out, f=f: out + _branch(args[0], f)))
     return _hooks(handles)
 
 
@@ -79,13 +97,7 @@ def tangent_branches(model: torch.nn.Module, factors: Factors):
 
     def after(name):
         def hook(mod, args, out):
-            tangent = incoming.pop(id(mod), None)
-            if tangent is not None:
-                tangent = torch.nn.functional.linear(tangent, mod.weight)
-            if name in branches:
-                B, A = branches[name]
-                branch = (args[0] @ A.T) @ B.T
-                tangent = branch if tangent is None else tangent + branch
+            tangent = _linear_tangent(mod.weight, args[0], incoming.pop(id(mod), None), branches.get(name))
             return None if tangent is None else fwAD.make_dual(out, tangent)
 
         return hook
@@ -129,13 +141,7 @@ def _dual_gated_mlp(module: torch.nn.Module, name: str, branches: Factors):
     def linear(part: str, x: torch.Tensor, dx: Optional[torch.Tensor]):
         layer = layers[part]
         out = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        tangent = None if dx is None else torch.nn.functional.linear(dx, layer.weight)
-        factors = branches.get(f"{name}.{part}")
-        if factors is not None:
-            B, A = factors
-            branch = (x @ A.T) @ B.T
-            tangent = branch if tangent is None else tangent + branch
-        return out, tangent
+        return out, _linear_tangent(layer.weight, x, dx, branches.get(f"{name}.{part}"))
 
     def forward(x):
         primal, dx = fwAD.unpack_dual(x)
@@ -214,6 +220,7 @@ def dual_attention(module, query, key, value, attention_mask, scaling, dropout: 
     return fwAD.make_dual(out, dout).transpose(1, 2).contiguous(), p
 
 
+@functools.cache
 def register_dual_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask

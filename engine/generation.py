@@ -209,7 +209,9 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     """Run ``prompt`` through 1-4 columns (a label and weights each; base = no weights) and store the result.
 
     Columns run as one batch with per-row weights (steering and low-rank directions), unless ``batched=False``;
-    columns that give full-rank directions different weights run as few batches as the mix allows. Whatever mix was applied before is applied again afterwards. A store that cannot save
+    columns that give full-rank directions different weights run as few batches as the mix allows, and a batch of
+    one low-rank mix is merged into the weights when the mixer measured that to be faster (``prefer_merged``).
+    Whatever mix was applied before is applied again afterwards. A store that cannot save
     them (a locked database) does not lose them: they come back with ``save_error`` set. ``blind`` is recorded
     with the comparison, so its sources stay hidden wherever it is shown until it is rated.
     """

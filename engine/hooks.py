@@ -4,7 +4,7 @@ replaced. transformers' decoder blocks return a tensor or a tuple whose first it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -22,6 +22,12 @@ def with_block_output(out, hidden):
 def add_to_block_output(block, delta: torch.Tensor):
     """A forward hook that adds ``delta`` to the block's output at every position; returns its handle."""
     return block.register_forward_hook(lambda module, args, out: with_block_output(out, block_output(out) + delta))
+
+
+def linear_layer(modules: dict, weight: str) -> Optional[torch.nn.Linear]:
+    """The ``nn.Linear`` whose weight is named ``weight`` (``modules``: ``dict(model.named_modules())``), else None."""
+    module = modules.get(weight[: -len(".weight")]) if weight.endswith(".weight") else None
+    return module if isinstance(module, torch.nn.Linear) else None
 
 
 @contextmanager

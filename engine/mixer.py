@@ -128,10 +128,9 @@ class Mixer:
         if per_pass is None:
             return False
         if self._merge_s is None:
-            before, merged = [dict(r) for r in self.rows], self.merged
             t0 = time.perf_counter()
-            self.set_row_weights(rows, merge=True)
-            self.set_row_weights(before, merged)
+            with self.applied(rows, merge=True):  # and back to what was applied, whatever happens
+                pass
             self._merge_s = time.perf_counter() - t0
         return per_pass * forwards > self._merge_s
 

@@ -32,7 +32,7 @@ from torch.func import functional_call, jvp
 from engine.branches import lora_branches, tangent_branches
 from engine.directions import DirectionError, Mix
 from engine.dpo import PairBatch, completion_sums, dpo_loss, token_logps
-from engine.hooks import completion_rows
+from engine.hooks import completion_rows, linear_layer
 from engine.models import LoadedModel, runs_at_base
 from engine.weight_delta import METHODS, PARAMS, WeightDelta
 
@@ -143,12 +143,16 @@ def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Te
             return functional_call(lm.model, params, args=(), kwargs=_forward_kwargs(batch)).logits[0]
 
     def seq_sum(logits_at_completion):
-        return completion_sums(token_logps(logits_at_completion, batch.targets[mask]), mask)
+        return _sequence_logps(batch, mask, logits_at_completion)
 
     # Tangents in the primals' key order: jvp compares the two dicts' tree structures, order included.
     dtype = next(iter(params0.values())).dtype
     tangents = {n: deltas[n].to(dtype) for n in params0}
     return params0, tangents, logits, seq_sum, mask
+
+
+def _sequence_logps(batch: PairBatch, mask: torch.Tensor, logits_at_completion: torch.Tensor) -> torch.Tensor:
+    return completion_sums(token_logps(logits_at_completion, batch.targets[mask]), mask)
 
 
 def _forward_kwargs(batch: PairBatch) -> dict:
@@ -159,7 +163,7 @@ def _forward_kwargs(batch: PairBatch) -> dict:
 def _lowrank_logits(lm: LoadedModel, batch: PairBatch, factors: Tau, method: str):
     """(policy, reference) logits at completion positions with tau = B A0 run as a branch beside each linear
     layer, never materialized: tangent, one forward-mode pass whose primal is the reference and whose tangent
-    is J tau (``adapters.tangent_branches``); scalarized, a reference pass and a pass with the branches added."""
+    is J tau (``branches.tangent_branches``); scalarized, a reference pass and a pass with the branches added."""
     mask = batch.target_mask.bool()
     dtype = lm.dtype
     factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in factors.items()}
@@ -201,7 +205,7 @@ def completion_logps(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = 
     counts = mask.sum(-1).clamp_min(1).float()
 
     def per_sequence(logits):
-        seq = completion_sums(token_logps(logits, batch.targets[mask]), mask)
+        seq = _sequence_logps(batch, mask, logits)
         return seq / counts if average else seq
 
     return per_sequence(pol_logits), per_sequence(ref_logits)
@@ -225,7 +229,7 @@ def _tau_of(lm: LoadedModel, mix: Mix) -> Tau:
         factors = ws.adapter()
     except DirectionError:  # a full-rank term, or another A0
         factors = None
-    if factors and all(isinstance(modules.get(w.removesuffix(".weight")), nn.Linear) for w in factors):
+    if factors and all(linear_layer(modules, w) is not None for w in factors):
         return {w: (B.to(lm.device), A.to(lm.device)) for w, (B, A) in factors.items()}
     return {n: d.to(lm.device) for n, d in ws.weight_deltas()}
 
