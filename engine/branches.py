@@ -211,7 +211,7 @@ def dual_attention(module, query, key, value, attention_mask, scaling, dropout: 
         dscores = term if dscores is None else dscores + term
     dout = None
     if dscores is not None:
-        d32 = dscores.float()
+        d32 = dscores.to(p32.dtype)  # the tangent in the softmax's precision
         dp = (p32 * (d32 - (p32 * d32).sum(-1, keepdim=True))).to(q.dtype)
         dout = torch.matmul(dp, v)
     if dv is not None:

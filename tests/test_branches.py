@@ -20,9 +20,19 @@ SMALL = dict(max_prompt_tokens=32, max_response_tokens=32)
 
 @pytest.fixture(scope="module")
 def lm64(tiny_model_dir):
-    """The tiny model in float64, so what differs between two exact implementations is rounding: the attention's
-    softmax, which the model's own code runs in float32 (~3e-8 relative here); the issue's bound is 1e-6."""
+    """The tiny model in float64, so what differs between two exact implementations is rounding."""
     return load_model(tiny_model_dir, dtype=torch.float64)
+
+
+@pytest.fixture
+def one_thread():
+    """Seen, not explained: with two intra-op threads about one run in ten gave layer 0's q/k gradients through
+    the adapter 1.1e-4 relative off the materialized path's (the same value each time, the loss equal, with or
+    without dual_attention); with one thread, none in 16 runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _module(lm, method, seed=0):
@@ -44,7 +54,14 @@ def _loss_and_grads(module, batch, tau):
 
 
 @pytest.mark.parametrize("method", ["tangent", "scalarized"])
-def test_a_lowrank_step_through_the_adapter_equals_the_step_over_materialized_deltas(lm64, tiny_pairs, method):
+def test_a_lowrank_step_through_the_adapter_equals_the_step_over_materialized_deltas(lm64, tiny_pairs, method,
+                                                                                     monkeypatch, one_thread):
+    # transformers' attention runs its softmax in float32 whatever the model's dtype: float32 rounding of two
+    # exact implementations then differs from run to run (3e-8 to 1e-4 relative on the smallest gradients, seen).
+    # In float64 throughout, both paths agree to rounding of float64.
+    softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **kw: softmax(
+        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype, **kw))
     batch = encode_pairs(lm64, tiny_pairs.pairs[:3], **SMALL)
     module = _module(lm64, method)
     mlp = lm64.model.model.layers[0].mlp
@@ -149,3 +166,37 @@ def _module_fp32(lm):
         for p in module.tau.values():
             p.normal_(0, 0.05)
     return module
+
+
+def test_a_failure_inside_the_tangent_pass_leaves_the_model_as_it_was(tiny_lm, tiny_pairs, tmp_path):
+    """Cancelled inside a low-rank TS-DPO step: no hook or replaced forward left, the attention implementation
+    put back, the same logits as before."""
+    from engine.errors import Cancelled
+    from engine.progress import CancelToken
+    from engine.train import TrainConfig, train_direction
+
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        before = tiny_lm.model(ids).logits
+    attn = tiny_lm.model.config._attn_implementation
+    token, seen = CancelToken(), []
+
+    def pre(*_):
+        seen.append(1)
+        if len(seen) == 2:  # inside the first step's dual pass
+            token.set()
+
+    handles = [b.register_forward_pre_hook(pre) for b in tiny_lm.decoder_layers()]
+    try:
+        with pytest.raises(Cancelled):
+            train_direction(tiny_lm, tiny_pairs.limit(8), TrainConfig(steps=5, param="lowrank", rank=4, **SMALL),
+                            should_stop=token, checkpoint_dir=tmp_path / "ck")
+    finally:
+        for h in handles:
+            h.remove()
+    linears = [m for m in tiny_lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in linears)
+    assert not any("forward" in vars(m) for m in tiny_lm.model.modules())
+    assert tiny_lm.model.config._attn_implementation == attn
+    with torch.no_grad():
+        assert torch.equal(tiny_lm.model(ids).logits, before)
