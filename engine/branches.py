@@ -29,7 +29,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from engine.directions import DirectionError
-from engine.hooks import linear_layer
+from engine.hooks import is_linear, linear_layer, linear_map
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # weight name -> (B [out, r], A0 [r, in])
 DUAL_ATTENTION = "tsdpo_dual"
@@ -52,11 +52,11 @@ def _branch(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torc
     return (x @ A.T) @ B.T
 
 
-def _linear_tangent(weight: torch.Tensor, x: torch.Tensor, dx: Optional[torch.Tensor],
+def _linear_tangent(module: torch.nn.Module, x: torch.Tensor, dx: Optional[torch.Tensor],
                     factors: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
     """The tangent of a linear layer's output at input x with tangent dx: W dx, plus the branch where the layer
     has one (None when neither)."""
-    tangent = None if dx is None else torch.nn.functional.linear(dx, weight)
+    tangent = None if dx is None else linear_map(module, dx)
     if factors is not None:
         branch = _branch(x, factors)
         tangent = branch if tangent is None else tangent + branch
@@ -97,14 +97,14 @@ def tangent_branches(model: torch.nn.Module, factors: Factors):
 
     def after(name):
         def hook(mod, args, out):
-            tangent = _linear_tangent(mod.weight, args[0], incoming.pop(id(mod), None), branches.get(name))
+            tangent = _linear_tangent(mod, args[0], incoming.pop(id(mod), None), branches.get(name))
             return None if tangent is None else fwAD.make_dual(out, tangent)
 
         return hook
 
     handles, replaced = [], []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if is_linear(module):
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after(name)))
         elif _is_gated_silu_mlp(module):
@@ -141,7 +141,7 @@ def _dual_gated_mlp(module: torch.nn.Module, name: str, branches: Factors):
     def linear(part: str, x: torch.Tensor, dx: Optional[torch.Tensor]):
         layer = layers[part]
         out = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        return out, _linear_tangent(layer.weight, x, dx, branches.get(f"{name}.{part}"))
+        return out, _linear_tangent(layer, x, dx, branches.get(f"{name}.{part}"))
 
     def forward(x):
         primal, dx = fwAD.unpack_dual(x)

@@ -3,6 +3,7 @@ replaced. transformers' decoder blocks return a tensor or a tuple whose first it
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -24,10 +25,42 @@ def add_to_block_output(block, delta: torch.Tensor):
     return block.register_forward_hook(lambda module, args, out: with_block_output(out, block_output(out) + delta))
 
 
-def linear_layer(modules: dict, weight: str) -> Optional[torch.nn.Linear]:
-    """The ``nn.Linear`` whose weight is named ``weight`` (``modules``: ``dict(model.named_modules())``), else None."""
+@functools.cache
+def _conv1d() -> tuple:
+    """GPT-2's ``Conv1D`` (a linear map whose weight is stored [in, out]), where transformers has it."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return ()
+    return (Conv1D,)
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear map with one weight matrix: ``nn.Linear`` ([out, in]) or GPT-2's ``Conv1D`` ([in, out])."""
+    return isinstance(module, (torch.nn.Linear, *_conv1d()))
+
+
+def stored_transposed(module: torch.nn.Module) -> bool:
+    """Its weight is stored [in, out] (``Conv1D``): a delta for it is the transpose of the linear map's."""
+    return isinstance(module, _conv1d())
+
+
+def in_out(module: torch.nn.Module) -> tuple[int, int]:
+    """(in features, out features) of a linear layer, whichever way it stores its weight."""
+    rows, cols = module.weight.shape
+    return (rows, cols) if stored_transposed(module) else (cols, rows)
+
+
+def linear_map(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W x without the bias, in the layer's own orientation."""
+    return x @ module.weight if stored_transposed(module) else torch.nn.functional.linear(x, module.weight)
+
+
+def linear_layer(modules: dict, weight: str) -> Optional[torch.nn.Module]:
+    """The linear layer (``is_linear``) whose weight is named ``weight`` (``modules``: ``dict(model.named_modules())``),
+    else None."""
     module = modules.get(weight[: -len(".weight")]) if weight.endswith(".weight") else None
-    return module if isinstance(module, torch.nn.Linear) else None
+    return module if module is not None and is_linear(module) else None
 
 
 @contextmanager

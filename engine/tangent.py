@@ -32,32 +32,87 @@ from torch.func import functional_call, jvp
 from engine.branches import lora_branches, tangent_branches
 from engine.directions import DirectionError, Mix
 from engine.dpo import PairBatch, completion_sums, dpo_loss, token_logps
-from engine.hooks import completion_rows, linear_layer
+from engine.hooks import completion_rows, in_out, is_linear, linear_layer, stored_transposed
 from engine.models import LoadedModel, runs_at_base
 from engine.weight_delta import METHODS, PARAMS, WeightDelta
 
 
-def linear_weights(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> list[str]:
-    """Names of the weight matrices of the linear layers inside the selected decoder blocks.
-
-    ``layers``: block indices (default all); ``modules``: keep names containing any of these
-    substrings (e.g. ``mlp``, ``q_proj``)."""
+def _selected(lm: LoadedModel, layers: Optional[list[int]], modules: Optional[list[str]]):
+    """(module name, module, in a selected block, kept by ``modules``) for every module of the decoder blocks."""
     prefix = lm.decoder_prefix()
     wanted = set(range(lm.n_layers)) if layers is None else set(layers)
     bad = [l for l in wanted if not 0 <= l < lm.n_layers]
     if bad:
         raise DirectionError(f"Layers {sorted(bad)} do not exist: the model has layers 0 to {lm.n_layers - 1}.")
-    names = []
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     for name, mod in lm.model.named_modules():
         m = pattern.match(name + ".")
-        if isinstance(mod, nn.Linear) and m and int(m.group(1)) in wanted:
-            if modules and not any(s in name for s in modules):
-                continue
-            names.append(name + ".weight")
+        if m and int(m.group(1)) in wanted:
+            yield name, mod, not modules or any(s in name for s in modules)
+
+
+def linear_weights(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> list[str]:
+    """Names of the weight matrices of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) inside the selected
+    decoder blocks: what a weight-space direction can cover (``coverage`` says what it leaves out, and why).
+
+    ``layers``: block indices (default all); ``modules``: keep names containing any of these
+    substrings (e.g. ``mlp``, ``q_proj``)."""
+    names = [name + ".weight" for name, mod, kept in _selected(lm, layers, modules) if kept and is_linear(mod)]
     if not names:
-        raise DirectionError(f"No linear weights match layers={layers} modules={modules}.")
+        report = coverage(lm, layers, modules)
+        skipped = "; ".join(f"{s['what']} ({s['params']:,} parameters): {s['why']}" for s in report["skipped"]) or "nothing"
+        raise DirectionError(f"No linear weights of this {lm.model_type} model match layers={layers} modules={modules}: "
+                             f"a direction covers the weight matrices of linear layers only. In the selected blocks: "
+                             f"{skipped}.")
     return names
+
+
+def _skip_reason(module: torch.nn.Module, local: str, p: torch.Tensor) -> tuple[str, str]:
+    """(what, why) for a block parameter no direction covers."""
+    kind = type(module).__name__
+    if local == "bias":
+        return "biases", "only the weight matrices of linear layers are directions"
+    if p.ndim == 1:
+        return "norm weights and other vectors", "only the weight matrices of linear layers are directions"
+    if p.ndim >= 3:
+        return (f"fused expert tensors ({kind}.{local}, {p.shape[0]} experts)",
+                "a mixture-of-experts layer's experts are one 3-D tensor, not linear layers; directions cover the "
+                "attention and any dense or shared-expert linear layers only")
+    return f"{kind}.{local} weights", f"{kind} is not a linear layer (e.g. an expert router)"
+
+
+def coverage(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> dict:
+    """What a weight-space direction on this model covers: the weight tensors and their parameters, and what it
+    skips (block parameters that are not the weight of a linear layer, or that ``modules`` leaves out), grouped
+    by reason."""
+    covered, skipped = [], {}
+    total = 0
+    for name, mod, kept in _selected(lm, layers, modules):
+        for local, p in mod.named_parameters(recurse=False):
+            total += p.numel()
+            full = f"{name}.{local}"
+            if kept and local == "weight" and is_linear(mod):
+                covered.append((full, p.numel()))
+                continue
+            what, why = (("other weights", f"not selected by modules={modules}") if not kept
+                         else _skip_reason(mod, local, p))
+            entry = skipped.setdefault((what, why), {"what": what, "why": why, "tensors": 0, "params": 0, "example": full})
+            entry["tensors"] += 1
+            entry["params"] += p.numel()
+    n_cov = sum(n for _, n in covered)
+    return {"model_type": lm.model_type, "weights": [n for n, _ in covered], "tensors": len(covered),
+            "params": n_cov, "block_params": total, "fraction": n_cov / total if total else 0.0,
+            "skipped": sorted(skipped.values(), key=lambda e: -e["params"])}
+
+
+def describe_coverage(report: dict) -> list[str]:
+    """The coverage report as lines a person reads (CLI and the training dialog)."""
+    lines = [f"A direction on this {report['model_type']} model covers {report['tensors']} weight matrices, "
+             f"{report['params']:,} of the decoder blocks' {report['block_params']:,} parameters "
+             f"({100 * report['fraction']:.0f}%)."]
+    for s in report["skipped"]:
+        lines.append(f"Skipped: {s['what']}: {s['tensors']} tensors, {s['params']:,} parameters ({s['why']}).")
+    return lines
 
 
 def shared_A0(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
@@ -82,21 +137,28 @@ class DirectionModel(nn.Module):
         object.__setattr__(self, "lm", lm)  # not a submodule: its weights stay frozen and unsynced
         self.names, self.param, self.rank, self.method, self.seed = list(names), param, rank, method, seed
         base = dict(lm.model.named_parameters())
+        modules = dict(lm.model.named_modules())
         self.keys = {n: n.replace(".", "__") for n in names}
+        # weights stored [in, out] (GPT-2's Conv1D): low-rank factors are the linear map's, the delta their transpose
+        self.transposed = sorted(n for n in names if (m := linear_layer(modules, n)) is not None and stored_transposed(m))
         self.tau = nn.ParameterDict()
         for n in names:
             w = base[n]
             if param == "full":
                 self.tau[self.keys[n]] = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
             else:
-                self.tau[self.keys[n]] = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=torch.float32, device=w.device))
-                self.register_buffer(f"A0__{self.keys[n]}", shared_A0(n, rank, w.shape[1], seed).to(w.device))
+                module = linear_layer(modules, n)
+                if module is None:
+                    raise DirectionError(f"{n} is not the weight of a linear layer: a low-rank direction cannot cover it.")
+                fan_in, fan_out = in_out(module)
+                self.tau[self.keys[n]] = nn.Parameter(torch.zeros(fan_out, rank, dtype=torch.float32, device=w.device))
+                self.register_buffer(f"A0__{self.keys[n]}", shared_A0(n, rank, fan_in, seed).to(w.device))
 
     def A0(self, name: str) -> torch.Tensor:
         return getattr(self, f"A0__{self.keys[name]}")
 
     def deltas(self) -> dict[str, torch.Tensor]:
-        return _materialized(self.factors())
+        return _materialized(self.factors(), set(self.transposed))
 
     def factors(self) -> Tau:
         """Weight name -> the full delta, or -> (B, A0): what ``completion_logps`` takes."""
@@ -121,14 +183,23 @@ class DirectionModel(nn.Module):
                     tensors[n + ":A"] = self.A0(n).detach().float().cpu().clone()
         meta = {**meta, "rank": self.rank if self.param == "lowrank" else None, "A0_seed": self.seed,
                 "weights": len(self.names)}
+        if self.param == "lowrank" and self.transposed:
+            meta["transposed"] = list(self.transposed)
         return WeightDelta(objective, self.param, tensors, self.lm.identity(), self.method, meta)
 
 
 Tau = dict  # weight name -> a full delta, or -> (B, A0) low-rank factors
 
 
-def _materialized(tau: Tau) -> dict[str, torch.Tensor]:
-    return {n: (t[0] @ t[1] if isinstance(t, tuple) else t) for n, t in tau.items()}
+def _materialized(tau: Tau, transposed: set = frozenset()) -> dict[str, torch.Tensor]:
+    """Full deltas in the parameters' own layout: B A0, transposed for weights stored [in, out]."""
+    out = {}
+    for n, t in tau.items():
+        if isinstance(t, tuple):
+            t = t[0] @ t[1]
+            t = t.T if n in transposed else t
+        out[n] = t
+    return out
 
 
 def _at_completion(lm: LoadedModel, batch: PairBatch, deltas: dict[str, torch.Tensor]):
@@ -179,29 +250,34 @@ def _lowrank_logits(lm: LoadedModel, batch: PairBatch, factors: Tau, method: str
             return lm.model(**_forward_kwargs(batch)).logits[0], ref
 
 
-def completion_logps(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = "tangent",
-                     average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``.
+def completion_logits(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = "tangent") -> tuple[torch.Tensor, torch.Tensor]:
+    """(policy, reference) logits at the completion positions of ``batch`` ([N, vocab], row-major over the mask).
 
     ``tau``: weight name -> full delta, or -> (B, A0) factors on linear layers (every entry), which run as a
     branch beside the layer (``_lowrank_logits``) instead of materializing B A0.
-    tangent: policy logits = f(theta0) + J.tau from one forward-mode pass, whose primal is the reference.
+    tangent: policy = f(theta0) + J.tau from one forward-mode pass, whose primal is the reference.
     scalarized: policy = f(theta0 + tau), the ordinary model, with gradients; reference = f(theta0) without.
     """
-    mask = batch.target_mask.bool()
     if tau and all(isinstance(t, tuple) for t in tau.values()):
-        pol_logits, ref_logits = _lowrank_logits(lm, batch, tau, method)
-    else:
-        params0, tangents, logits_at_completion, _, mask = _at_completion(lm, batch, _materialized(tau))
-        if method == "tangent":
-            with lm.forward_ad_kernels():
-                ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
-            pol_logits = ref_logits + dlogits
-            ref_logits = ref_logits.detach()
-        else:
-            with torch.no_grad():
-                ref_logits = logits_at_completion(params0)
-            pol_logits = logits_at_completion({n: params0[n] + tangents[n] for n in params0})
+        return _lowrank_logits(lm, batch, tau, method)
+    modules = dict(lm.model.named_modules())
+    transposed = {n for n in tau if (m := linear_layer(modules, n)) is not None and stored_transposed(m)}
+    params0, tangents, logits_at_completion, _, _ = _at_completion(lm, batch, _materialized(tau, transposed))
+    if method == "tangent":
+        with lm.forward_ad_kernels():
+            ref_logits, dlogits = jvp(logits_at_completion, (params0,), (tangents,))
+        return ref_logits + dlogits, ref_logits.detach()
+    with torch.no_grad():
+        ref_logits = logits_at_completion(params0)
+    return logits_at_completion({n: params0[n] + tangents[n] for n in params0}), ref_logits
+
+
+def completion_logps(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = "tangent",
+                     average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``, from
+    ``completion_logits`` (per response token with ``average``)."""
+    mask = batch.target_mask.bool()
+    pol_logits, ref_logits = completion_logits(lm, batch, tau, method)
     counts = mask.sum(-1).clamp_min(1).float()
 
     def per_sequence(logits):

@@ -59,9 +59,12 @@ class WeightDelta(Direction):
         return name in self.__dict__["_name_set"]
 
     def weight_delta(self, name: str) -> torch.Tensor:
+        """The delta in the parameter's own layout. Low-rank factors are the linear map's (B [out, r], A0 [r, in]),
+        so for a weight stored [in, out] (GPT-2's Conv1D, listed in ``meta["transposed"]``) it is (B A0)^T."""
         if self.param == "full":
             return self.tensors[name]
-        return self.tensors[name + ":B"] @ self.tensors[name + ":A"]
+        delta = self.tensors[name + ":B"] @ self.tensors[name + ":A"]
+        return delta.T if name in self.meta.get("transposed", ()) else delta
 
     def low_rank(self, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if self.param == "full":
