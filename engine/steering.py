@@ -28,7 +28,7 @@ from engine.data import PairSet
 from engine.dpo import completion_sums, encode_pairs, token_logps
 from engine.directions import ACTIVATION, Direction, DirectionError, cosine_of, save_direction_file
 from engine.errors import Cancelled
-from engine.hooks import add_to_block_output, block_output
+from engine.hooks import add_to_block_output, block_output, completion_rows
 from engine.models import LoadedModel, runs_at_base
 from engine.progress import Phase, ProgressFn, abort_on_cancel
 
@@ -258,10 +258,11 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
     p = next(lm.model.parameters())
 
     def margin() -> float:
-        hidden = lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        # The vocabulary projection only at completion positions: a fraction of the work of full logits.
-        logits = lm.model.get_output_embeddings()(hidden[mask]).float()
+        # The model's own head path (Gemma's final soft-capping, Granite's logit scaling apply), computed at
+        # completion positions only: a fraction of the work of full logits.
+        with completion_rows(lm.model, mask):
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).logits[0].float()
         per_seq = completion_sums(token_logps(logits, batch.targets[mask]), mask) / counts
         return float((per_seq[:n] - per_seq[n:]).mean())
 
