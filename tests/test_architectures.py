@@ -311,3 +311,39 @@ def test_the_coverage_report_says_what_a_direction_covers_and_skips(alm):
         assert any("Router" in w for w in skipped)
     else:
         assert not any(w.startswith("fused expert") for w in skipped)
+
+
+# what baking a steering vector into an HF checkpoint does per architecture: the bias it uses, or why it refuses
+BAKES = {"llama": "down_proj", "granite": "down_proj", "smollm3": "down_proj", "gpt2": "c_proj", "gpt_neox": "dense_4h_to_h",
+         "gemma2": "post_feedforward_layernorm", "gemma3_text": "post_feedforward_layernorm",
+         "olmo2": "post_feedforward_layernorm", "mistral": "no bias", "qwen2": "no bias", "qwen3": "no bias",
+         "phi3": "no bias", "qwen2_moe": "mixture-of-experts", "mixtral": "mixture-of-experts"}
+
+
+def test_steering_is_baked_exactly_or_refused_with_the_reason(alm, arch_directions, arch_vector, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.export import ExportError, export_mix
+
+    model_type, _, lm = alm
+    mixer = Mixer(lm)
+    mixer.add(arch_directions["lowrank"], name="low")
+    mixer.add(arch_vector, name="s")
+    weights = {"low": 1.0, "s": 0.8}
+    expected = BAKES[model_type]
+    if expected in ("post_feedforward_layernorm", "no bias", "mixture-of-experts"):
+        with pytest.raises(ExportError, match=expected) as info:
+            export_mix(lm, mixer, weights, tmp_path / "baked", bake_steering=True)
+        assert "--format controlvector" in str(info.value) and not (tmp_path / "baked").exists()
+        return
+    with mixer.applied([weights]):
+        want = logits(lm)
+    with mixer.applied([{"low": 1.0}]):
+        effect = float((want - logits(lm)).abs().max())
+    result = export_mix(lm, mixer, weights, tmp_path / "baked", bake_steering=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "baked", dtype=torch.float32)
+    assert any(n.endswith(f"mlp.{expected}.bias") for n, _ in plain.named_parameters())
+    with torch.no_grad():
+        got = plain(torch.tensor([PROMPT])).logits
+    assert effect > 0 and float((got - want).abs().max()) <= 1e-3 * effect  # the steering's own effect, reproduced
+    assert result.check["steering_effect"] > 0

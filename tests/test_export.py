@@ -137,6 +137,20 @@ def test_steering_baked_as_mlp_bias_gives_the_steered_logits(lm, steer, tmp_path
     assert float((got - want).abs().max()) <= 1e-4
 
 
+def test_a_bake_that_misses_the_steering_fails_the_export(lm, steer, tmp_path, monkeypatch):
+    """The reload check is relative to what the steering does to the logits: a bias reaching the residual stream
+    scaled (what Granite's residual_multiplier does to a naive bake) is an error, not a note, and nothing is kept,
+    however small the model's logits."""
+    from engine.export.hf import HFWriter
+
+    targets = HFWriter._bias_targets
+    monkeypatch.setattr(HFWriter, "_bias_targets", lambda self: {l: (n, f / 0.22) for l, (n, f) in targets(self).items()})
+    mixer = _mixer(lm, steer)
+    with pytest.raises(ExportError, match="does not reproduce"):
+        export_mix(lm, mixer, {steer.name: 0.05}, tmp_path / "wrong", bake_steering=True)
+    assert not (tmp_path / "wrong").exists()
+
+
 def test_hf_export_in_bfloat16(lm, tmp_path):
     mixer = _mixer(lm, random_tangent(lm, "helpfulness", 1))
     result = export_mix(lm, mixer, {"helpfulness": 1.0}, tmp_path / "bf16", dtype="bfloat16")

@@ -19,6 +19,7 @@ import torch
 
 from engine.directions import Mix
 from engine.export.base import MANIFEST, ExportError, StopCheck, Writer, base_lines, max_diff, mix_lines, names, sample
+from engine.hooks import is_linear
 from engine.models import LoadedModel
 from engine.progress import ProgressFn, note
 
@@ -28,6 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # sum rather than after the block, so the rounding order differs (4.8e-5 measured on the embedded model, fp32).
 READ_BACK_TOLERANCE = 0.0  # weights read back are the bits written
 MIX_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+# With steering baked in: also within 1% of what the steering does to the logits (a model whose logits are small, or
+# a bias that reaches the residual stream scaled, would otherwise pass the absolute bound above).
+BAKE_RELATIVE, BAKE_FLOOR = 1e-2, 1e-5
 
 
 class HFWriter(Writer):
@@ -42,6 +46,7 @@ class HFWriter(Writer):
         self.dtype = DTYPES[dtype] if dtype in DTYPES else lm.dtype
         self.max_shard_size = max_shard_size
         self._reference: Optional[torch.Tensor] = None  # the studio's mixed model on a fixed prompt
+        self._unsteered: Optional[torch.Tensor] = None  # the same without the steering (when it is baked)
         self._written: dict[str, torch.Tensor] = {}  # strided samples of every tensor as it was written
 
     def validate(self) -> None:
@@ -52,27 +57,44 @@ class HFWriter(Writer):
                 "checkpoint as an MLP bias (--bake-steering; in the studio, 'Bake steering vectors'), which Llama-style "
                 "models can carry.")
         if self.mix.steering:
-            self._bias_names()  # refuses an architecture that cannot carry the bias
+            self._bias_targets()  # refuses an architecture that cannot carry the bias
             self.notes.append("Steering is baked in as the down-projection bias of the steered blocks, so it acts at "
                               "every position (prompt and reply).")
         if self.lm.source.kind in ("gguf", "embedded"):
             self.notes.append("The base model came from a GGUF file: these weights are its de-quantized values.")
 
-    def _bias_names(self) -> dict[int, str]:
-        config = self.lm.config
-        if not hasattr(config, "mlp_bias"):
-            raise ExportError(f"A {self.lm.model_type} model has no MLP bias to carry a steering vector; export the "
-                              "steering vectors with --format controlvector instead.")
+    def _bias_targets(self) -> dict[int, tuple[str, float]]:
+        """Steered block -> (the bias that writes straight into its residual stream, what to divide the vector by).
+
+        The MLP's output layer (``mlp.down_proj``, GPT-2's ``mlp.c_proj``, GPT-NeoX's ``mlp.dense_4h_to_h``) adds its
+        bias to the block's output at every position: its own bias where it has one, else a new one where the
+        config can ask for it (``mlp_bias``). Granite scales the MLP's output by ``residual_multiplier`` before the
+        residual add, so the bias is the vector divided by it. Refused, with the reason: a norm after the MLP
+        (Gemma 2/3, OLMo 2 rescale the bias per token), a mixture-of-experts block, no bias to be had."""
+        config, kind = self.lm.config, self.lm.model_type
         blocks = self.lm.decoder_layers()
         prefix = self.lm.decoder_prefix()
-        names = {}
+        factor = float(getattr(config, "residual_multiplier", None) or 1.0)
+        out = {}
         for layer in self.mix.steering.activation_deltas():
-            down = getattr(getattr(blocks[layer], "mlp", None), "down_proj", None)
-            if not isinstance(down, torch.nn.Linear):
-                raise ExportError(f"Block {layer} of this {self.lm.model_type} model has no mlp.down_proj; the steering "
-                                  "cannot be baked. Export it with --format controlvector instead.")
-            names[layer] = f"{prefix}.{layer}.mlp.down_proj.bias"
-        return names
+            block = blocks[layer]
+            if hasattr(block, "post_feedforward_layernorm"):
+                raise ExportError(f"A {kind} block normalizes the MLP's output (post_feedforward_layernorm) before adding it "
+                                  "to the residual stream, so a bias inside the MLP would be rescaled token by token and "
+                                  "would not act as the steering vector does. Export the steering vectors with --format "
+                                  "controlvector, or set their weights to 0.")
+            mlp = getattr(block, "mlp", None)
+            part = next((n for n in ("down_proj", "c_proj", "dense_4h_to_h") if is_linear(getattr(mlp, n, None))), None)
+            if part is None:
+                raise ExportError(f"Block {layer} of this {kind} model has no single MLP output layer to carry a bias "
+                                  f"({type(mlp).__name__}; mixture-of-experts blocks have none); the steering cannot be "
+                                  "baked. Export it with --format controlvector instead.")
+            if getattr(mlp, part).bias is None and not hasattr(config, "mlp_bias"):
+                raise ExportError(f"A {kind} model's MLP has no bias, and its config cannot add one (no mlp_bias), so "
+                                  "there is nothing to carry a steering vector; export the steering vectors with "
+                                  "--format controlvector instead.")
+            out[layer] = (f"{prefix}.{layer}.mlp.{part}.bias", factor)
+        return out
 
     def estimate_bytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -94,13 +116,17 @@ class HFWriter(Writer):
                 self._reference = lm.model(self._fixed_input()).logits.float().cpu()
             finally:
                 self.mixer.positions = before_positions
+            if self.mix.steering:  # what the steering alone does to the logits: the baked bias must do the same
+                with self.mixer.applied([self.mix.weight_space.weights], merge=True):
+                    self._unsteered = lm.model(self._fixed_input()).logits.float().cpu()
             stop_check("while applying the mix")
             config = copy.deepcopy(lm.config)
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             state = {k: v.detach() for k, v in lm.model.state_dict().items()}
-            if self.mix.steering:
-                config.mlp_bias = True
+            targets = self._bias_targets() if self.mix.steering else {}
+            if any(name not in state for name, _ in targets.values()):
+                config.mlp_bias = True  # the architecture's own switch for MLP biases (zeros where not steered)
             with torch.device("meta"):
                 plain = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
             wanted = dict(plain.named_parameters(remove_duplicate=False))
@@ -109,8 +135,8 @@ class HFWriter(Writer):
                     if name not in state and name.endswith(".bias"):
                         state[name] = torch.zeros(p.shape, dtype=self.dtype, device=lm.device)
                 deltas = self.mix.steering.activation_deltas()
-                for layer, name in self._bias_names().items():
-                    delta = deltas[layer].to(device=lm.device)
+                for layer, (name, factor) in targets.items():
+                    delta = deltas[layer].to(device=lm.device).float() / factor
                     state[name] = (state[name].float() + delta).to(self.dtype)
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
             missing, unexpected = plain.load_state_dict(state, assign=True, strict=False)
@@ -182,6 +208,10 @@ class HFWriter(Writer):
                  "prompt": VERIFY_PROMPT, "dtype": dtype}
         if self.dtype == self.lm.dtype:
             tolerance = MIX_TOLERANCE.get(dtype, MIX_TOLERANCE["float32"])
+            if self._unsteered is not None:  # a baked bias must move the logits as the steering does, however small
+                effect = max_diff(self._reference, self._unsteered)
+                tolerance = min(tolerance, max(BAKE_FLOOR, BAKE_RELATIVE * effect))
+                check["steering_effect"] = effect
             check.update(tolerance=tolerance, result=f"max |difference| = {diff:.3g} (allowed {tolerance:g})")
             if diff > tolerance:
                 raise ExportError(f"The exported checkpoint does not reproduce the studio's mixed model: its logits differ by "
