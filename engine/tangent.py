@@ -78,7 +78,7 @@ def _skip_reason(module: torch.nn.Module, local: str, p: torch.Tensor) -> tuple[
         return (f"fused expert tensors ({kind}.{local}, {p.shape[0]} experts)",
                 "a mixture-of-experts layer's experts are one 3-D tensor, not linear layers; directions cover the "
                 "attention and any dense or shared-expert linear layers only")
-    return f"{kind}.{local} weights", f"{kind} is not a linear layer (e.g. an expert router)"
+    return f"{kind} weights", f"{kind} is not a linear layer (an expert router, say)"
 
 
 def coverage(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> dict:
@@ -106,12 +106,19 @@ def coverage(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optio
 
 
 def describe_coverage(report: dict) -> list[str]:
-    """The coverage report as lines a person reads (CLI and the training dialog)."""
+    """The coverage report as lines a person reads (the CLI and the training dialog)."""
+    per_part: dict[str, int] = {}
+    for w in report["weights"]:
+        part = re.sub(r"^.*?\.\d+\.", "", w)[: -len(".weight")]  # model.layers.3.self_attn.q_proj.weight -> self_attn.q_proj
+        per_part[part] = per_part.get(part, 0) + 1
+    parts = ", ".join(f"{p} ({n})" if len(set(per_part.values())) > 1 else p for p, n in per_part.items())
+    blocks = f" in each of {next(iter(per_part.values()))} blocks" if len(set(per_part.values())) == 1 else ""
     lines = [f"A direction on this {report['model_type']} model covers {report['tensors']} weight matrices, "
              f"{report['params']:,} of the decoder blocks' {report['block_params']:,} parameters "
-             f"({100 * report['fraction']:.0f}%)."]
+             f"({100 * report['fraction']:.0f}%): {parts}{blocks}."]
     for s in report["skipped"]:
-        lines.append(f"Skipped: {s['what']}: {s['tensors']} tensors, {s['params']:,} parameters ({s['why']}).")
+        lines.append(f"Skipped: {s['what']}: {s['tensors']} tensors, {s['params']:,} parameters ({s['why']}; e.g. "
+                     f"{s['example']}).")
     return lines
 
 

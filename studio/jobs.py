@@ -3,11 +3,12 @@ baseline) and the panel that follows it: progress with ETA, live loss/accuracy f
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
@@ -59,7 +60,7 @@ class DataPicker(QWidget):
 
 
 class JobDialog(QDialog):
-    def __init__(self, kind: str, out_dir: Path, default_data: str = "", parent=None):
+    def __init__(self, kind: str, out_dir: Path, default_data: str = "", parent=None, coverage: Sequence[str] = ()):
         super().__init__(parent)
         self.kind = kind
         self.out_dir = out_dir
@@ -102,6 +103,11 @@ class JobDialog(QDialog):
             lay.addWidget(QLabel("<b>Second objective</b>"))
             lay.addWidget(self.data_b)
         lay.addLayout(form)
+        if kind != "extract" and coverage:  # what the direction will change on this model, and what it leaves out
+            self.coverage = QLabel("<b>What the direction covers</b><br>" + "<br>".join(html.escape(c) for c in coverage))
+            self.coverage.setWordWrap(True)
+            self.coverage.setTextInteractionFlags(Qt.TextSelectableByMouse)
+            lay.addWidget(self.coverage)
         lay.addWidget(buttons)
 
     def job(self) -> BuildJob:

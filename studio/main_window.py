@@ -443,7 +443,8 @@ class MainWindow(QMainWindow):
             return
         out_dir = data_dir() / "directions"
         out_dir.mkdir(parents=True, exist_ok=True)
-        dialog = JobDialog(kind, out_dir, str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), self)
+        dialog = JobDialog(kind, out_dir, str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), self,
+                           coverage=self.model_info.coverage)
         if dialog.exec():
             self.start_job(dialog.job())
 

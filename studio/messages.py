@@ -125,11 +125,19 @@ class ModelInfo:
     dtype: str
     description: dict  # everything LoadedModel.describe() says
     kept_directions: list[str] = field(default_factory=list)  # carried over from the same model loaded before
+    coverage: list[str] = field(default_factory=list)  # what a weight-space direction covers on it, and what it skips
 
     @classmethod
     def of(cls, lm, kept: list[str]) -> "ModelInfo":
+        from engine.errors import TsdpoError
+        from engine.tangent import coverage, describe_coverage
+
         d = lm.describe()
-        return cls(d["model"], d["fingerprint"], d["source"], d["layers"], d["device"], d["dtype"], d, list(kept))
+        try:
+            lines = describe_coverage(coverage(lm))
+        except TsdpoError as exc:
+            lines = [str(exc)]
+        return cls(d["model"], d["fingerprint"], d["source"], d["layers"], d["device"], d["dtype"], d, list(kept), lines)
 
 
 @dataclass

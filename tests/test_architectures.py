@@ -347,3 +347,29 @@ def test_steering_is_baked_exactly_or_refused_with_the_reason(alm, arch_directio
         got = plain(torch.tensor([PROMPT])).logits
     assert effect > 0 and float((got - want).abs().max()) <= 1e-3 * effect  # the steering's own effect, reproduced
     assert result.check["steering_effect"] > 0
+
+
+def test_tsdpo_model_load_prints_what_a_direction_covers(alm, capsys):
+    import json
+
+    from engine.cli import main
+
+    model_type, folder, lm = alm
+    assert main(["model", "load", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"A direction on this {model_type} model covers" in out and "Steering vectors act on" in out
+    if model_type in ("qwen2_moe", "mixtral"):
+        assert "Skipped: fused expert tensors" in out
+    assert main(["model", "load", str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["direction_coverage"]
+    assert report["tensors"] == len(report["weights"]) > 0
+
+
+def test_a_selection_with_no_linear_weight_says_why(alm):
+    from engine.directions import DirectionError
+    from engine.tangent import linear_weights
+
+    model_type, _, lm = alm
+    with pytest.raises(DirectionError, match=f"this {model_type} model .* linear layers only") as info:
+        linear_weights(lm, modules=["no_such_module"])
+    assert "not selected by modules=['no_such_module']" in str(info.value)

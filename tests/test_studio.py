@@ -399,6 +399,31 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     assert job.second == Data(data, None, "verbosity", 200)
 
 
+def test_the_training_dialog_says_what_a_direction_covers_on_the_model_loaded(qtbot, tmp_path, store, demo_data):
+    from architectures import build_architecture
+    from studio.jobs import JobDialog
+
+    w = make_window(qtbot, tmp_path, store, build_architecture("mixtral", tmp_path / "mixtral"))
+    shown = []
+
+    def look():  # the dialog is modal: read it once it is up, then close it
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, JobDialog):
+            QTimer.singleShot(50, look)
+            return
+        shown.append(dialog.coverage.text() if hasattr(dialog, "coverage") else "")
+        dialog.reject()
+
+    QTimer.singleShot(50, look)
+    w.open_job("train")
+    text = shown[0]
+    assert "covers 16 weight matrices" in text and "fused expert tensors" in text and "MixtralTopKRouter" in text
+    extract = JobDialog("extract", tmp_path, str(demo_data / "ultrafeedback_helpfulness_400.jsonl"),
+                        coverage=w.model_info.coverage)
+    qtbot.addWidget(extract)
+    assert not hasattr(extract, "coverage")  # a steering vector covers every block: nothing to say there
+
+
 def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_model_dir):
     from engine.models import load_model
     from tiny_model import random_tangent

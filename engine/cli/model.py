@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import textwrap
 
 from engine.cli.common import MODEL, load
 from engine.errors import TsdpoError
@@ -45,10 +46,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_model_load(args) -> int:
+    from engine.tangent import coverage, describe_coverage
+
     lm = load(args, args.source)
     info = lm.describe()
+    try:
+        report = coverage(lm)
+    except TsdpoError as exc:  # e.g. no decoder blocks it can find: said, not a crash
+        report = {"error": str(exc)}
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "direction_coverage": report}, indent=2))
         return 0
     print(f"model         {info['model']}")
     print(f"architecture  {info['architecture']} ({info['model_type']})")
@@ -59,6 +66,14 @@ def cmd_model_load(args) -> int:
     print(f"fingerprint   {info['fingerprint']}")
     where = f"from cache {lm.folder}" if lm.from_cache else (f"converted to {lm.folder}" if lm.folder and lm.source.kind != "folder" else "")
     print(f"load time     {info['load_seconds']:.2f} s {where}".rstrip())
+    print()
+    if "error" in report:
+        print(f"directions    {report['error']}")
+        return 0
+    for line in describe_coverage(report):
+        print(textwrap.fill(line, width=110, subsequent_indent="  "))
+    print(textwrap.fill("Steering vectors act on every decoder block's output (all "
+                        f"{info['layers']} blocks).", width=110, subsequent_indent="  "))
     return 0
 
 
