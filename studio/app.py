@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from engine.paths import log_path
+from studio import system_libs
 
 
 def setup_logging() -> None:
@@ -27,6 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, mps (default: the last one used, else auto)")
     args = parser.parse_args(argv)
     setup_logging()
+    problem = system_libs.check()  # before Qt: its own message for a missing library is buried, then it aborts
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
 
     from PySide6.QtWidgets import QApplication
 
