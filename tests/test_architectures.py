@@ -373,3 +373,39 @@ def test_a_selection_with_no_linear_weight_says_why(alm):
     with pytest.raises(DirectionError, match=f"this {model_type} model .* linear layers only") as info:
         linear_weights(lm, modules=["no_such_module"])
     assert "not selected by modules=['no_such_module']" in str(info.value)
+
+
+def test_bfloat16_on_cpu_trains_mixes_generates_and_exports(alm, tiny_pairs, tmp_path):
+    """The same model loaded in bfloat16 (what a GPU user runs): a TS-DPO step per parameterization stays finite,
+    the adapter and the merged weights agree to bf16 rounding, the KV cache changes no greedy token, and the HF
+    export's own reload check passes."""
+    from engine.export import export_mix
+    from engine.generation import SamplingParams, decode
+    from engine.train import TrainConfig, train_direction
+
+    _, folder, _ = alm
+    lm = load_model(folder, dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16
+    ds = {}
+    for param in ("lowrank", "full"):
+        cfg = TrainConfig(param=param, rank=4, steps=1, batch_size=2, max_prompt_tokens=16, max_response_tokens=16,
+                          lr=5e-2 if param == "lowrank" else 1e-2, warmup_ratio=0.0)
+        ds[param] = train_direction(lm, tiny_pairs, cfg, objective=param).direction
+        assert all(torch.isfinite(t).all() for t in ds[param].tensors.values()) and ds[param].max_abs() > 0
+    mixer = Mixer(lm)
+    mixer.add(ds["lowrank"], name="low")
+    mixer.add(ds["full"], name="full")
+    with mixer.applied([{"low": 2.0}]):
+        adapter = logits(lm)
+        ids = lm.prompt_ids("Write a short poem about the sea.")
+        out = decode(lm, ids, 1, SamplingParams(max_new_tokens=6), mixer=mixer)[0]
+        seq, want = list(ids), []
+        for _ in range(out.n_tokens):
+            want.append(int(logits(lm, seq)[0, -1].argmax()))
+            seq.append(want[-1])
+    assert lm.tokenizer.decode(want, skip_special_tokens=True) == out.text
+    with mixer.applied([{"low": 2.0}], merge=True):
+        merged = logits(lm)
+    assert float((adapter - merged).abs().max()) <= 0.05 * float(merged.abs().max())  # bf16 rounding of W + delta
+    result = export_mix(lm, mixer, {"low": 1.5, "full": -0.8}, tmp_path / "hf")
+    assert result.check["dtype"] == "bfloat16" and result.check["max_abs_logit_diff"] <= result.check["tolerance"]
