@@ -78,7 +78,9 @@ def _skip_reason(module: torch.nn.Module, local: str, p: torch.Tensor) -> tuple[
         return (f"fused expert tensors ({kind}.{local}, {p.shape[0]} experts)",
                 "a mixture-of-experts layer's experts are one 3-D tensor, not linear layers; directions cover the "
                 "attention and any dense or shared-expert linear layers only")
-    return f"{kind} weights", f"{kind} is not a linear layer (an expert router, say)"
+    router = "router" in kind.lower()
+    return f"{kind} weights", (f"{kind} routes tokens to experts and is not a linear layer" if router
+                               else f"{kind} is not a linear layer")
 
 
 def coverage(lm: LoadedModel, layers: Optional[list[int]] = None, modules: Optional[list[str]] = None) -> dict:

@@ -28,7 +28,7 @@ from engine.errors import Cancelled
 from engine.models import LoadedModel, runs_at_base
 from engine.paths import atomic_write_bytes, atomic_write_text
 from engine.progress import Phase, ProgressFn, abort_on_cancel
-from engine.tangent import DirectionModel, linear_weights
+from engine.tangent import DirectionModel, coverage, linear_weights
 from engine.weight_delta import LEGACY_METHODS, METHODS, PARAMS, WeightDelta
 
 
@@ -287,6 +287,7 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
             [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
             "final_train": history[-1] if history else {}, "validation": val, "processes": world,
             "model": lm.identity(), "applied_while_built": applied,
+            "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
             "seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     direction = module.to_direction(name, meta)

@@ -7,6 +7,8 @@ PEFT) computes from the same weights, or with central differences in float64.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from engine.mixer import Mixer
 from engine.models import load_model
 
 ARCHS = list(ARCHITECTURES)
+DEMO_PAIRS = Path(__file__).resolve().parents[1] / "assets" / "data" / "ultrafeedback_helpfulness_400.jsonl"
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31]
 
 
@@ -349,7 +352,7 @@ def test_steering_is_baked_exactly_or_refused_with_the_reason(alm, arch_directio
     assert result.check["steering_effect"] > 0
 
 
-def test_tsdpo_model_load_prints_what_a_direction_covers(alm, capsys):
+def test_tsdpo_model_load_prints_what_a_direction_covers(alm, capsys, tmp_path):
     import json
 
     from engine.cli import main
@@ -363,6 +366,15 @@ def test_tsdpo_model_load_prints_what_a_direction_covers(alm, capsys):
     assert main(["model", "load", str(folder), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["direction_coverage"]
     assert report["tensors"] == len(report["weights"]) > 0
+    if model_type == "mixtral":  # training says it too, and the direction file keeps it
+        from engine.loading import load_direction
+
+        out = tmp_path / "d.tsdpo.safetensors"
+        assert main(["train", "--model", str(folder), "--data", str(DEMO_PAIRS), "--limit", "8", "--steps", "1",
+                     "--batch-size", "2", "--no-store", "--out", str(out)]) == 0
+        assert "Skipped: fused expert tensors" in capsys.readouterr().err
+        kept = load_direction(out, lm).meta["coverage"]
+        assert kept["tensors"] == report["tensors"] and kept["skipped"] == report["skipped"]
 
 
 def test_a_selection_with_no_linear_weight_says_why(alm):

@@ -69,6 +69,11 @@ def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) ->
     out = new_output(args.out, args.overwrite) if main_process else None
     store = None if args.no_store or not main_process else open_store(args)
     lm = load(args, args.model)
+    if main_process:  # what the direction will change on this model, and what it leaves out (never silently)
+        from engine.tangent import coverage, describe_coverage
+
+        for line in describe_coverage(coverage(lm, cfg.layers, cfg.modules)):
+            print(f"  {line}", file=sys.stderr)
     with PhaseBars() as progress:
         result = train_direction(lm, data, cfg, progress=progress if main_process else None,
                                  checkpoint_dir=args.checkpoint_dir, objective=objective)
