@@ -115,3 +115,50 @@ def test_nan_corrupt_and_foreign_files_are_refused(tmp_path, tiny_lm, tiny_vecto
 def test_too_few_pairs(tiny_lm, tiny_pairs):
     with pytest.raises(DirectionError, match="too few"):
         extract(tiny_lm, tiny_pairs.limit(1))
+
+
+def test_first_order_steerability_is_the_derivative_of_the_measured_one(tiny_lm, tiny_pairs, tiny_vector):
+    """The ranking's one backward pass gives, for every layer, the slope of steerability's +-a measurement at a = 0."""
+    from engine.steering import first_order_steerability, steerability
+
+    v = tiny_vector
+    pairs = list(tiny_pairs)[:3]
+    layers = candidate_layers(tiny_lm.n_layers)
+    before = [set(m._forward_hooks) for m in tiny_lm.decoder_layers()]
+    estimate = first_order_steerability(tiny_lm, v.vectors, v.norms, pairs, layers, 1.0, pairs_per_pass=2)
+    # the slope of the measurement at 0 from two step sizes (Richardson: the a^2 term cancels; a large enough step
+    # keeps float32's rounding of the margins out of it)
+    a = 0.1
+    slope = {k: steerability(tiny_lm, v.vectors, v.norms, pairs, layers, k) / k for k in (a, 2 * a)}
+    measured = (4 * slope[a] - slope[2 * a]) / 3
+    scale = max(abs(float(measured[l])) for l in layers)
+    for l in layers:  # (the one-sided slope at a = 0.1 is already 2.5% off: the check tells them apart)
+        assert abs(float(estimate[l]) - float(measured[l])) <= 5e-3 * scale, l
+    assert all(float(estimate[l]) != 0 for l in layers)
+    assert [set(m._forward_hooks) for m in tiny_lm.decoder_layers()] == before  # its hooks are gone
+
+
+def test_extraction_measures_the_best_first_order_layers_exactly(tiny_lm, tiny_vector):
+    meta = tiny_vector.meta
+    measured = meta["steerability_measured"]
+    assert measured and tiny_vector.ranking[: len(measured)] == sorted(
+        measured, key=lambda l: meta["steerability"][l], reverse=True)
+    assert tiny_vector.layers == tiny_vector.ranking[:1]
+
+
+def test_a_stop_during_the_first_order_backward_pass_stops_it(tiny_lm, tiny_pairs, tiny_vector):
+    from engine.errors import Cancelled
+    from engine.steering import first_order_steerability
+
+    v = tiny_vector
+    before = [set(m._forward_hooks) for m in tiny_lm.decoder_layers()]
+    calls = []
+
+    def stop():  # False until the backward pass asks (the first question is before the forward pass)
+        calls.append(torch.is_grad_enabled())
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled, match="ranking layers"):
+        first_order_steerability(tiny_lm, v.vectors, v.norms, list(tiny_pairs)[:2], [0, 1, 2], 1.0, should_stop=stop)
+    assert len(calls) == 2  # asked once before the pass and once in the backward, which it ended
+    assert [set(m._forward_hooks) for m in tiny_lm.decoder_layers()] == before

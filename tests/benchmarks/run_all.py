@@ -53,7 +53,8 @@ def main() -> int:
         value = figures.get(bench, {}).get(key)
         if value is not None:
             print(f"{value:>10.4g}  {what}")
-    absolute = [("steering", "apply_latency_median_ms", "ms, steering mix-apply latency (median)"),
+    absolute = [("steering", "extract_s", "s, steering extraction of 100 pairs, layer choice included (goal <= 60)"),
+                ("steering", "apply_latency_median_ms", "ms, steering mix-apply latency (median)"),
                 ("tangent", "apply_latency", "ms, weight-space mix-apply latency full / low-rank (median)"),
                 ("steering", "tokens_per_s_base", "tokens/s, base model"),
                 ("adapters", "apply_adapter_median_ms", "ms, low-rank mix-apply latency as an adapter (median; goal <= 1)"),
