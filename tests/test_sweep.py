@@ -213,3 +213,45 @@ def test_reward_model_scores_the_replies(setup, tiny_model_dir, tmp_path):
     cfg.reward_model = str(tmp_path / "missing")
     with pytest.raises(SweepError, match="Could not load the reward model"):
         Sweep(lm, methods[1:2], data, cfg, tmp_path / "s2").run()
+
+
+def test_a_sweep_sharded_over_two_processes_gives_the_one_process_result(tiny_model_dir, demo_data, tmp_path):
+    """torchrun --nproc_per_node 2: each process measures every other point of the plan, the first gathers
+    them, and sweep.json is the one-process sweep.json (timings aside)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lm = load_model(tiny_model_dir)
+    paths = [random_tangent(lm, o, s, scale=0.3).save(tmp_path / f"{o}.safetensors") for o, s in (("helpfulness", 1), ("verbosity", 2))]
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    common = ["sweep", "--model", str(tiny_model_dir), "--x", str(paths[0]), "--y", str(paths[1]),
+              "--data", f"helpfulness={uf}", "--data", f"verbosity={uf}", "--limit", "40", "--pairs", "2", "--grid", "3",
+              "--no-store"]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each process: the same arithmetic in both
+    repo = str(Path(__file__).parents[1])
+    one = subprocess.run([str(bin_dir / "tsdpo"), *common, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=600, cwd=repo)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m", "engine.cli",
+                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=repo)
+    assert two.returncode == 0, two.stderr[-2000:]
+    shards = sorted(p.name for p in (tmp_path / "two").glob("sweep-points*.jsonl"))
+    assert shards == ["sweep-points.1.jsonl", "sweep-points.jsonl"]  # both processes measured points
+    counts = [len((tmp_path / "two" / s).read_text().splitlines()) for s in shards]
+    assert sum(counts) == 8 and min(counts) >= 3  # the 3 x 3 grid less the base, shared out
+
+    def without_timings(obj):
+        if isinstance(obj, dict):
+            return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
+        if isinstance(obj, list):
+            return [without_timings(v) for v in obj]
+        return obj
+
+    a = without_timings(json.loads((tmp_path / "one" / "sweep.json").read_text()))
+    b = without_timings(json.loads((tmp_path / "two" / "sweep.json").read_text()))
+    assert a == b

@@ -3,6 +3,7 @@ linearization gap), resumable, with plots and a report."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from engine.cli.common import MODEL_AND_STORE, PhaseBars, load, open_store, parse_point, read_prompts
@@ -56,8 +57,10 @@ def cmd_sweep(args) -> int:
             share = float(sources[0]["weight"]) if sources else float("nan")
             points.append((d.name, d, share))
         methods.append(Method("scalarized", "scalarized", points=points))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the grid's points are shared out
     bars = PhaseBars()
-    sweep = Sweep(lm, methods, data, cfg, args.out, progress=bars, trust_remote_code=args.trust_remote_code)
+    sweep = Sweep(lm, methods, data, cfg, args.out, progress=bars if main_process else None,
+                  trust_remote_code=args.trust_remote_code)
     try:
         with bars:
             result = sweep.run()
@@ -65,6 +68,8 @@ def cmd_sweep(args) -> int:
         print(f"tsdpo: stopped; {len(sweep.state['points'])} points are saved in {args.out}. Run the same command to "
               "resume.", file=sys.stderr)
         return 130
+    if result is None:  # another process of a sharded sweep: the first one writes the results
+        return 0
     files = write_outputs(result, args.out)
     ox, oy = result["objectives"]
     print(f"{'method':<12} {'points':>6} {'hypervolume':>12} {'pareto':>6}  smoothness {ox} / {oy} (Kendall tau)")

@@ -25,13 +25,39 @@ from engine.sweep.metrics import canonical_correlations, distinct_n, hypervolume
 from engine.tangent import linearization_gap
 
 STATE = "sweep-state.json"
-POINTS = "sweep-points.jsonl"  # one measured point per line, appended
+POINTS = "sweep-points.jsonl"  # one measured point per line, appended (process k > 0 of a sharded sweep: sweep-points.k.jsonl)
 RESULT = "sweep.json"
 METRICS = ("accuracy", "margin")
 
 
 class SweepError(TsdpoError):
     pass
+
+
+class _Processes:
+    """This process's place in a sweep sharded by ``torchrun`` / ``accelerate launch`` (RANK, WORLD_SIZE in the
+    environment; one process otherwise): point i of the plan is measured by process i mod WORLD_SIZE."""
+
+    def __init__(self):
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wait_for_everyone(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def points_file(self, out: Path) -> Path:
+        return out / (POINTS if self.rank == 0 else f"sweep-points.{self.rank}.jsonl")
 
 
 @dataclass
@@ -126,7 +152,13 @@ class Sweep:
         self.batches = {o: [encode_pairs(lm, p[i:i + cfg.batch_size], cfg.max_prompt_tokens, cfg.max_response_tokens).to(lm.device)
                             for i in range(0, len(p), cfg.batch_size)] for o, p in self.pairs.items()}
         self.key = self._key(data)
-        self.state = self._load_state()
+        self.procs = _Processes()
+        if self.procs.main:  # the folder is checked and claimed (its key written) before the others read it
+            self.state = self._load_state()
+            self._save_state()
+        self.procs.wait_for_everyone()
+        if not self.procs.main:
+            self.state = self._load_state()
         self._reward = None
 
     # ---------------------------------------------------------------- resume
@@ -147,18 +179,23 @@ class Sweep:
                 raise SweepError(f"{self.out} holds a sweep with other settings, model or data. Choose another --out, "
                                  "or delete that folder to start again.")
             state.setdefault("points", {})
-            points = self.out / POINTS
-            if points.is_file():
-                for line in points.read_text().splitlines():
-                    try:
-                        key, rec = json.loads(line)
-                    except ValueError:
-                        break  # the last line of a run killed while writing it: that point is measured again
-                    state["points"][key] = rec
+            state["points"].update(self._saved_points())
             return state
         if self.out.exists() and any(self.out.iterdir()):
             raise SweepError(f"{self.out} exists and is not a sweep folder; choose a new --out.")
         return {"key": self.key, "points": {}, "base": None, "cca": {}}
+
+    def _saved_points(self) -> dict:
+        """Every point saved so far, by any process of this sweep or of an earlier, stopped run."""
+        points = {}
+        for path in sorted(self.out.glob("sweep-points*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    key, rec = json.loads(line)
+                except ValueError:
+                    break  # the last line of a run killed while writing it: that point is measured again
+                points[key] = rec
+        return points
 
     def _save_state(self) -> None:
         """The small part (key, base, CCA); the points go one line each to their own file (``_save_point``)."""
@@ -170,7 +207,7 @@ class Sweep:
         """Append one measured point: the cost of saving does not grow with the number of points saved."""
         self.state["points"][key] = rec
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / POINTS, "a") as f:
+        with open(self.procs.points_file(self.out), "a") as f:
             f.write(json.dumps([key, rec]) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -281,26 +318,33 @@ class Sweep:
                         items.append((f"{m.name}|{x:g},{y:g}", m, x, y, None))
         return items
 
-    def run(self) -> dict:
+    def run(self) -> Optional[dict]:
         """Measure every point not measured yet, starting from the exact base model whatever a caller left
-        applied (it is applied again afterwards), on the kernels the linearization gap's JVP needs."""
+        applied (it is applied again afterwards), on the kernels the linearization gap's JVP needs. Sharded
+        over processes (``_Processes``), each measures its share and the first returns the summary (None in the
+        others)."""
         kernels = self.lm.forward_ad_kernels() if self.cfg.linearization_gap and any(m.kind == "tangent" for m in self.methods) \
             else nullcontext()
         with self.lm.at_base(), kernels, abort_on_cancel(self.lm, self.should_stop, "the sweep (run it again to resume)"):
             return self._run()
 
-    def _run(self) -> dict:
+    def _run(self) -> Optional[dict]:
         items = self.plan()
-        total = len(items) + 1 + sum(1 for m in self.methods if m.kind != "scalarized")
+        procs = self.procs
+        mine = [it for i, it in enumerate(items) if i % procs.world == procs.rank]  # fixed by the plan, so a resumed
+        #                                                                           sharded run shards alike
+        cca = procs.main and any(m.kind != "scalarized" for m in self.methods)
+        total = len(mine) + 1 + (sum(1 for m in self.methods if m.kind != "scalarized") if procs.main else 0)
         done = 0
         phase = Phase(self.progress, "sweep", total)
-        if self.state["base"] is None:
+        if self.state["base"] is None:  # every process needs it for its margins; the first one saves it
             phase.update(done, point="base model")
             self.mixer.clear()
             self.state["base"] = {"logps": self._logps(), **self._generate()}
-            self._save_state()
+            if procs.main:
+                self._save_state()
         done += 1
-        for key, m, x, y, single in items:
+        for key, m, x, y, single in mine:
             if key not in self.state["points"]:
                 if self.should_stop():
                     raise Cancelled(f"the sweep (saved {done} of {total}; run it again to resume)")
@@ -313,14 +357,19 @@ class Sweep:
                 rec["seconds"] = round(time.perf_counter() - t0, 2)
                 self._save_point(key, rec)
             done += 1
+        procs.wait_for_everyone()
+        if not procs.main:
+            phase.update(total, point="done")
+            return None  # the first process gathers the points and writes the results
+        self.state["points"].update(self._saved_points())
         for m in self.methods:
-            if m.kind != "scalarized" and m.name not in self.state["cca"]:
+            if cca and m.kind != "scalarized" and m.name not in self.state["cca"]:
                 if self.should_stop():
                     raise Cancelled(f"the sweep (saved {done} of {total}; run it again to resume)")
                 phase.update(done, point=f"{m.name}: representation changes")
                 self.state["cca"][m.name] = self._cca(m)
                 self._save_state()
-            done += 1
+            done += 1 if m.kind != "scalarized" else 0
         phase.update(total, point="done")
         return self.summarize()
 
