@@ -255,3 +255,28 @@ def test_a_sweep_sharded_over_two_processes_gives_the_one_process_result(tiny_mo
     a = without_timings(json.loads((tmp_path / "one" / "sweep.json").read_text()))
     b = without_timings(json.loads((tmp_path / "two" / "sweep.json").read_text()))
     assert a == b
+
+
+def test_the_bootstrap_intervals_come_from_the_held_out_pairs(setup, tmp_path):
+    from engine.data import PairSet
+
+    lm, methods, data, cfg = setup
+    result = Sweep(lm, methods, data, cfg, tmp_path / "s").run()
+    boot = result["bootstrap"]
+    assert boot["resamples"] == 1000 and boot["pairs"] == {"helpfulness": 4, "verbosity": 4}
+    for name, (lo, hi) in boot["hypervolume"].items():
+        assert 0 <= lo < hi  # four different pairs: the resamples differ
+    pair = boot["ratios"]["tangent/scalarized"]
+    assert pair["value"] == pytest.approx(result["methods"]["tangent"]["hypervolume"] / result["methods"]["scalarized"]["hypervolume"])
+    assert pair["interval"][0] < pair["interval"][1]
+    write_outputs(result, tmp_path / "s")
+    assert "| hypervolume ratio tangent/scalarized |" in (tmp_path / "s" / "report.md").read_text()
+
+    # Four copies of one pair per objective: every resample is the data itself, so each interval is the value
+    same = {o: PairSet(o, [ps.pairs[0]] * 4) for o, ps in data.items()}
+    one = Sweep(lm, methods, same, cfg, tmp_path / "same").run()
+    for name, (lo, hi) in one["bootstrap"]["hypervolume"].items():
+        assert lo == pytest.approx(one["methods"][name]["hypervolume"], abs=1e-12)
+        assert hi == pytest.approx(one["methods"][name]["hypervolume"], abs=1e-12)
+    for r in one["bootstrap"]["ratios"].values():
+        assert r["interval"] == pytest.approx([r["value"]] * 2)

@@ -77,6 +77,11 @@ def cmd_sweep(args) -> int:
         sm = info["smoothness"]
         taus = " / ".join("-" if sm.get(o, {}).get("kendall_tau") is None else f"{sm[o]['kendall_tau']:+.2f}" for o in (ox, oy))
         print(f"{name:<12} {len(info['points']):>6} {info['hypervolume']:>12.4g} {len(info['pareto']):>6}  {taus}")
+    boot = result.get("bootstrap") or {}
+    for name, (lo, hi) in boot.get("hypervolume", {}).items():
+        print(f"hypervolume {name}: 95% interval {lo:.4g} to {hi:.4g} ({boot['resamples']} bootstrap resamples)")
+    for pair, r in boot.get("ratios", {}).items():
+        print(f"hypervolume ratio {pair}: {r['value']:.4g}, 95% interval {r['interval'][0]:.4g} to {r['interval'][1]:.4g}")
     for name, c in result.get("cca", {}).items():
         print(f"CCA {name}: mean canonical correlation {c['mean']:.3f} (largest {c['top']:.3f})")
     print(f"wrote {', '.join(str(f) for f in files)}")

@@ -110,6 +110,16 @@ def report(result: dict) -> str:
         dis = [e["disentanglement"] for e in info["points"] if e.get("disentanglement") is not None]
         lines.append(f"| {name} ({info['kind']}) | {len(info['points'])} | {_f(info['hypervolume'])} | {len(info['pareto'])} | "
                      f"{s[0]} | {s[1]} | {_f(sum(gaps) / len(gaps)) if gaps else '-'} | {_f(max(dis)) if dis else '-'} |")
+    boot = result.get("bootstrap")
+    if boot:
+        lines += ["", f"Bootstrap 95% intervals ({boot['resamples']} resamples of the held-out pairs, "
+                  f"{', '.join(f'{n} {o}' for o, n in boot['pairs'].items())} pairs; every point resampled alike):", "",
+                  "| | value | 95% interval |", "|---|---|---|"]
+        for name, (lo, hi) in boot["hypervolume"].items():
+            lines.append(f"| hypervolume, {name} | {_f(result['methods'][name]['hypervolume'])} | {_f(lo)} to {_f(hi)} |")
+        for pair, r in boot["ratios"].items():
+            lo, hi = r["interval"]
+            lines.append(f"| hypervolume ratio {pair} | {_f(r['value'])} | {_f(lo)} to {_f(hi)} |")
     if result.get("cca"):
         lines += ["", "Canonical correlations between the last-layer representation changes caused by the two "
                   "directions alone (each at the top of its axis; lower = more disentangled):", ""]

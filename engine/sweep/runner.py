@@ -34,6 +34,14 @@ class SweepError(TsdpoError):
     pass
 
 
+def _won(margin: float) -> float:
+    """A pair's implicit-reward accuracy: 1 when the mix prefers the chosen reply more than the base does, a tie half."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
 class _Processes:
     """This process's place in a sweep sharded by ``torchrun`` / ``accelerate launch`` (RANK, WORLD_SIZE in the
     environment; one process otherwise): point i of the plan is measured by process i mod WORLD_SIZE."""
@@ -278,16 +286,19 @@ class Sweep:
                 for batches in self.batches.values()]
         return sum(gaps) / len(gaps)
 
+    def _pair_margins(self, lp: dict, base: dict) -> dict[str, list[float]]:
+        """Per objective, each held-out pair's implicit-reward margin against the base model."""
+        out = {}
+        for o in self.objectives:
+            rows, brows = lp[o], base[o]
+            out[o] = [self.cfg.beta * ((sum(rows[i]) - sum(brows[i])) - (sum(rows[i + 1]) - sum(brows[i + 1])))
+                      for i in range(0, len(rows), 2)]
+        return out
+
     def _metrics(self, lp: dict, base: dict) -> dict:
         res = {}
-        for o in self.objectives:
-            margins = []
-            rows, brows = lp[o], base[o]
-            for i in range(0, len(rows), 2):
-                pc, pr = sum(rows[i]), sum(rows[i + 1])
-                bc, br = sum(brows[i]), sum(brows[i + 1])
-                margins.append(self.cfg.beta * ((pc - bc) - (pr - br)))
-            res[f"{o}/accuracy"] = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+        for o, margins in self._pair_margins(lp, base).items():
+            res[f"{o}/accuracy"] = sum(_won(m) for m in margins) / len(margins)
             res[f"{o}/margin"] = sum(margins) / len(margins)
         return res
 
@@ -420,13 +431,16 @@ class Sweep:
                   "coords": self.coords, "base": base, "methods": {}}
         metric = cfg.pareto_metric
         all_points = []
+        self._entry_logps: dict[str, list] = {}  # method -> each entry's logps (None: the base model), for the bootstrap
         for m in self.methods:
             entries = []
+            logps = self._entry_logps.setdefault(m.name, [])
             if m.kind == "scalarized":
                 for label, d, share in m.points:
                     rec = pts.get(f"{m.name}|{label}")
                     if rec:
                         entries.append({"label": label, "share": share, **{k: v for k, v in rec.items() if k != "logps"}})
+                        logps.append(rec["logps"])
             else:
                 for y in self.coords:
                     for x in self.coords:
@@ -438,6 +452,7 @@ class Sweep:
                             e["lin_gap"] = 0.0
                         e["disentanglement"] = 0.0 if x == 0 and y == 0 else self._disentanglement(m, x, y)
                         entries.append(e)
+                        logps.append(None if rec is base else rec["logps"])
             result["methods"][m.name] = {"kind": m.kind, "points": entries,
                                          "directions": [d.name for d in m.axes()]}
             all_points += [(e[f"{ox}/{metric}"], e[f"{oy}/{metric}"]) for e in entries]
@@ -451,7 +466,52 @@ class Sweep:
             info["hypervolume"] = hypervolume(p, ref)
             info["smoothness"] = self._smoothness(info)
         result["cca"] = self.state["cca"]
+        result["bootstrap"] = self._bootstrap(result)
         return result
+
+    def _bootstrap(self, result: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+        """95% intervals on every method's hypervolume and on the ratio of every two, from the held-out pairs
+        resampled with replacement (the same resample for every point, so the methods are compared on the same
+        data each time); the reference point is found the same way in each resample as in the result."""
+        cfg, metric = self.cfg, self.cfg.pareto_metric
+        base = self.state["base"]["logps"]
+        g = torch.Generator().manual_seed(seed)
+        n = {o: len(base[o]) // 2 for o in self.objectives}
+        idx = {o: torch.randint(n[o], (resamples, n[o]), generator=g) for o in self.objectives}
+        means = {}  # method -> objective -> [entries, resamples]
+        for name, logps in self._entry_logps.items():
+            means[name] = {}
+            margins = [self._pair_margins(lp, base) if lp is not None else None for lp in logps]
+            for o in self.objectives:
+                per_pair = torch.tensor([m[o] if m is not None else [0.0] * n[o] for m in margins],
+                                        dtype=torch.float64).reshape(len(logps), n[o])
+                if metric == "accuracy":
+                    per_pair = (per_pair > 0).double() + 0.5 * (per_pair == 0).double()
+                means[name][o] = per_pair[:, idx[o]].mean(-1)
+        ox, oy = self.objectives
+        volumes: dict[str, list[float]] = {name: [] for name in means}
+        for b in range(resamples):
+            points = {name: list(zip(m[ox][:, b].tolist(), m[oy][:, b].tolist())) for name, m in means.items()}
+            every = [p for ps in points.values() for p in ps]
+            ref = tuple(cfg.reference) if cfg.reference else (min(p[0] for p in every), min(p[1] for p in every))
+            for name, ps in points.items():
+                volumes[name].append(hypervolume(ps, ref))
+
+        def interval(values: list[float]) -> list[float]:
+            v = torch.tensor(values, dtype=torch.float64)
+            return [float(torch.quantile(v, 0.025)), float(torch.quantile(v, 0.975))]
+
+        out = {"resamples": resamples, "seed": seed, "pairs": n, "metric": metric,
+               "hypervolume": {name: interval(v) for name, v in volumes.items()}, "ratios": {}}
+        for a in volumes:
+            for b in volumes:
+                if a == b or not result["methods"][b]["hypervolume"]:
+                    continue
+                ratios = [u / w for u, w in zip(volumes[a], volumes[b]) if w > 0]
+                if ratios:
+                    out["ratios"][f"{a}/{b}"] = {"value": result["methods"][a]["hypervolume"] / result["methods"][b]["hypervolume"],
+                                                 "interval": interval(ratios), "resamples": len(ratios)}
+        return out
 
     def _smoothness(self, info: dict) -> dict:
         ox, oy = self.objectives
