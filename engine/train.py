@@ -14,7 +14,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +27,7 @@ from engine.dpo import LOSSES, encode_pairs
 from engine.errors import Cancelled
 from engine.models import LoadedModel, runs_at_base
 from engine.paths import atomic_write_bytes, atomic_write_text
-from engine.progress import Phase, ProgressFn, abort_on_cancel
+from engine.progress import Phase, Progress, ProgressFn, abort_on_cancel
 from engine.tangent import DirectionModel, coverage, linear_weights
 from engine.weight_delta import LEGACY_METHODS, METHODS, PARAMS, WeightDelta
 
@@ -207,6 +207,39 @@ def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]]
     kernels = lm.forward_ad_kernels() if cfg.method == "tangent" else nullcontext()
     with kernels, abort_on_cancel(lm, should_stop, "training"):
         return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied)
+
+
+def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
+                         grid: list[float], progress: Optional[ProgressFn] = None,
+                         should_stop: Optional[Callable[[], bool]] = None,
+                         checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None) -> TrainResult:
+    """Train once per learning rate in ``grid`` (everything else as ``cfg`` says: steps, batch, data plan, beta,
+    seed) and keep the direction with the lowest held-out DPO loss; every run's held-out metrics go into its
+    meta (``lr_search``). The same care for TS-DPO and the scalarized baseline, so a comparison is fair."""
+    if len(grid) < 2 or any(not (lr > 0 and math.isfinite(lr)) for lr in grid):
+        raise DirectionError(f"A learning-rate grid takes two or more positive rates, not {grid}.")
+    if not cfg.val_fraction > 0:
+        raise DirectionError("Picking the learning rate needs held-out pairs: set a validation fraction above 0.")
+    runs, best, best_loss = [], None, math.inf
+    for i, lr in enumerate(grid):
+        label = f"training at lr {lr:g} ({i + 1} of {len(grid)})"
+        report = (lambda p, label=label: progress(replace(p, phase=label))) if progress else None
+        folder = Path(checkpoint_dir) / f"lr-{lr:g}" if checkpoint_dir else None
+        result = train_direction(lm, data, replace(cfg, lr=lr), progress=report, should_stop=should_stop,
+                                 checkpoint_dir=folder, objective=objective)
+        val = result.val_metrics
+        loss = float(val.get("loss", math.nan))
+        runs.append({"lr": lr, "val_loss": loss, "val_accuracy": val.get("rewards/accuracies"),
+                     "val_margin": val.get("rewards/margins")})
+        if progress is not None:
+            progress(Progress(label, 1, 1, None, {"val_loss": loss}))
+        if math.isfinite(loss) and loss < best_loss:
+            best, best_loss = result, loss
+    if best is None:
+        raise DirectionError(f"No learning rate in {grid} gave a finite held-out loss; try smaller rates.")
+    best.direction.meta["lr_search"] = {"grid": list(grid), "runs": runs, "chosen": best.direction.meta["hyperparameters"]["lr"],
+                                        "by": "lowest held-out DPO loss"}
+    return best
 
 
 def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied) -> TrainResult:

@@ -213,3 +213,33 @@ def test_two_processes_match_one(tiny_model_dir, demo_data, tmp_path, param):
     assert a.meta["processes"] == 1 and b.meta["processes"] == 2
     for n in a.weight_names():
         torch.testing.assert_close(b.weight_delta(n), a.weight_delta(n), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["train", "train-scalarized"])
+def test_a_learning_rate_grid_keeps_the_lowest_held_out_loss(tiny_model_dir, demo_data, tmp_path, capsys, command):
+    """The same care for TS-DPO and the scalarized baseline: one run per rate, the rest of the settings alike,
+    the direction with the lowest held-out DPO loss kept, and every run's metrics in its file."""
+    from engine.cli import main
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    data = ["--data", str(uf), "--objective", "help"] if command == "train" else \
+        ["--data", f"help={uf}", "--data", f"verbosity={uf}", "--weight", "0.5"]
+    common = [command, "--model", str(tiny_model_dir), *data, "--limit", "30", "--steps", "3", "--batch-size", "2",
+              "--val-fraction", "0.3", "--max-prompt-tokens", "32", "--max-response-tokens", "32", "--no-store"]
+    grid = [1e-4, 3e-2, 3.0]
+    assert main([*common, "--lr-grid", ",".join(map(str, grid)), "--out", str(tmp_path / "grid.safetensors")]) == 0
+    out = capsys.readouterr().out
+    d = load_direction(tmp_path / "grid.safetensors", load_model(tiny_model_dir))
+    search = d.meta["lr_search"]
+    runs = {r["lr"]: r["val_loss"] for r in search["runs"]}
+    assert search["grid"] == grid and set(runs) == set(grid)
+    assert search["chosen"] == min(runs, key=runs.get) == d.meta["hyperparameters"]["lr"]
+    assert len(set(runs.values())) == 3  # the rates did train differently
+    assert f"lr {search['chosen']:<10g}" in out and "<- kept" in out
+    # the kept direction is the one a plain run at that rate gives
+    assert main([*common, "--lr", str(search["chosen"]), "--out", str(tmp_path / "plain.safetensors")]) == 0
+    plain = load_direction(tmp_path / "plain.safetensors", load_model(tiny_model_dir))
+    for n in d.weight_names():
+        assert torch.equal(d.weight_delta(n), plain.weight_delta(n)), n
+    assert main([*common, "--lr-grid", "1e-3", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "two or more" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import Optional
 
-from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, int_list, load, new_output, open_store, register)
+from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, float_list, int_list, load, new_output, open_store,
+                               register)
 from engine.data import FORMATS
 from engine.dpo import LOSSES
 from engine.errors import TsdpoError
@@ -63,7 +64,7 @@ def train_config(args, method: str):
 def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -> int:
     import os
 
-    from engine.train import train_direction
+    from engine.train import train_direction, train_with_lr_search
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     out = new_output(args.out, args.overwrite) if main_process else None
@@ -74,9 +75,14 @@ def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) ->
 
         for line in describe_coverage(coverage(lm, cfg.layers, cfg.modules)):
             print(f"  {line}", file=sys.stderr)
+    grid = float_list(args.lr_grid, "--lr-grid") if getattr(args, "lr_grid", None) else None
     with PhaseBars() as progress:
-        result = train_direction(lm, data, cfg, progress=progress if main_process else None,
-                                 checkpoint_dir=args.checkpoint_dir, objective=objective)
+        if grid:
+            result = train_with_lr_search(lm, data, cfg, grid, progress=progress if main_process else None,
+                                          checkpoint_dir=args.checkpoint_dir, objective=objective)
+        else:
+            result = train_direction(lm, data, cfg, progress=progress if main_process else None,
+                                     checkpoint_dir=args.checkpoint_dir, objective=objective)
     if not main_process:
         return 0
     d = result.direction
@@ -89,6 +95,12 @@ def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) ->
         line += (f" | held-out: accuracy {val['rewards/accuracies']:.3f} margin {val['rewards/margins']:.4f} "
                  f"loss {val['loss']:.4f}")
     print(line, flush=True)
+    search = d.meta.get("lr_search")
+    if search:
+        for run in search["runs"]:
+            mark = "  <- kept" if run["lr"] == search["chosen"] else ""
+            print(f"  lr {run['lr']:<10g} held-out loss {run['val_loss']:.4f}  accuracy {run['val_accuracy']:.3f}  "
+                  f"margin {run['val_margin']:.4f}{mark}")
     if store is not None:
         register(store, d, out, lm, meta={"param": cfg.param, "steps": cfg.steps, "validation": val})
         print(f"stored as {d.name!r} (use --mix {d.name}=W)")
@@ -162,6 +174,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step, over all processes")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.0, help="default: 2e-3 low-rank, 1e-4 full")
+    p.add_argument("--lr-grid", metavar="LR,LR,...",
+                   help="train once per learning rate and keep the direction with the lowest held-out DPO loss "
+                        "(every run's metrics are kept in the file); replaces --lr")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--loss", choices=LOSSES, default="sigmoid")
     p.add_argument("--seed", type=int, default=0)
