@@ -398,14 +398,21 @@ def load_pairs(
     split: str = "train",
     attribute: Optional[str] = None,
     min_length_ratio: float = 1.1,
+    length_matched: Optional[float] = None,
 ) -> PairSet:
     """Read preference pairs from a file or a `datasets` name.
 
     ``objective`` names the preference; ``verbosity`` / ``conciseness`` rebuild the pairs from the
     responses' lengths (longer / shorter preferred; pairs whose lengths differ by less than
     ``min_length_ratio`` are dropped as uninformative). For HelpSteer rows ``attribute`` picks the score
-    (default: the objective if it is an attribute, else helpfulness).
+    (default: the objective if it is an attribute, else helpfulness). ``length_matched`` (e.g. 1.2) keeps only
+    pairs whose two responses are within that length ratio of each other, so that a direction trained on them
+    cannot be a length direction in disguise (``length_matched_pairs``).
     """
+    if length_matched is not None and not length_matched >= 1:
+        raise DataError(f"A length-matched ratio is 1 or more (1.2: within 20%), not {length_matched}.")
+    if length_matched is not None and objective in LENGTH_OBJECTIVES:
+        raise DataError(f"{objective} pairs are made from length differences; they cannot also be length-matched.")
     if format is not None and format not in FORMATS:
         raise DataError(f"Unknown format {format!r}: use one of {', '.join(FORMATS)}.")
     source = str(source)
@@ -441,6 +448,12 @@ def load_pairs(
     result = PairSet(name, pairs, source=source, format=fmt, problems=problems)
     if length_pref is not None and fmt != "helpsteer":
         result = length_pairs(result, longer=length_pref, min_ratio=min_length_ratio)
+    if length_matched is not None:
+        before = len(result.pairs)
+        result = length_matched_pairs(result, length_matched)
+        if not result.pairs:
+            raise DataError(f"None of the {before} pairs in {source} has responses within a length ratio of "
+                            f"{length_matched:g}; use a larger ratio.")
     if not result.pairs:
         shown = "; ".join(str(p) for p in problems[:3])
         raise DataError(
@@ -450,12 +463,24 @@ def load_pairs(
     return result.limit(limit)
 
 
+def _lengths(p: Pair) -> tuple[int, int]:
+    return len(p.chosen.strip()), len(p.rejected.strip())
+
+
+def length_matched_pairs(pairs: PairSet, max_ratio: float) -> PairSet:
+    """The pairs whose chosen and rejected responses are within ``max_ratio`` of each other in length (characters):
+    what stays when preferring the shorter or the longer answer is not what the labels say."""
+    kept = [p for p in pairs.pairs if max(_lengths(p)) <= max_ratio * max(min(_lengths(p)), 1)]
+    return replace(pairs, pairs=kept, source=f"{pairs.source} (length-matched within {max_ratio:g}x: "
+                                             f"{len(kept)} of {len(pairs.pairs)} pairs)")
+
+
 def length_pairs(pairs: PairSet, longer: bool = True, min_ratio: float = 1.1) -> PairSet:
     """Re-label each pair's two responses by length: the longer (or shorter) one is preferred."""
     out = []
     for p in pairs.pairs:
         a, b = p.chosen, p.rejected
-        la, lb = len(a.strip()), len(b.strip())
+        la, lb = _lengths(p)
         if max(la, lb) < min_ratio * max(min(la, lb), 1) or la == lb:
             continue
         hi, lo = (a, b) if la > lb else (b, a)

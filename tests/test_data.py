@@ -183,3 +183,22 @@ def test_limit_and_hash(demo_data):
     assert len(ps) == 100
     assert ps.data_hash() == load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", limit=100).data_hash()
     assert ps.data_hash() != ps.limit(99).data_hash()
+
+
+def test_length_matched_pairs_keep_only_responses_of_similar_length(demo_data, tmp_path):
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    every = load_pairs(uf)
+    matched = load_pairs(uf, length_matched=1.2)
+    ratio = lambda p: max(len(p.chosen.strip()), len(p.rejected.strip())) / max(min(len(p.chosen.strip()), len(p.rejected.strip())), 1)
+    assert all(ratio(p) <= 1.2 for p in matched)
+    assert [p.line for p in matched] == [p.line for p in every if ratio(p) <= 1.2]  # the same pairs, in file order
+    assert 0 < len(matched) < len(every) and "length-matched within 1.2x" in matched.source
+    assert len(load_pairs(uf, length_matched=1.2, limit=10)) == 10  # the limit counts matched pairs
+    with pytest.raises(DataError, match="1 or more"):
+        load_pairs(uf, length_matched=0.8)
+    with pytest.raises(DataError, match="cannot also be length-matched"):
+        load_pairs(uf, objective="verbosity", length_matched=1.2)
+    uneven = tmp_path / "uneven.jsonl"
+    uneven.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello there, how are you today?"}) + "\n")
+    with pytest.raises(DataError, match="None of the 1 pairs .* within a length ratio of 1.2; use a larger ratio"):
+        load_pairs(uneven, length_matched=1.2)

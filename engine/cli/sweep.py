@@ -31,7 +31,8 @@ def cmd_sweep(args) -> int:
         objective, sep, path = spec.partition("=")
         if not sep:
             raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
-        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit)
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
+                        length_matched=args.length_matched)
         data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
         print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
     lm = load(args, args.model)
@@ -100,6 +101,7 @@ def add_parsers(sub) -> None:
                    help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
     p.add_argument("--format", default=None)
     p.add_argument("--limit", type=int, help="as in training")
+    p.add_argument("--length-matched", type=float, metavar="RATIO", help="as in training")
     p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
     p.add_argument("--seed", type=int, default=0, help="as in training")
     p.add_argument("--pairs", type=int, default=16, help="held-out pairs per objective to score")
