@@ -39,6 +39,7 @@ DEFAULT_MAX_RESPONSE_TOKENS = 192
 # at 0.05-0.1 it stayed fluent (see docs/evidence.md).
 DEFAULT_STRENGTH = 0.1
 AGGREGATES = ("mean", "last")  # over the response tokens: their mean, or the last one
+ESTIMATORS = ("mean-difference", "pca")  # per layer: mean(chosen) - mean(rejected), or the paired differences' first PC
 PADDING_SIDES = ("right", "left")
 CONFIRMED_LAYERS = 3  # the candidates measured exactly after the first-order ranking
 MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
@@ -359,8 +360,14 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
             max_response_tokens: Optional[int] = None, layers: Optional[list[int]] = None,
             strength: Optional[float] = None,
             progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None,
-            name: Optional[str] = None, steer_pairs: int = 4) -> SteeringVector:
+            name: Optional[str] = None, steer_pairs: int = 4, estimator: str = "mean-difference",
+            band: int = 1) -> SteeringVector:
     """Build a steering vector for ``pairs.objective`` from the pairs (as few as 100 work).
+
+    ``estimator``: per layer, the difference of the mean activations (default), or the first principal component
+    of the paired differences chosen_i - rejected_i (repeng's choice; its sign set so most pairs project
+    positively). ``band``: steer that many contiguous layers around the best-ranked one, the strength split
+    evenly across them (one layer by default).
 
     Runs at the exact base model whatever mix a caller left applied (applied again afterwards). ``progress``
     gets a ``Progress`` for each phase: tokenizing, forward passes, ranking layers. A cancel takes effect
@@ -370,13 +377,44 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
                              f"{MIN_PAIRS} (100 or more give a steadier vector).")
     if layers is not None and any(not 0 <= l < lm.n_layers for l in layers):
         raise DirectionError(f"Steered layers must be between 0 and {lm.n_layers - 1}; got {layers}.")
+    if estimator not in ESTIMATORS:
+        raise DirectionError(f"The estimator is one of {', '.join(ESTIMATORS)}, not {estimator!r}.")
+    if not 1 <= band <= lm.n_layers:
+        raise DirectionError(f"A band is 1 to {lm.n_layers} layers on this model, not {band}.")
+    if band > 1 and layers:
+        raise DirectionError("Give either the layers to steer or a band around the best one, not both.")
     with abort_on_cancel(lm, should_stop, "steering-vector extraction"):
         return _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
-                        max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs)
+                        max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator,
+                        band)
+
+
+def pca_directions(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """[L, H]: per layer, the first principal component of the paired differences chosen_i - rejected_i ([N, L, H]),
+    signed so that most pairs project positively, scaled to the mean projection (so its size reads like a mean
+    difference; steering uses its direction only)."""
+    diffs = (chosen - rejected).double()  # [N, L, H]
+    out = torch.zeros(diffs.shape[1:], dtype=torch.float64)
+    for l in range(diffs.shape[1]):
+        d = diffs[:, l]
+        centered = d - d.mean(0, keepdim=True)
+        v = torch.linalg.svd(centered, full_matrices=False).Vh[0] if d.shape[0] > 1 else d[0] / d[0].norm().clamp_min(1e-12)
+        proj = d @ v
+        if (proj > 0).double().mean() < 0.5 or ((proj > 0).double().mean() == 0.5 and proj.mean() < 0):
+            v, proj = -v, -proj
+        out[l] = v * proj.mean()
+    return out.float()
+
+
+def layer_band(best: int, band: int, n_layers: int) -> list[int]:
+    """``band`` contiguous layers around ``best`` (as centred as the model's ends allow), never block 0."""
+    lo = max(1, min(best - (band - 1) // 2, n_layers - band))
+    return list(range(lo, min(lo + band, n_layers)))
 
 
 def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
-             max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs) -> SteeringVector:
+             max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator="mean-difference",
+             band=1) -> SteeringVector:
     t0 = time.perf_counter()
     applied = lm.applied()  # [] here: the caller's mix was set aside; recorded as provenance
     strength = DEFAULT_STRENGTH if strength is None else float(strength)
@@ -398,7 +436,10 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
                                        should_stop=should_stop)
     chosen, rejected = acts[0::2].double(), acts[1::2].double()
     n_train = len(train)
-    vectors = (chosen[:n_train].mean(0) - rejected[:n_train].mean(0)).float()  # float64 means, stored as float32
+    if estimator == "pca":
+        vectors = pca_directions(chosen[:n_train], rejected[:n_train])
+    else:
+        vectors = (chosen[:n_train].mean(0) - rejected[:n_train].mean(0)).float()  # float64 means, stored as float32
     typical = norms[: 2 * n_train].double().mean(0).float()
     sc, sr = (chosen[n_train:], rejected[n_train:]) if held_out else (chosen, rejected)
     accuracy, effect = score_layers(vectors, sc, sr)
@@ -418,7 +459,8 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
     measured = by_estimate[:confirm]
     ranking = sorted(measured, key=lambda l: float(steer[l]), reverse=True) + by_estimate[confirm:]
     scores = torch.where(torch.isnan(steer), estimate, steer)
-    chosen_layers = list(layers) if layers else ranking[:1]
+    chosen_layers = list(layers) if layers else layer_band(ranking[0], band, lm.n_layers) if band > 1 else ranking[:1]
+    per_layer = strength / len(chosen_layers) if band > 1 else strength  # a band pushes as hard in all as one layer
     meta = {
         "ranking": ranking,
         "steerability": [None if torch.isnan(x) else round(float(x), 5) for x in scores],
@@ -431,11 +473,12 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
         "data_hash": pairs.data_hash(), "data_source": pairs.source, "data_format": pairs.format,
         "method": {"aggregate": aggregate, "val_fraction": val_fraction, "seed": seed, "padding_side": padding_side,
                    "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
-                   "strength": strength, "layers": layers, "steer_pairs": steer_pairs, "batch_size": batch_size},
+                   "strength": strength, "layers": layers, "steer_pairs": steer_pairs, "batch_size": batch_size,
+                   "estimator": estimator, "band": band},
         "applied_while_built": applied,
         "seconds": round(time.perf_counter() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     sv = SteeringVector(pairs.objective, vectors, typical, accuracy, effect, chosen_layers, lm.identity(),
-                        strength, meta, name or pairs.objective)
+                        per_layer, meta, name or pairs.objective)
     return sv

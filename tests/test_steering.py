@@ -162,3 +162,36 @@ def test_a_stop_during_the_first_order_backward_pass_stops_it(tiny_lm, tiny_pair
         first_order_steerability(tiny_lm, v.vectors, v.norms, list(tiny_pairs)[:2], [0, 1, 2], 1.0, should_stop=stop)
     assert len(calls) == 2  # asked once before the pass and once in the backward, which it ended
     assert [set(m._forward_hooks) for m in tiny_lm.decoder_layers()] == before
+
+
+def test_the_pca_estimator_is_the_first_component_of_the_paired_differences():
+    from engine.steering import pca_directions
+
+    g = torch.Generator().manual_seed(0)
+    axis = torch.tensor([3.0, -4.0, 0.0, 0.0]) / 5
+    rejected = torch.randn(64, 2, 4, generator=g)
+    along = 2.0 + 0.3 * torch.randn(64, generator=g)  # most pairs differ along +axis, with spread along it
+    chosen = rejected + along[:, None, None] * axis + 0.05 * torch.randn(64, 2, 4, generator=g)
+    v = pca_directions(chosen, rejected)
+    for l in range(2):
+        unit = v[l] / v[l].norm()
+        assert float(unit @ axis) > 0.99  # the axis, signed the way most pairs point
+        d = (chosen - rejected)[:, l].double()
+        assert float(v[l].norm()) == pytest.approx(float((d @ unit.double()).mean()), rel=1e-5)
+    flipped = pca_directions(rejected, chosen)
+    assert torch.allclose(flipped, -v, atol=1e-5)
+
+
+def test_a_band_of_layers_splits_the_strength(tiny_lm, tiny_pairs, tiny_vector):
+    from engine.steering import extract, layer_band
+
+    assert layer_band(5, 3, 30) == [4, 5, 6] and layer_band(1, 3, 30) == [1, 2, 3] and layer_band(29, 4, 30) == [26, 27, 28, 29]
+    sv = extract(tiny_lm, tiny_pairs, batch_size=6, max_response_tokens=48, max_prompt_tokens=48, strength=2.0, band=2,
+                 estimator="pca")
+    assert sv.layers == layer_band(sv.ranking[0], 2, tiny_lm.n_layers) and len(sv.layers) == 2
+    assert sv.strength == pytest.approx(1.0) and sv.meta["method"]["strength"] == 2.0
+    assert sv.meta["method"]["estimator"] == "pca" and sv.meta["method"]["band"] == 2
+    with pytest.raises(DirectionError, match="not both"):
+        extract(tiny_lm, tiny_pairs, layers=[1], band=2)
+    with pytest.raises(DirectionError, match="estimator"):
+        extract(tiny_lm, tiny_pairs, estimator="median")

@@ -13,7 +13,7 @@ from engine.data import FORMATS
 from engine.dpo import LOSSES
 from engine.errors import TsdpoError
 from engine.progress import Progress
-from engine.steering import AGGREGATES, PADDING_SIDES
+from engine.steering import AGGREGATES, ESTIMATORS, PADDING_SIDES
 from engine.weight_delta import PARAMS
 
 
@@ -31,7 +31,8 @@ def cmd_steer_extract(args) -> int:
     with PhaseBars() as progress:
         sv = extract(lm, pairs, aggregate=args.aggregate, batch_size=args.batch_size, val_fraction=args.val_fraction,
                      seed=args.seed, padding_side=args.padding_side, layers=layers, strength=args.strength,
-                     max_response_tokens=args.max_response_tokens, progress=progress, name=args.name)
+                     max_response_tokens=args.max_response_tokens, progress=progress, name=args.name,
+                     estimator=args.estimator, band=args.band)
         progress(Progress("saving", 0, 1))
         sv.save(out)
         progress(Progress("saving", 1, 1))
@@ -203,6 +204,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--layers", help="steer these layers (comma-separated) instead of the best-scoring one")
     p.add_argument("--strength", type=float, default=None, help="weight 1.0 adds this fraction of the layer's typical norm")
     p.add_argument("--aggregate", choices=AGGREGATES, default="mean", help="over response tokens")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="mean-difference",
+                   help="per layer: difference of the means, or the first principal component of the paired differences")
+    p.add_argument("--band", type=int, default=1,
+                   help="steer this many contiguous layers around the best one, the strength split across them")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--val-fraction", type=float, default=0.2, help="pairs held out to score layers")
     p.add_argument("--seed", type=int, default=0)
