@@ -106,11 +106,22 @@ def test_steer_lengths_reports_each_weight(capsys, tiny_vector, tiny_model_dir, 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Tell me about the sea.\nWrite a poem.\n")
     code, stdout, err = run(capsys, "lengths", "--direction", str(path), "--prompts", str(prompts),
-                            "--weights", "-1,0,1", "--max-new-tokens", "6", "--model", str(tiny_model_dir))
+                            "--weights", "-1,0,1", "--max-new-tokens", "6", "--model", str(tiny_model_dir),
+                            "--json-out", str(tmp_path / "lengths.json"))
     assert code == 0, err
     lines = stdout.splitlines()
-    assert lines[0].split() == ["weight", "mean", "tokens", "median", "at", "limit"]
-    assert [l.split()[0] for l in lines[1:4]] == ["-1", "0", "1"] and "monotonic increasing" in lines[4]
+    assert lines[0].split() == ["weight", "mean", "tokens", "median", "at", "limit", "distinct-2"]
+    assert [l.split()[0] for l in lines[1:4]] == ["-1", "0", "1"] and "vs -1:" in lines[4]
+    assert "monotonic increasing" in lines[5]
+    import json
+
+    from engine.sweep.metrics import distinct_n
+
+    saved = json.loads((tmp_path / "lengths.json").read_text())
+    assert [r["weight"] for r in saved["rows"]] == [-1, 0, 1] and len(saved["texts"]["1.0"]) == 2
+    for r in saved["rows"]:  # the distinct-2 printed is that of the replies saved
+        assert r["distinct2"] == round(distinct_n(saved["texts"][str(float(r["weight"]))]), 4)
+        assert f"{r['distinct2']:.3f}" in stdout
 
 
 def test_train_then_generate_with_the_direction_file(capsys, tiny_model_dir, demo_data, tmp_path):

@@ -3,12 +3,15 @@ at several weights of one direction)."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from engine.cli.common import (FORCE, MODEL, MODEL_AND_STORE, STORE, check_weights, cli_session, float_list, int_list,
                                load, load_mix, open_store, parse_mix, PhaseBars, progress_bar, read_prompts,
                                text_arg)
 from engine.errors import TsdpoError
+from engine.paths import atomic_write_text
 from engine.mixer import POSITIONS
 
 
@@ -101,13 +104,24 @@ def cmd_lengths(args) -> int:
         direction = direction.with_settings(int_list(args.layers, "--layers"), args.strength)
     name = mixer.add(direction)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    texts: dict[float, list[str]] = {}
     with PhaseBars() as progress:
-        lengths = response_lengths(mixer, name, weights, prompts, params, progress=progress)
-    rows = summarize_lengths(lengths, params.max_new_tokens)
-    print(f"{'weight':>8} {'mean tokens':>12} {'median':>8} {'at limit':>9}")
+        lengths = response_lengths(mixer, name, weights, prompts, params, progress=progress, texts=texts)
+    rows = summarize_lengths(lengths, params.max_new_tokens, texts)
+    print(f"{'weight':>8} {'mean tokens':>12} {'median':>8} {'at limit':>9} {'distinct-2':>11}")
     for r in rows:
-        print(f"{r['weight']:>8g} {r['mean_tokens']:>12.1f} {r['median_tokens']:>8g} {r['at_limit']:>9}")
+        print(f"{r['weight']:>8g} {r['mean_tokens']:>12.1f} {r['median_tokens']:>8g} {r['at_limit']:>9} {r['distinct2']:>11.3f}")
     means = [r["mean_tokens"] for r in rows]
+    ends = [r for r in rows if r["weight"] in (min(weights), max(weights))]
+    if len(ends) == 2 and ends[0]["mean_tokens"] > 0:
+        lo, hi = sorted(ends, key=lambda r: r["weight"])
+        print(f"weight {hi['weight']:g} vs {lo['weight']:g}: {hi['mean_tokens'] / max(lo['mean_tokens'], 1e-9):.2f}x the "
+              "tokens")
+    if args.json_out:
+        atomic_write_text(Path(args.json_out), json.dumps({"rows": rows, "lengths": {str(w): v for w, v in lengths.items()},
+                                                           "texts": {str(w): v for w, v in texts.items()},
+                                                           "direction": direction.describe(), "prompts": prompts,
+                                                           "max_new_tokens": params.max_new_tokens}, indent=1))
     how = ", ".join(f"{k} {v}" for k, v in direction.describe().items() if k in ("layers", "strength", "param"))
     print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, {direction.label}, {how})")
     return 0
@@ -139,5 +153,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--layers", help="steering only: override the steered layers")
     p.add_argument("--strength", type=float, help="steering only: override the strength")
+    p.add_argument("--json-out", help="also write the rows, every reply's length and text to this JSON file")
     p.add_argument("--positions", choices=POSITIONS, default="all")
     p.set_defaults(func=cmd_lengths)
