@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
 
 from engine.data import FORMATS
 from engine.progress import Progress
+from engine.steering import ESTIMATORS
 from studio.messages import BuildJob, Data, ExportJob, Job, JobResult
 
 AUTO = "detect"
@@ -76,6 +77,14 @@ class JobDialog(QDialog):
         if kind == "extract":
             self.strength = QDoubleSpinBox(minimum=0.01, maximum=5.0, singleStep=0.05, value=0.1, decimals=2)
             form.addRow("Strength (x layer norm at weight 1)", self.strength)
+            self.estimator = QComboBox()
+            self.estimator.addItems(list(ESTIMATORS))
+            self.estimator.setToolTip("Per layer: the difference of the mean activations, or the first principal "
+                                      "component of the paired differences")
+            form.addRow("Estimator", self.estimator)
+            self.band = QSpinBox(minimum=1, maximum=16, value=1)
+            self.band.setToolTip("Steer this many contiguous layers around the best one, the strength split across them")
+            form.addRow("Layers steered (band)", self.band)
         else:
             self.param = QComboBox()
             self.param.addItems(["lowrank", "full"])
@@ -118,6 +127,7 @@ class JobDialog(QDialog):
             job.weight = self.weight.value()
         if self.kind == "extract":
             job.strength = self.strength.value()
+            job.estimator, job.band = self.estimator.currentText(), self.band.value()
         else:
             job.param, job.steps, job.lr = self.param.currentText(), self.steps.value(), self.lr.value()
             job.beta, job.max_tokens = self.beta.value(), self.max_tokens.value()

@@ -65,6 +65,8 @@ class BuildJob:
     second: Optional[Data] = None  # scalarized: the second objective
     weight: float = 0.5  # scalarized: the share of the first objective
     strength: Optional[float] = None  # extract: weight 1 adds this fraction of the layer's typical norm
+    estimator: str = "mean-difference"  # extract: mean-difference | pca
+    band: int = 1  # extract: contiguous layers steered around the best one, the strength split across them
     param: str = "lowrank"
     steps: int = 60
     lr: float = 0.0  # 0: the default for the parameterization

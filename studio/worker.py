@@ -214,7 +214,7 @@ class ModelWorker(QObject):
             from engine.steering import extract
 
             direction = extract(self.lm, job.data.load(), progress=self.jobProgress.emit, should_stop=job.token,
-                                strength=job.strength)
+                                strength=job.strength, estimator=job.estimator, band=job.band)
         else:
             from engine.train import TrainConfig, train_direction
 

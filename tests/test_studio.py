@@ -180,10 +180,14 @@ def test_finished_job_adds_a_bindable_direction(qtbot, tmp_path, store, tiny_mod
     w = make_window(qtbot, tmp_path, store, tiny_model_dir)
     w.start_job(BuildJob("extract", "verbosity", str(tmp_path / "v.safetensors"),
                          Data(str(demo_data / "ultrafeedback_helpfulness_400.jsonl"), objective="verbosity", limit=12),
-                         strength=1.0))
+                         strength=1.0, estimator="pca", band=2))
     qtbot.waitUntil(lambda: "verbosity" in w.directions, timeout=60000)
     assert w.plane_view.plane.x.direction == "verbosity"  # bound to the free axis at once
     assert [d.name for d in store.directions()] == ["verbosity"]
+    from engine.loading import open_direction
+
+    built = open_direction(tmp_path / "v.safetensors")  # what the dialog's estimator and band asked for
+    assert built.meta["method"]["estimator"] == "pca" and len(built.layers) == 2 and built.strength == 0.5
     w.close()
 
 
@@ -380,6 +384,10 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     extract.strength.setValue(0.2)
     job = extract.job()
     assert (job.kind, job.name, job.strength, job.data) == ("extract", "verbosity", 0.2, Data(data, None, "verbosity", 50))
+    assert (job.estimator, job.band) == ("mean-difference", 1)
+    extract.estimator.setCurrentText("pca")
+    extract.band.setValue(3)
+    assert (extract.job().estimator, extract.job().band) == ("pca", 3)
     assert job.out == str(tmp_path / "verbosity.steer.safetensors") and job.second is None
 
     train = JobDialog("train", tmp_path, data)
