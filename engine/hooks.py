@@ -63,6 +63,11 @@ def linear_layer(modules: dict, weight: str) -> Optional[torch.nn.Module]:
     return module if module is not None and is_linear(module) else None
 
 
+def transposed_weights(modules: dict, weights) -> set[str]:
+    """Those of ``weights`` that belong to a linear layer storing its weight [in, out] (``stored_transposed``)."""
+    return {w for w in weights if (m := linear_layer(modules, w)) is not None and stored_transposed(m)}
+
+
 @contextmanager
 def completion_rows(model, mask: torch.Tensor) -> Iterator[None]:
     """The language-model head computes logits only where ``mask`` [rows, T] is set: its input [rows, T, H] becomes

@@ -42,6 +42,7 @@ AGGREGATES = ("mean", "last")  # over the response tokens: their mean, or the la
 ESTIMATORS = ("mean-difference", "pca")  # per layer: mean(chosen) - mean(rejected), or the paired differences' first PC
 PADDING_SIDES = ("right", "left")
 CONFIRMED_LAYERS = 3  # the candidates measured exactly after the first-order ranking
+PAIRS_PER_BACKWARD = 2  # probe pairs per backward pass of the first-order ranking (its memory grows with them)
 MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
 
 
@@ -241,6 +242,23 @@ def score_layers(vectors: torch.Tensor, chosen: torch.Tensor, rejected: torch.Te
     return accuracy.float(), effect.float()
 
 
+def _push(vectors: torch.Tensor, norms: torch.Tensor, layer: int, strength: float) -> torch.Tensor:
+    """What weight 1 adds at ``layer``: strength x the layer's typical norm along the unit vector."""
+    v = vectors[layer].float()
+    return strength * float(norms[layer]) * v / v.norm().clamp_min(1e-12)
+
+
+def _pair_margins(lm: LoadedModel, batch) -> torch.Tensor:
+    """Per pair, the mean per-token log-prob of the chosen reply minus the rejected one's, through the model's own
+    head path (Gemma's final soft-capping, Granite's logit scaling apply), computed at completion positions only."""
+    mask = batch.target_mask.bool()
+    with completion_rows(lm.model, mask):
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False).logits[0].float()
+    per_seq = completion_sums(token_logps(logits, batch.targets[mask]), mask) / mask.sum(-1).clamp_min(1).float()
+    return per_seq[: batch.n_pairs] - per_seq[batch.n_pairs:]
+
+
 @torch.no_grad()
 def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pairs: list, layers: list[int],
                  strength: float, max_prompt_tokens: int = 128, max_response_tokens: int = 96,
@@ -253,33 +271,20 @@ def steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pa
     says where the preference is readable; this says where adding the vector actually moves it.
     """
     batch = encode_pairs(lm, pairs, max_prompt_tokens, max_response_tokens).to(lm.device)
-    n = batch.n_pairs
-    mask = batch.target_mask.bool()
-    counts = mask.sum(-1).clamp_min(1).float()
     blocks = lm.decoder_layers()
     scores = torch.full((vectors.shape[0],), float("nan"))
     p = next(lm.model.parameters())
 
-    def margin() -> float:
-        # The model's own head path (Gemma's final soft-capping, Granite's logit scaling apply), computed at
-        # completion positions only: a fraction of the work of full logits.
-        with completion_rows(lm.model, mask):
-            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).logits[0].float()
-        per_seq = completion_sums(token_logps(logits, batch.targets[mask]), mask) / counts
-        return float((per_seq[:n] - per_seq[n:]).mean())
-
     done = 0
     for layer in layers:
-        v = vectors[layer].float()
-        add = (strength * float(norms[layer]) * v / v.norm().clamp_min(1e-12)).to(device=p.device, dtype=p.dtype)
+        add = _push(vectors, norms, layer, strength).to(device=p.device, dtype=p.dtype)
         result = []
         for sign in (1.0, -1.0):
             if should_stop is not None and should_stop():  # every pass, not every layer: one pass is a fraction of a second
                 raise Cancelled("steering-vector extraction (ranking layers)")
             handle = add_to_block_output(blocks[layer], sign * add)
             try:
-                result.append(margin())
+                result.append(float(_pair_margins(lm, batch).mean()))
             finally:
                 handle.remove()
             done += 1
@@ -301,7 +306,7 @@ class _Offset:
 
 def first_order_steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torch.Tensor, pairs: list,
                              layers: list[int], strength: float, max_prompt_tokens: int = 128,
-                             max_response_tokens: int = 96, pairs_per_pass: int = 2,
+                             max_response_tokens: int = 96, pairs_per_pass: int = PAIRS_PER_BACKWARD,
                              should_stop: Optional[Callable[[], bool]] = None,
                              progress: Optional[Phase] = None) -> torch.Tensor:
     """``steerability``'s score for every layer at once, to first order: d margin / d alpha at alpha = 0.
@@ -322,8 +327,7 @@ def first_order_steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torc
 
         for z in zeros.values():
             z.register_hook(stop_in_backward)
-    pushes = {l: (strength * float(norms[l]) * vectors[l].float() / vectors[l].float().norm().clamp_min(1e-12))
-              for l in layers}
+    pushes = {l: _push(vectors, norms, l, strength) for l in layers}
     total = {l: 0.0 for l in layers}
     chunks = [pairs[i:i + pairs_per_pass] for i in range(0, len(pairs), pairs_per_pass)]
     handles = [add_to_block_output(blocks[l], zeros[l]) for l in layers]
@@ -332,15 +336,9 @@ def first_order_steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torc
             if should_stop is not None and should_stop():
                 raise Cancelled("steering-vector extraction (ranking layers)")
             batch = encode_pairs(lm, chunk, max_prompt_tokens, max_response_tokens).to(p.device)
-            mask = batch.target_mask.bool()
-            counts = mask.sum(-1).clamp_min(1).float()
-            n = batch.n_pairs
-            with torch.enable_grad(), completion_rows(lm.model, mask):
-                logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids, use_cache=False).logits[0].float()
-                per_seq = completion_sums(token_logps(logits, batch.targets[mask]), mask) / counts
-                margin_sum = (per_seq[:n] - per_seq[n:]).sum() / len(pairs)  # this chunk's share of the mean
-                grads = torch.autograd.grad(margin_sum, [zeros[l] for l in layers])
+            with torch.enable_grad():
+                share = _pair_margins(lm, batch).sum() / len(pairs)  # this chunk's share of the mean margin
+                grads = torch.autograd.grad(share, [zeros[l] for l in layers])
             for l, g in zip(layers, grads):
                 total[l] += float(g.double().cpu() @ pushes[l].double().cpu())
             if progress is not None:
@@ -400,7 +398,8 @@ def pca_directions(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor
         centered = d - d.mean(0, keepdim=True)
         v = torch.linalg.svd(centered, full_matrices=False).Vh[0] if d.shape[0] > 1 else d[0] / d[0].norm().clamp_min(1e-12)
         proj = d @ v
-        if (proj > 0).double().mean() < 0.5 or ((proj > 0).double().mean() == 0.5 and proj.mean() < 0):
+        positive = float((proj > 0).double().mean())
+        if positive < 0.5 or (positive == 0.5 and proj.mean() < 0):
             v, proj = -v, -proj
         out[l] = v * proj.mean()
     return out.float()
@@ -413,8 +412,8 @@ def layer_band(best: int, band: int, n_layers: int) -> list[int]:
 
 
 def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
-             max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator="mean-difference",
-             band=1) -> SteeringVector:
+             max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator,
+             band) -> SteeringVector:
     t0 = time.perf_counter()
     applied = lm.applied()  # [] here: the caller's mix was set aside; recorded as provenance
     strength = DEFAULT_STRENGTH if strength is None else float(strength)
@@ -448,7 +447,7 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
     # Every candidate to first order (one forward and backward pass per two probe pairs), then the few best
     # measured at +-strength: the ranking costs a few passes, not two per layer.
     confirm = min(CONFIRMED_LAYERS, len(cands))
-    chunks = -(-len(probe_pairs) // 2)
+    chunks = -(-len(probe_pairs) // PAIRS_PER_BACKWARD)
     ranking_phase = Phase(progress, "ranking layers", chunks + 2 * confirm)
     estimate = first_order_steerability(lm, vectors, typical, probe_pairs, cands, strength, should_stop=should_stop,
                                         progress=ranking_phase)

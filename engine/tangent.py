@@ -32,7 +32,7 @@ from torch.func import functional_call, jvp
 from engine.branches import lora_branches, tangent_branches
 from engine.directions import DirectionError, Mix
 from engine.dpo import PairBatch, completion_sums, dpo_loss, token_logps
-from engine.hooks import completion_rows, in_out, is_linear, linear_layer, stored_transposed
+from engine.hooks import completion_rows, in_out, is_linear, linear_layer, transposed_weights
 from engine.models import LoadedModel, runs_at_base
 from engine.weight_delta import METHODS, PARAMS, WeightDelta
 
@@ -149,7 +149,7 @@ class DirectionModel(nn.Module):
         modules = dict(lm.model.named_modules())
         self.keys = {n: n.replace(".", "__") for n in names}
         # weights stored [in, out] (GPT-2's Conv1D): low-rank factors are the linear map's, the delta their transpose
-        self.transposed = sorted(n for n in names if (m := linear_layer(modules, n)) is not None and stored_transposed(m))
+        self.transposed = sorted(transposed_weights(modules, names))
         self.tau = nn.ParameterDict()
         for n in names:
             w = base[n]
@@ -269,8 +269,8 @@ def completion_logits(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str =
     """
     if tau and all(isinstance(t, tuple) for t in tau.values()):
         return _lowrank_logits(lm, batch, tau, method)
-    modules = dict(lm.model.named_modules())
-    transposed = {n for n in tau if (m := linear_layer(modules, n)) is not None and stored_transposed(m)}
+    factored = [n for n, t in tau.items() if isinstance(t, tuple)]  # (none in a full-rank training step)
+    transposed = transposed_weights(dict(lm.model.named_modules()), factored) if factored else set()
     params0, tangents, logits_at_completion, _, _ = _at_completion(lm, batch, _materialized(tau, transposed))
     if method == "tangent":
         with lm.forward_ad_kernels():

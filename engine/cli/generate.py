@@ -112,11 +112,9 @@ def cmd_lengths(args) -> int:
     for r in rows:
         print(f"{r['weight']:>8g} {r['mean_tokens']:>12.1f} {r['median_tokens']:>8g} {r['at_limit']:>9} {r['distinct2']:>11.3f}")
     means = [r["mean_tokens"] for r in rows]
-    ends = [r for r in rows if r["weight"] in (min(weights), max(weights))]
-    if len(ends) == 2 and ends[0]["mean_tokens"] > 0:
-        lo, hi = sorted(ends, key=lambda r: r["weight"])
-        print(f"weight {hi['weight']:g} vs {lo['weight']:g}: {hi['mean_tokens'] / max(lo['mean_tokens'], 1e-9):.2f}x the "
-              "tokens")
+    lo, hi = min(rows, key=lambda r: r["weight"]), max(rows, key=lambda r: r["weight"])
+    if lo is not hi and lo["mean_tokens"] > 0:
+        print(f"weight {hi['weight']:g} vs {lo['weight']:g}: {hi['mean_tokens'] / lo['mean_tokens']:.2f}x the tokens")
     if args.json_out:
         atomic_write_text(Path(args.json_out), json.dumps({"rows": rows, "lengths": {str(w): v for w, v in lengths.items()},
                                                            "texts": {str(w): v for w, v in texts.items()},

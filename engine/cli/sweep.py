@@ -3,7 +3,6 @@ linearization gap), resumable, with plots and a report."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 from engine.cli.common import MODEL_AND_STORE, PhaseBars, load, open_store, parse_point, read_prompts
@@ -58,10 +57,8 @@ def cmd_sweep(args) -> int:
             share = float(sources[0]["weight"]) if sources else float("nan")
             points.append((d.name, d, share))
         methods.append(Method("scalarized", "scalarized", points=points))
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, the grid's points are shared out
     bars = PhaseBars()
-    sweep = Sweep(lm, methods, data, cfg, args.out, progress=bars if main_process else None,
-                  trust_remote_code=args.trust_remote_code)
+    sweep = Sweep(lm, methods, data, cfg, args.out, progress=bars, trust_remote_code=args.trust_remote_code)
     try:
         with bars:
             result = sweep.run()

@@ -47,6 +47,7 @@ class HFWriter(Writer):
         self.max_shard_size = max_shard_size
         self._reference: Optional[torch.Tensor] = None  # the studio's mixed model on a fixed prompt
         self._unsteered: Optional[torch.Tensor] = None  # the same without the steering (when it is baked)
+        self._targets: dict[int, tuple[str, float]] = {}  # steered block -> (the bias carrying it, divisor); validate()
         self._written: dict[str, torch.Tensor] = {}  # strided samples of every tensor as it was written
 
     def validate(self) -> None:
@@ -57,7 +58,7 @@ class HFWriter(Writer):
                 "checkpoint as an MLP bias (--bake-steering; in the studio, 'Bake steering vectors'), which Llama-style "
                 "models can carry.")
         if self.mix.steering:
-            self._bias_targets()  # refuses an architecture that cannot carry the bias
+            self._targets = self._bias_targets()  # refuses an architecture that cannot carry the bias
             self.notes.append("Steering is baked in as the down-projection bias of the steered blocks, so it acts at "
                               "every position (prompt and reply).")
         if self.lm.source.kind in ("gguf", "embedded"):
@@ -124,7 +125,7 @@ class HFWriter(Writer):
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             state = {k: v.detach() for k, v in lm.model.state_dict().items()}
-            targets = self._bias_targets() if self.mix.steering else {}
+            targets = self._targets
             if any(name not in state for name, _ in targets.values()):
                 config.mlp_bias = True  # the architecture's own switch for MLP biases (zeros where not steered)
             with torch.device("meta"):

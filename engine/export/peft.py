@@ -13,7 +13,7 @@ import torch
 
 from engine.directions import DirectionError
 from engine.export.base import ExportError, StopCheck, Writer, base_lines, max_diff, mix_lines, names
-from engine.hooks import linear_layer, stored_transposed
+from engine.hooks import transposed_weights
 from engine.progress import ProgressFn, note
 
 WEIGHT_TOLERANCE = 1e-5  # B @ A read back vs sum_k alpha_k tau_k, relative to the largest delta
@@ -33,12 +33,8 @@ class PeftWriter(Writer):
         except DirectionError as exc:
             raise ExportError(f"{exc} Export a merged checkpoint with --format hf instead.") from exc
         self.tensors: dict[str, torch.Tensor] = {}
-
-    def _transposed(self, weight: str) -> bool:
-        if not hasattr(self, "_modules"):
-            self._modules = dict(self.lm.model.named_modules())
-        module = linear_layer(self._modules, weight)
-        return module is not None and stored_transposed(module)
+        # GPT-2's Conv1D stores its weight [in, out]: PEFT's fan_in_fan_out, which is one flag for the adapter
+        self.transposed = transposed_weights(dict(self.lm.model.named_modules()), self.adapter)
 
     def estimate_bytes(self) -> int:
         return sum((A.numel() + B.numel()) * 4 for B, A in self.adapter.values()) + (1 << 20)
@@ -54,9 +50,7 @@ class PeftWriter(Writer):
             ranks[module] = int(A.shape[0])
         stop_check("while summing")
         r = max(set(ranks.values()), key=list(ranks.values()).count)
-        # GPT-2's Conv1D stores its weight [in, out]: PEFT's fan_in_fan_out, which is one flag for the adapter
-        fan_in_fan_out = {w for w in self.adapter if self._transposed(w)}
-        if fan_in_fan_out and len(fan_in_fan_out) != len(self.adapter):
+        if self.transposed and len(self.transposed) != len(self.adapter):
             raise ExportError(f"This {self.lm.model_type} model mixes linear layers stored [out, in] and [in, out] "
                               "(Conv1D) in one mix, which one LoRA adapter's fan_in_fan_out flag cannot describe. "
                               "Export a merged checkpoint with --format hf instead.")
@@ -66,7 +60,7 @@ class PeftWriter(Writer):
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,  # scaling = alpha / r = 1
             "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": bool(fan_in_fan_out),
+            "fan_in_fan_out": bool(self.transposed),
             "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None, "layers_to_transform": None,
         }
@@ -84,7 +78,7 @@ class PeftWriter(Writer):
         for w in self.adapter:
             module = w[: -len(".weight")]
             got = back[f"base_model.model.{module}.lora_B.weight"] @ back[f"base_model.model.{module}.lora_A.weight"]
-            got = got.T if self._transposed(w) else got  # as PEFT merges it into a weight stored [in, out]
+            got = got.T if w in self.transposed else got  # as PEFT merges it into a weight stored [in, out]
             want = self.mix.weight_delta(w)
             worst = max(worst, max_diff(got, want))
             biggest = float(want.abs().max())

@@ -161,6 +161,8 @@ class Sweep:
                             for i in range(0, len(p), cfg.batch_size)] for o, p in self.pairs.items()}
         self.key = self._key(data)
         self.procs = _Processes()
+        if not self.procs.main:
+            self.progress = None  # the first process of a sharded sweep reports; the others measure quietly
         if self.procs.main:  # the folder is checked and claimed (its key written) before the others read it
             self.state = self._load_state()
             self._save_state()
@@ -344,7 +346,6 @@ class Sweep:
         procs = self.procs
         mine = [it for i, it in enumerate(items) if i % procs.world == procs.rank]  # fixed by the plan, so a resumed
         #                                                                           sharded run shards alike
-        cca = procs.main and any(m.kind != "scalarized" for m in self.methods)
         total = len(mine) + 1 + (sum(1 for m in self.methods if m.kind != "scalarized") if procs.main else 0)
         done = 0
         phase = Phase(self.progress, "sweep", total)
@@ -374,7 +375,7 @@ class Sweep:
             return None  # the first process gathers the points and writes the results
         self.state["points"].update(self._saved_points())
         for m in self.methods:
-            if cca and m.kind != "scalarized" and m.name not in self.state["cca"]:
+            if m.kind != "scalarized" and m.name not in self.state["cca"]:
                 if self.should_stop():
                     raise Cancelled(f"the sweep (saved {done} of {total}; run it again to resume)")
                 phase.update(done, point=f"{m.name}: representation changes")
@@ -431,10 +432,10 @@ class Sweep:
                   "coords": self.coords, "base": base, "methods": {}}
         metric = cfg.pareto_metric
         all_points = []
-        self._entry_logps: dict[str, list] = {}  # method -> each entry's logps (None: the base model), for the bootstrap
+        entry_logps: dict[str, list] = {}  # method -> each entry's logps (None: the base model), for the bootstrap
         for m in self.methods:
             entries = []
-            logps = self._entry_logps.setdefault(m.name, [])
+            logps = entry_logps.setdefault(m.name, [])
             if m.kind == "scalarized":
                 for label, d, share in m.points:
                     rec = pts.get(f"{m.name}|{label}")
@@ -456,7 +457,7 @@ class Sweep:
             result["methods"][m.name] = {"kind": m.kind, "points": entries,
                                          "directions": [d.name for d in m.axes()]}
             all_points += [(e[f"{ox}/{metric}"], e[f"{oy}/{metric}"]) for e in entries]
-        ref = tuple(cfg.reference) if cfg.reference else (min(p[0] for p in all_points), min(p[1] for p in all_points))
+        ref = self._reference(all_points)
         result["reference"] = {"point": list(ref), "metric": metric,
                                "how": "given" if cfg.reference else "the worst value of each objective over all methods' points"}
         for name, info in result["methods"].items():
@@ -466,34 +467,39 @@ class Sweep:
             info["hypervolume"] = hypervolume(p, ref)
             info["smoothness"] = self._smoothness(info)
         result["cca"] = self.state["cca"]
-        result["bootstrap"] = self._bootstrap(result)
+        result["bootstrap"] = self._bootstrap(result, entry_logps)
         return result
 
-    def _bootstrap(self, result: dict, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    def _reference(self, points: list[tuple[float, float]]) -> tuple[float, float]:
+        """The hypervolume reference: the one given, else the worst value of each objective over ``points``."""
+        if self.cfg.reference:
+            return tuple(self.cfg.reference)
+        return min(p[0] for p in points), min(p[1] for p in points)
+
+    def _bootstrap(self, result: dict, entry_logps: dict[str, list], resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> dict:
         """95% intervals on every method's hypervolume and on the ratio of every two, from the held-out pairs
         resampled with replacement (the same resample for every point, so the methods are compared on the same
         data each time); the reference point is found the same way in each resample as in the result."""
-        cfg, metric = self.cfg, self.cfg.pareto_metric
+        metric = self.cfg.pareto_metric
         base = self.state["base"]["logps"]
         g = torch.Generator().manual_seed(seed)
         n = {o: len(base[o]) // 2 for o in self.objectives}
         idx = {o: torch.randint(n[o], (resamples, n[o]), generator=g) for o in self.objectives}
         means = {}  # method -> objective -> [entries, resamples]
-        for name, logps in self._entry_logps.items():
+        value = _won if metric == "accuracy" else float  # what a pair contributes to the metric's mean
+        for name, logps in entry_logps.items():
             means[name] = {}
             margins = [self._pair_margins(lp, base) if lp is not None else None for lp in logps]
             for o in self.objectives:
-                per_pair = torch.tensor([m[o] if m is not None else [0.0] * n[o] for m in margins],
+                per_pair = torch.tensor([[value(x) for x in (m[o] if m is not None else [0.0] * n[o])] for m in margins],
                                         dtype=torch.float64).reshape(len(logps), n[o])
-                if metric == "accuracy":
-                    per_pair = (per_pair > 0).double() + 0.5 * (per_pair == 0).double()
                 means[name][o] = per_pair[:, idx[o]].mean(-1)
         ox, oy = self.objectives
         volumes: dict[str, list[float]] = {name: [] for name in means}
         for b in range(resamples):
             points = {name: list(zip(m[ox][:, b].tolist(), m[oy][:, b].tolist())) for name, m in means.items()}
-            every = [p for ps in points.values() for p in ps]
-            ref = tuple(cfg.reference) if cfg.reference else (min(p[0] for p in every), min(p[1] for p in every))
+            ref = self._reference([p for ps in points.values() for p in ps])
             for name, ps in points.items():
                 volumes[name].append(hypervolume(ps, ref))
 
