@@ -146,9 +146,17 @@ def test_a_bake_that_misses_the_steering_fails_the_export(lm, steer, tmp_path, m
     targets = HFWriter._bias_targets
     monkeypatch.setattr(HFWriter, "_bias_targets", lambda self: {l: (n, f / 0.22) for l, (n, f) in targets(self).items()})
     mixer = _mixer(lm, steer)
-    with pytest.raises(ExportError, match="does not reproduce"):
-        export_mix(lm, mixer, {steer.name: 0.05}, tmp_path / "wrong", bake_steering=True)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    with pytest.raises(ExportError, match="does not reproduce") as info:
+        export_mix(lm, mixer, {steer.name: 0.001}, tmp_path / "wrong", bake_steering=True)
     assert not (tmp_path / "wrong").exists()
+    import re
+
+    from engine.export.hf import MIX_TOLERANCE
+
+    missed = float(re.search(r"differ by up to ([0-9.e+-]+)", str(info.value)).group(1))
+    assert missed < MIX_TOLERANCE["float32"]  # a weight this small passed the absolute bound alone
+    assert not mixer.active and all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
 
 
 def test_hf_export_in_bfloat16(lm, tmp_path):
