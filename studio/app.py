@@ -44,6 +44,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     app.setApplicationName("tsdpo-studio")
     app.setStyle("Fusion")
     pg.setConfigOptions(antialias=True)
+    # Python's cycle collector runs in whichever thread allocates when a threshold is crossed: in the model's worker
+    # thread it would destroy Qt objects the window made, which crashes Qt. pyqtgraph's collector turns the automatic
+    # one off and collects on a timer in this (the GUI) thread instead.
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    app.cycle_collector = GarbageCollector(interval=1.0)  # kept for the life of the app
     window = MainWindow()
     if args.device:
         window.settings.setValue("device", args.device)

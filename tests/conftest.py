@@ -72,6 +72,25 @@ def tiny_lm(_tiny_lm_and_snapshot):
         lm.model.set_attn_implementation(snap["attn"])
 
 
+@pytest.fixture(autouse=True)
+def _cycles_collected_on_the_gui_thread(request):
+    """In a test with Qt widgets and the worker thread, no automatic cycle collection: run in the worker thread it
+    can destroy Qt objects the GUI thread made (a segfault seen once in a fresh clone's run, while the worker loaded a
+    model). The test's cycles are collected here, on the main thread, after its widgets are closed. The studio does
+    the same with pyqtgraph's GarbageCollector."""
+    if "qtbot" not in request.fixturenames:
+        yield
+        return
+    import gc
+
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.enable()
+
+
 @pytest.fixture
 def demo_data() -> Path:
     """Real preference pairs (subsets of UltraFeedback and HH-RLHF) shipped in assets/data."""
