@@ -5,13 +5,75 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli.common import MODEL_AND_STORE, PhaseBars, load, open_store, parse_point, read_prompts
+from engine.cli.common import MODEL_AND_STORE, PhaseBars, float_list, load, open_store, parse_point, read_prompts
 from engine.errors import TsdpoError
 from engine.sweep import METRICS
 
 
-def cmd_sweep(args) -> int:
+def heldout_data(args) -> dict:
+    """Each --data OBJECTIVE=FILE's held-out split, cut as in training (--limit, --length-matched, --val-fraction,
+    --seed)."""
     from engine.data import load_pairs
+
+    data = {}
+    for spec in args.data:
+        objective, sep, path = spec.partition("=")
+        if not sep:
+            raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
+                        length_matched=args.length_matched)
+        data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
+        print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
+    return data
+
+
+def cmd_effects(args) -> int:
+    import json
+    from pathlib import Path
+
+    from engine.loading import load_direction
+    from engine.paths import atomic_write_text
+    from engine.sweep.effects import EffectsConfig, effects_markdown, axis_effects
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise TsdpoError(f"{out} exists; choose another --out or pass --overwrite.")
+    cfg = EffectsConfig(weights=float_list(args.weights, "--weights"), pairs=args.pairs, beta=args.beta,
+                        max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
+                        linearization_gap=not args.no_lin_gap)
+    cfg.check()
+    data = heldout_data(args)
+    lm = load(args, args.model)
+    store = None if args.no_store else open_store(args)
+    directions = [load_direction(ref, lm, store) for ref in args.direction]
+    names = [d.name for d in directions]
+    if len(set(names)) != len(names):
+        raise TsdpoError(f"Two directions share a name ({', '.join(names)}); give each its own (tsdpo directions add --name).")
+    bars = PhaseBars()
+    with bars:
+        result = axis_effects(lm, directions, data, cfg, progress=bars)
+    result["model"] = {"name": lm.name, "fingerprint": lm.fingerprint}
+    result["sources"] = {"directions": list(args.direction), "data": list(args.data), "val_fraction": args.val_fraction,
+                         "seed": args.seed, "limit": args.limit, "length_matched": args.length_matched}
+    atomic_write_text(out, json.dumps(result, indent=1))
+    table = effects_markdown(result)
+    atomic_write_text(out.with_suffix(".md"), table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def _heldout_options(p) -> None:
+    p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE",
+                   help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
+    p.add_argument("--format", default=None)
+    p.add_argument("--limit", type=int, help="as in training")
+    p.add_argument("--length-matched", type=float, metavar="RATIO", help="as in training")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
+    p.add_argument("--seed", type=int, default=0, help="as in training")
+
+
+def cmd_sweep(args) -> int:
     from engine.loading import load_direction
     from engine.sweep import Method, Sweep, SweepConfig, write_outputs
 
@@ -25,15 +87,7 @@ def cmd_sweep(args) -> int:
     if not (args.x or args.steer_x or args.scalarized):
         raise TsdpoError("Nothing to sweep: give tangent directions (--x, --y), steering vectors (--steer-x, --steer-y) "
                          "and/or scalarized runs (--scalarized FILE, repeatable).")
-    data = {}
-    for spec in args.data:
-        objective, sep, path = spec.partition("=")
-        if not sep:
-            raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
-        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
-                        length_matched=args.length_matched)
-        data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
-        print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
+    data = heldout_data(args)
     lm = load(args, args.model)
     store = None if args.no_store else open_store(args)
     methods = []
@@ -94,13 +148,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--steer-x", help="steering vector on the x axis (the steering grid)")
     p.add_argument("--steer-y", help="steering vector on the y axis")
     p.add_argument("--scalarized", action="append", default=[], metavar="FILE", help="a scalarized-DPO run (repeatable)")
-    p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE",
-                   help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
-    p.add_argument("--format", default=None)
-    p.add_argument("--limit", type=int, help="as in training")
-    p.add_argument("--length-matched", type=float, metavar="RATIO", help="as in training")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
-    p.add_argument("--seed", type=int, default=0, help="as in training")
+    _heldout_options(p)
     p.add_argument("--pairs", type=int, default=16, help="held-out pairs per objective to score")
     p.add_argument("--prompts", help="prompts for length / distinct-2 / reward (.jsonl with 'prompt', or .txt)")
     p.add_argument("--n-prompts", type=int, default=8)
@@ -114,3 +162,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per point)")
     p.add_argument("--out", required=True, help="a folder: results, plots and report; rerun with the same --out to resume")
     p.set_defaults(func=cmd_sweep)
+
+    q = sub.add_parser("effects", parents=MODEL_AND_STORE,
+                       help="each direction alone at a few weights: every objective's held-out margin, its monotonicity "
+                            "and slope with 95%% intervals, and the cross-effects")
+    q.add_argument("--direction", action="append", default=[], required=True,
+                   help="a direction file or stored name (repeatable)")
+    _heldout_options(q)
+    q.add_argument("--pairs", type=int, default=64, help="held-out pairs per objective to score")
+    q.add_argument("--weights", default="-1,-0.5,0,0.5,1", help="increasing, including 0")
+    q.add_argument("--beta", type=float, default=0.1)
+    q.add_argument("--max-prompt-tokens", type=int, default=128)
+    q.add_argument("--max-response-tokens", type=int, default=128)
+    q.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per tangent point)")
+    q.add_argument("--out", required=True, help="a .json file (a .md table is written beside it)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_effects)

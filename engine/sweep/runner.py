@@ -122,6 +122,27 @@ def _token_logps(lm: LoadedModel, batch: PairBatch) -> torch.Tensor:
     return token_logps(out.logits, batch.targets) * batch.target_mask
 
 
+def response_logps(lm: LoadedModel, batches: dict[str, list[PairBatch]]) -> dict[str, list[list[float]]]:
+    """Per objective, the response-token log-probs of each pair's chosen reply, then its rejected one."""
+    out = {}
+    for o, bs in batches.items():
+        rows = []
+        for b in bs:
+            lp = _token_logps(lm, b)
+            n = b.n_pairs  # a batch holds every chosen reply, then every rejected one
+            for i in range(n):
+                rows += [lp[k][b.target_mask[k].bool()].tolist() for k in (i, n + i)]
+        out[o] = rows
+    return out
+
+
+def implicit_margins(rows: list[list[float]], base: list[list[float]], beta: float) -> list[float]:
+    """Each held-out pair's implicit-reward margin against the base model, from ``response_logps`` rows:
+    beta * [(log pi(y_w) - log pi0(y_w)) - (log pi(y_l) - log pi0(y_l))]."""
+    return [beta * ((sum(rows[i]) - sum(base[i])) - (sum(rows[i + 1]) - sum(base[i + 1])))
+            for i in range(0, len(rows), 2)]
+
+
 # --------------------------------------------------------------------------------------------- the sweep
 
 class Sweep:
@@ -232,17 +253,7 @@ class Sweep:
         return w
 
     def _logps(self) -> dict[str, list[list[float]]]:
-        """Per objective, the response-token log-probs of each pair's chosen reply, then its rejected one."""
-        out = {}
-        for o, batches in self.batches.items():
-            rows = []
-            for b in batches:
-                lp = _token_logps(self.lm, b)
-                n = b.n_pairs  # a batch holds every chosen reply, then every rejected one
-                for i in range(n):
-                    rows += [lp[k][b.target_mask[k].bool()].tolist() for k in (i, n + i)]
-            out[o] = rows
-        return out
+        return response_logps(self.lm, self.batches)
 
     def _generate(self) -> dict:
         from engine.generation import SamplingParams, generate
@@ -289,13 +300,7 @@ class Sweep:
         return sum(gaps) / len(gaps)
 
     def _pair_margins(self, lp: dict, base: dict) -> dict[str, list[float]]:
-        """Per objective, each held-out pair's implicit-reward margin against the base model."""
-        out = {}
-        for o in self.objectives:
-            rows, brows = lp[o], base[o]
-            out[o] = [self.cfg.beta * ((sum(rows[i]) - sum(brows[i])) - (sum(rows[i + 1]) - sum(brows[i + 1])))
-                      for i in range(0, len(rows), 2)]
-        return out
+        return {o: implicit_margins(lp[o], base[o], self.cfg.beta) for o in self.objectives}
 
     def _metrics(self, lp: dict, base: dict) -> dict:
         res = {}
