@@ -281,6 +281,12 @@ def completion_logits(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str =
     return logits_at_completion({n: params0[n] + tangents[n] for n in params0}), ref_logits
 
 
+def per_token_logps(batch: PairBatch, logits_at_completion: torch.Tensor) -> torch.Tensor:
+    """Each row's mean log-prob per response token, from logits at the completion positions."""
+    mask = batch.target_mask.bool()
+    return _sequence_logps(batch, mask, logits_at_completion) / mask.sum(-1).clamp_min(1).float()
+
+
 def completion_logps(lm: LoadedModel, batch: PairBatch, tau: Tau, method: str = "tangent",
                      average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence completion log-probs (policy, reference) for all rows of ``batch``, from
@@ -305,7 +311,7 @@ def completion_logp_derivative(lm: LoadedModel, batch: PairBatch, deltas: dict[s
         return jvp(lambda params: seq_sum(logits_at_completion(params)), (params0,), (tangents,))
 
 
-def _tau_of(lm: LoadedModel, mix: Mix) -> Tau:
+def mix_tau(lm: LoadedModel, mix: Mix) -> Tau:
     """The weight-space terms of ``mix`` as (sum alpha B, A0) factors where they share A0 on linear layers (run as
     branches), else as full deltas."""
     ws = mix.weight_space
@@ -325,7 +331,7 @@ def linearization_gap(lm: LoadedModel, batch: PairBatch, mix: Mix, average: bool
     """Completion log-probs of the linearized model and of the ordinary model at theta0 + sum alpha tau (the
     weight-space terms of ``mix``; per response token with ``average``). The difference shows where the
     tangent approximation holds."""
-    tau = _tau_of(lm, mix)
+    tau = mix_tau(lm, mix)
     lin, base = completion_logps(lm, batch, tau, "tangent", average=average)
     ordinary, _ = completion_logps(lm, batch, tau, "scalarized", average=average)
     gap = (lin - ordinary).abs()

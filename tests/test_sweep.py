@@ -280,3 +280,60 @@ def test_the_bootstrap_intervals_come_from_the_held_out_pairs(setup, tmp_path):
         assert hi == pytest.approx(one["methods"][name]["hypervolume"], abs=1e-12)
     for r in one["bootstrap"]["ratios"].values():
         assert r["interval"] == pytest.approx([r["value"]] * 2)
+
+
+def test_the_gap_map_is_the_sweeps_linearization_gap_at_every_point(setup):
+    """One JVP per direction and one forward per point give, at each point, what `linearization_gap` measures with
+    a JVP of its own; the gap grows away from the origin."""
+    from engine.directions import Mix
+    from engine.dpo import encode_pairs
+    from engine.sweep import linearization_gap_map
+    from engine.tangent import linearization_gap
+
+    lm, methods, data, cfg = setup
+    tx, ty = methods[0].x, methods[0].y
+    dirs = {"x": tx, "y": ty}
+    pairs = data["helpfulness"].pairs[:3]
+    xs, ys = [-1.0, 0.0, 0.5, 2.0], [-1.0, 0.0, 1.0]
+    result = linearization_gap_map(lm, pairs, dirs, lambda x, y: {"x": x, "y": 0.5 * y}, xs, ys, max_tokens=32)
+    batch = encode_pairs(lm, pairs, 32, 32)
+    for j, y in enumerate(ys):
+        for i, x in enumerate(xs):
+            want = 0.0 if x == y == 0 else linearization_gap(lm, batch, Mix.of(dirs, {"x": x, "y": 0.5 * y}), average=True)["gap_mean"]
+            assert result["gap"][j][i] == pytest.approx(want, rel=1e-3, abs=1e-6)
+    row = result["gap"][ys.index(0.0)]
+    assert row[xs.index(0.5)] < row[xs.index(-1.0)] and row[xs.index(0.5)] < row[xs.index(2.0)]
+    rel = result["relative"][ys.index(0.0)]
+    assert 0 < rel[xs.index(0.5)] < rel[xs.index(2.0)]
+
+
+def test_cli_gap_map_measures_trained_directions_on_their_held_out_pairs(tiny_model_dir, demo_data, tmp_path, capsys):
+    from engine.loading import load_direction
+    from engine.plane import Axis, PreferencePlane
+    from engine.sweep import gap_map_key, heldout_pairs_of
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    files = {}
+    for objective in ("helpfulness", "verbosity"):
+        files[objective] = tmp_path / f"{objective}.safetensors"
+        assert main(["train", "--model", str(tiny_model_dir), "--data", str(uf), "--objective", objective, "--limit", "12",
+                     "--steps", "2", "--lr", "0.05", "--max-prompt-tokens", "16", "--max-response-tokens", "16",
+                     "--out", str(files[objective]), "--no-store"]) == 0
+    out = tmp_path / "gap.json"
+    args = ["gap-map", "--model", str(tiny_model_dir), "--x", str(files["helpfulness"]), "--y", str(files["verbosity"]),
+            "--grid", "3", "--range", "-2,2", "--pairs", "2", "--max-tokens", "16", "--no-store", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "relative linearization gap" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["xs"] == [-2, 0, 2] and result["ys"] == [-2, 0, 2]
+    assert result["relative"][1][1] == 0.0 and result["gap"][0][0] > 0
+    lm = load_model(tiny_model_dir)
+    d = load_direction(files["helpfulness"], lm)
+    pairs = next(iter(heldout_pairs_of(d, limit=2).values()))
+    plane = PreferencePlane(Axis("helpfulness", 1.0, -2, 2), Axis("verbosity", 1.0, -2, 2))
+    from engine.directions import file_sha256
+    shas = {n: file_sha256(f) for n, f in files.items()}
+    assert result["key"] == gap_map_key(lm.fingerprint, plane, shas, 3, pairs, 16)
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    assert main(args[:-2] + ["--grid", "4", "--out", str(tmp_path / "g.json")]) == 2
+    assert "odd" in capsys.readouterr().err

@@ -63,6 +63,40 @@ def cmd_effects(args) -> int:
     return 0
 
 
+def cmd_gap_map(args) -> int:
+    import json
+    from pathlib import Path
+
+    from engine.loading import load_direction
+    from engine.paths import atomic_write_text
+    from engine.plane import Axis, PreferencePlane
+    from engine.sweep import plane_gap_map
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise TsdpoError(f"{out} exists; choose another --out or pass --overwrite.")
+    lo, hi = parse_point(args.range, "--range", "LOW,HIGH")
+    lm = load(args, args.model)
+    store = None if args.no_store else open_store(args)
+    dx, dy = load_direction(args.x, lm, store), load_direction(args.y, lm, store)
+    if dx.name == dy.name:
+        raise TsdpoError(f"Both axes hold a direction named {dx.name!r}; give one another name (tsdpo directions add --name).")
+    plane = PreferencePlane(Axis(dx.name, args.scale_x, lo, hi), Axis(dy.name, args.scale_y, lo, hi))
+    bars = PhaseBars()
+    with bars:
+        result = plane_gap_map(lm, plane, {dx.name: dx, dy.name: dy}, grid=args.grid, n_pairs=args.pairs,
+                               max_tokens=args.max_tokens, progress=bars)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    rel, xs, ys = result["relative"], result["xs"], result["ys"]
+    print(f"relative linearization gap (|log pi_lin - log pi| / |log pi - log pi0| per token), rows {dy.name}, "
+          f"columns {dx.name}:")
+    print("      " + " ".join(f"{x:>6g}" for x in xs))
+    for y, row in zip(reversed(ys), reversed(rel)):
+        print(f"{y:>5g} " + " ".join(f"{v:6.2f}" for v in row))
+    print(f"wrote {out} (the studio draws it when these directions are on the plane's axes)")
+    return 0
+
+
 def _heldout_options(p) -> None:
     p.add_argument("--data", action="append", default=[], required=True, metavar="OBJECTIVE=FILE",
                    help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
@@ -178,3 +212,18 @@ def add_parsers(sub) -> None:
     q.add_argument("--out", required=True, help="a .json file (a .md table is written beside it)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_effects)
+
+    g = sub.add_parser("gap-map", parents=MODEL_AND_STORE,
+                       help="where the plane's weight arithmetic departs from the linearized model two tangent "
+                            "directions were trained on (one JVP per direction, one forward per point)")
+    g.add_argument("--x", required=True, help="TS-DPO direction on the x axis (file or stored name)")
+    g.add_argument("--y", required=True, help="TS-DPO direction on the y axis")
+    g.add_argument("--scale-x", type=float, default=1.0, help="weight at x = 1")
+    g.add_argument("--scale-y", type=float, default=1.0, help="weight at y = 1")
+    g.add_argument("--range", default="-1,1", metavar="LOW,HIGH", help="where the point can go on both axes")
+    g.add_argument("--grid", type=int, default=7, help="points per axis (odd)")
+    g.add_argument("--pairs", type=int, default=4, help="held-out pairs of the first direction (by name) to measure on")
+    g.add_argument("--max-tokens", type=int, default=64, help="prompt and response tokens per pair")
+    g.add_argument("--out", required=True, help="a .json file")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=cmd_gap_map)

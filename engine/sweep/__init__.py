@@ -22,10 +22,10 @@ heatmap layers (``studio.heatmaps``).
 """
 
 from engine.sweep.metrics import canonical_correlations, distinct_n, hypervolume, monotonicity, pareto_front
-from engine.sweep.predict import heldout_pairs_of, margin_gradients, predicted_maps
+from engine.sweep.predict import gap_map_key, heldout_pairs_of, linearization_gap_map, margin_gradients, plane_gap_map, predicted_maps
 from engine.sweep.report import report, write_outputs
 from engine.sweep.runner import METRICS, Method, Sweep, SweepConfig, SweepError
 
 __all__ = ["METRICS", "Method", "Sweep", "SweepConfig", "SweepError", "canonical_correlations", "distinct_n",
-           "heldout_pairs_of", "hypervolume", "margin_gradients", "monotonicity", "pareto_front", "predicted_maps",
+           "gap_map_key", "heldout_pairs_of", "hypervolume", "linearization_gap_map", "plane_gap_map", "margin_gradients", "monotonicity", "pareto_front", "predicted_maps",
            "report", "write_outputs"]
