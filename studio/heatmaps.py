@@ -1,13 +1,73 @@
-"""Heatmap layers for the preference plane: what a sweep measured, and the first-order prediction, mapped to the
-plane's coordinates, with the wording the studio shows next to them."""
+"""Heatmap layers for the preference plane: what a sweep measured, the first-order prediction, and the
+linearization gap, mapped to the plane's coordinates, with the wording the studio shows next to them."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from engine.paths import data_dir
 from engine.sweep import predicted_maps
+
+log = logging.getLogger(__name__)
+SHIPPED_GAP_MAPS = Path(__file__).resolve().parents[1] / "assets" / "directions"  # *.gap.json for the demo directions
+
+
+def gap_maps_dir() -> Path:
+    """Where the studio keeps the gap maps it measured, one file per plane layout (named by its key)."""
+    path = data_dir() / "gap-maps"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_gap_maps(folders: Optional[list[Path]] = None) -> dict[str, dict]:
+    """Every gap map found, by key (the user's own measurements win over the shipped ones). A file that cannot be
+    read is skipped with a line in the log: it only costs measuring that map again."""
+    maps = {}
+    for folder in folders if folders is not None else [SHIPPED_GAP_MAPS, gap_maps_dir()]:
+        for path in sorted(Path(folder).glob("*.json")):
+            if folder == SHIPPED_GAP_MAPS and not path.name.endswith(".gap.json"):
+                continue
+            try:
+                m = json.loads(path.read_text())
+                if not {"key", "xs", "ys", "gap", "relative"} <= set(m):
+                    raise ValueError("not a gap map")
+            except (OSError, ValueError) as exc:
+                log.warning("skipping the gap map %s: %s", path, exc)
+                continue
+            maps[m["key"]] = m
+    return maps
+
+
+def gap_layers(gap: dict) -> dict[str, dict]:
+    """The gap map as two heatmap layers, and the line the plane draws where the relative gap crosses the
+    trusted share (``trust_line``)."""
+    xs, ys = gap["xs"], gap["ys"]
+    sx, sy = (xs[-1] - xs[0]) / (len(xs) - 1) / 2, (ys[-1] - ys[0]) / (len(ys) - 1) / 2
+    extent = (xs[0] - sx, xs[-1] + sx, ys[0] - sy, ys[-1] + sy)
+    share = gap.get("trusted_relative_gap", 0.25)
+    how = (f"measured on {gap['pairs']} held-out pairs ({gap.get('max_tokens', '?')} tokens) at {len(xs)} x {len(ys)} points: "
+           "one JVP per direction and one forward per point.")
+    points = [(x, y, "measured") for y in ys for x in xs]
+    return {
+        "linearization gap · share of the change": {
+            "values": gap["relative"], "extent": extent, "points": points,
+            "note": (f"|log pi_lin - log pi| / |log pi - log pi0| per token: how far the mixed model is from the linearized "
+                     f"model the directions were trained on, as a share of what the mix changes. Dashed line: "
+                     f"{share:.0%}; beyond it, a weight is no longer what the direction was trained to mean. " + how)},
+        "linearization gap · nats per token": {
+            "values": gap["gap"], "extent": extent, "points": points,
+            "note": "|log pi_lin - log pi| per response token, " + how},
+    }
+
+
+def trust_line(gap: dict) -> dict:
+    """What the plane needs to draw the dashed line of the trusted region."""
+    return {"values": gap["relative"], "xs": gap["xs"], "ys": gap["ys"], "level": gap.get("trusted_relative_gap", 0.25)}
 
 
 def _to_plane(info: dict, result: dict, axes: dict) -> Optional[Callable[[float, float], tuple[float, float]]]:

@@ -24,7 +24,7 @@ from engine.plane import PreferencePlane
 from studio.compare_panel import ComparePanel, column_request
 from studio.history import HistoryView
 from studio.jobs import ExportDialog, JobDialog, JobPanel
-from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, Job, JobResult, ModelInfo,
+from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, GapJob, Job, JobResult, ModelInfo,
                              PredictJob)
 from studio.plane_widget import PreferencePlaneWidget
 from studio.session import SessionController, saved_point
@@ -34,6 +34,17 @@ from studio.worker import WorkerHost
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEMO_DIRECTIONS = ASSETS / "directions"
+# What the first launch on the embedded model binds, in order: the first two go on the axes, all three are in the
+# anchor layout. The matching steering vectors are a menu action away (Directions > Add the demo steering vectors).
+DEMO_TANGENTS = ("helpfulness", "verbosity", "harmlessness")
+WEIGHT_SPACE = ("tangent", "scalarized")
+
+
+def demo_direction_files() -> list[Path]:
+    """The shipped TS-DPO directions, or, in a checkout without them, the shipped steering vectors."""
+    tangents = [DEMO_DIRECTIONS / f"{n}.tsdpo.safetensors" for n in DEMO_TANGENTS]
+    tangents = [p for p in tangents if p.is_file()]
+    return tangents or sorted(DEMO_DIRECTIONS.glob("*.steer.safetensors"))
 DEMO_DATA = ASSETS / "data"
 BASE_ATTRIBUTES = ["helpfulness", "verbosity"]
 
@@ -57,6 +68,8 @@ class MainWindow(QMainWindow):
         self._idle_note = ""  # shown in the status bar once the worker is idle again
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
+        self.gap_maps: dict[str, dict] = {}  # linearization gap maps by plane-layout key (shipped and measured)
+        self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
         self._build_ui()
         self._build_menus()
         w = self.host.worker
@@ -225,6 +238,12 @@ class MainWindow(QMainWindow):
         predict = QAction("&Predict margin maps (TS-DPO directions)", self, triggered=self.start_prediction)
         directions.addAction(predict)
         self.job_actions.append(predict)
+        gap = QAction("Map the &linearization gap (TS-DPO directions on the plane)", self, triggered=self.start_gap_map)
+        gap.setToolTip("Where mixing the weights departs from the linearized model the directions were trained on")
+        directions.addAction(gap)
+        self.job_actions.append(gap)
+        self.demo_steering_action = QAction("Add the demo &steering vectors", self, triggered=self.add_demo_steering)
+        directions.addAction(self.demo_steering_action)
         directions.addSeparator()
         export = QAction("E&xport the mix at the point...", self, shortcut=QKeySequence("Ctrl+E"), triggered=self.open_export)
         directions.addAction(export)
@@ -288,12 +307,23 @@ class MainWindow(QMainWindow):
         elif self.session.session_id is None or changed:
             self._create_session()
             if self.demo_directions and info.source["kind"] == "embedded":
-                for path in sorted(DEMO_DIRECTIONS.glob("*.safetensors")):
+                for path in demo_direction_files():
                     self.host.add_direction(str(path))
         self._refresh_status()
         self._update_actions()
 
     # ------------------------------------------------------------------ directions
+    def add_demo_steering(self) -> None:
+        """The shipped steering vectors beside the tangent directions the first launch binds (embedded model only)."""
+        if self.model_info is None or self.model_info.source["kind"] != "embedded":
+            self.show_error("Not the embedded model", "The demo steering vectors were made for the embedded model "
+                            "(SmolLM2-135M-Instruct); load it with Model > Load the embedded model first.")
+            return
+        loaded = {Path(i.path).resolve() for i in self.directions.values() if i.path}
+        for path in sorted(DEMO_DIRECTIONS.glob("*.steer.safetensors")):
+            if path.resolve() not in loaded:
+                self.host.add_direction(str(path))
+
     def add_direction_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Add a direction", str(data_dir()), "Directions (*.safetensors)")
         if path:
@@ -455,6 +485,42 @@ class MainWindow(QMainWindow):
             return
         self.start_job(PredictJob(pairs=16))
 
+    def start_gap_map(self) -> None:
+        if self.model_info is None:
+            self.show_error("No model", "Load a model first.")
+            return
+        plane = self.plane_view.plane
+        used = {n for n in (plane.x.direction, plane.y.direction, *plane.anchors) if n}
+        if not any(self.directions[n].label in WEIGHT_SPACE for n in used if n in self.directions):
+            self.show_error("No TS-DPO direction on the plane",
+                            "The linearization gap is a property of mixing weights: put a TS-DPO tangent direction on an "
+                            "axis (or in the anchor layout) first. Steering vectors have no linearized model.")
+            return
+        self.start_job(GapJob(plane=plane.to_json()))
+
+    def _gap_key(self) -> Optional[str]:
+        """The key of the gap map for the plane as it is now (None when no weight-space direction is on it)."""
+        from engine.directions import file_sha256
+        from engine.sweep import gap_map_key
+
+        if self.model_info is None:
+            return None
+        plane = self.plane_view.plane
+        shas = {}
+        for n in {n for n in (plane.x.direction, plane.y.direction, *plane.anchors) if n}:
+            info = self.directions.get(n)
+            if info is None or info.label not in WEIGHT_SPACE:
+                continue
+            try:
+                st = os.stat(info.path)
+                ident = (info.path, st.st_mtime_ns, st.st_size)
+                if ident not in self._shas:
+                    self._shas[ident] = file_sha256(info.path)
+                shas[n] = self._shas[ident]
+            except OSError:
+                continue  # a direction whose file is gone: no map can be matched to it
+        return gap_map_key(self.model_info.fingerprint, plane, shas) if shas else None
+
     def load_sweep_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Sweep results", str(data_dir()), "Sweep results (sweep.json)")
         if path:
@@ -484,7 +550,7 @@ class MainWindow(QMainWindow):
                 for k, a in (("x", p.x), ("y", p.y)) if a.direction}
 
     def refresh_heatmaps(self, *_) -> None:
-        from studio.heatmaps import predicted_layers, sweep_layers
+        from studio.heatmaps import gap_layers, load_gap_maps, predicted_layers, sweep_layers, trust_line
 
         axes = self._plane_axes()
         layers = sweep_layers(self.sweep_result, axes) if self.sweep_result else {}
@@ -492,6 +558,13 @@ class MainWindow(QMainWindow):
             xr, yr = self.plane_view.limits()
             layers.update(predicted_layers(self.prediction, self.plane_view.plane.weights, xr, yr,
                                            sweep=self.sweep_result, axes=axes))
+        key = self._gap_key()
+        if key is not None and key not in self.gap_maps:
+            self.gap_maps.update(load_gap_maps())  # measured by the CLI or another window since
+        gap = self.gap_maps.get(key) if key else None
+        if gap is not None:
+            layers.update(gap_layers(gap))
+        self.plane_view.set_trust_line(trust_line(gap) if gap else None)
         self.plane_view.set_layers(layers)
 
     def open_export(self) -> None:
@@ -523,6 +596,10 @@ class MainWindow(QMainWindow):
             first = next((k for k in self.plane_view.layers if k.startswith("predicted") and k.endswith("margin")), None)
             if first:
                 self.plane_view.heat_combo.setCurrentText(first)
+        if result.kind == "gap" and not result.cancelled and result.gap_map:
+            self.gap_maps[result.gap_map["key"]] = result.gap_map
+            self.refresh_heatmaps()
+            self.plane_view.heat_combo.setCurrentText("linearization gap · share of the change")
         if result.kind == "export" and not result.cancelled:
             self.progress_label.setText(result.summary)
             box = QMessageBox(QMessageBox.Information, "Export finished", result.summary, QMessageBox.Ok, self)
@@ -688,6 +765,7 @@ class MainWindow(QMainWindow):
             a.setEnabled(idle)
         for a in self.job_actions:
             a.setEnabled(idle and loaded)
+        self.demo_steering_action.setEnabled(loaded and self.model_info.source["kind"] == "embedded")
 
     def _refresh_status(self) -> None:
         info = self.model_info

@@ -112,7 +112,21 @@ class PredictJob:
     name: ClassVar[str] = "margin maps"
 
 
-Job = BuildJob | ExportJob | PredictJob
+@dataclass
+class GapJob:
+    """The linearization gap over the plane, for the layout the window showed when it was asked for."""
+
+    plane: dict  # PreferencePlane.to_json()
+    grid: int = 7
+    pairs: int = 4
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    kind: ClassVar[str] = "gap"
+    name: ClassVar[str] = "linearization gap"
+
+
+Job = BuildJob | ExportJob | PredictJob | GapJob
 
 # ---------------------------------------------------------------------------------------------- results
 
@@ -200,6 +214,7 @@ class JobResult:
     failed: bool = False
     summary: str = ""
     prediction: Optional[dict] = None  # predict: {"names": [...], "grads": {objective: [[...]]}}
+    gap_map: Optional[dict] = None  # gap: what engine.sweep.plane_gap_map returns
     export: Optional[dict] = None  # export: ExportResult.to_json()
 
 

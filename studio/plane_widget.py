@@ -75,6 +75,11 @@ class PreferencePlaneWidget(QWidget):
         self.marks.setZValue(5)
         self.view.addItem(self.marks)
         self.layers: dict[str, dict] = {}
+        # Where the mixed model leaves the linearized one the tangent directions were trained on (a gap map).
+        self.trust_curve = pg.PlotDataItem(pen=pg.mkPen((230, 90, 40), width=2, style=Qt.DashLine), connect="finite")
+        self.trust_curve.setZValue(4)
+        self.view.addItem(self.trust_curve)
+        self.trust_level: Optional[float] = None
         self.view.addItem(pg.InfiniteLine(0, angle=90, pen=pg.mkPen((128, 128, 128), width=1)))
         self.view.addItem(pg.InfiniteLine(0, angle=0, pen=pg.mkPen((128, 128, 128), width=1)))
         self.pin_scatter = pg.ScatterPlotItem(size=10, symbol="d", brush=pg.mkBrush(240, 160, 40), pen=pg.mkPen("k"))
@@ -244,6 +249,27 @@ class PreferencePlaneWidget(QWidget):
         self.colorbar.setLevels((lo, hi))
         self.heatmap.show()
         self.colorbar.show()
+
+    def set_trust_line(self, line: Optional[dict]) -> None:
+        """Draw (or, with None, hide) the dashed line where the relative linearization gap crosses ``line["level"]``:
+        {"values": rows of y, "xs": [...], "ys": [...], "level": share}."""
+        if not line:
+            self.trust_curve.setData([], [])
+            self.trust_level = None
+            return
+        xs, ys = np.asarray(line["xs"], float), np.asarray(line["ys"], float)
+        data = np.asarray(line["values"], dtype=float).T  # [x, y]
+        data = np.where(np.isfinite(data), data, np.nanmax(data) if np.isfinite(data).any() else 0.0)
+        px, py = [], []
+        for seg in pg.functions.isocurve(data, float(line["level"]), connected=True, extendToEdge=True):
+            seg = np.asarray(seg, float)
+            # isocurve puts value [i, j] at (i + 0.5, j + 0.5); the gap was measured at (xs[i], ys[j]).
+            gx = np.interp(seg[:, 0] - 0.5, np.arange(len(xs)), xs)
+            gy = np.interp(seg[:, 1] - 0.5, np.arange(len(ys)), ys)
+            px += [*gx, np.nan]
+            py += [*gy, np.nan]
+        self.trust_curve.setData(np.asarray(px), np.asarray(py))
+        self.trust_level = float(line["level"])
 
     def set_layers(self, layers: dict[str, dict], show: Optional[str] = None) -> None:
         """Heatmap layers by name: {"values": rows of y, "extent": (x0, x1, y0, y1), "points": [(x, y, mark)],

@@ -29,7 +29,7 @@ from engine.generation import compare
 from engine.models import load_model
 from engine.progress import CancelToken, Progress
 from studio.messages import (BuildJob, ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, Job, JobResult,
-                             LoadRequest, ModelInfo, PredictJob, Reply)
+                             GapJob, LoadRequest, ModelInfo, PredictJob, Reply)
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +192,15 @@ class ModelWorker(QObject):
             return
         self.busy.emit("Job")
         t0 = time.perf_counter()
-        run = {"export": self._export, "predict": self._predict}.get(job.kind, self._build)
+        run = {"export": self._export, "predict": self._predict, "gap": self._gap}.get(job.kind, self._build)
         try:
             run(job, t0)
         except Cancelled:
             log.info("job %s cancelled", job.kind)
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True))
         except BaseException as exc:  # noqa: BLE001
-            self._fail("job", {"export": "The export failed", "predict": "The prediction failed"}.get(job.kind, "The job failed"), exc)
+            self._fail("job", {"export": "The export failed", "predict": "The prediction failed",
+                               "gap": "The linearization gap map failed"}.get(job.kind, "The job failed"), exc)
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True, failed=True))
         finally:
             self.busy.emit("")
@@ -274,6 +275,28 @@ class ModelWorker(QObject):
         self.jobFinished.emit(JobResult("predict", seconds, name=job.name, prediction={"names": list(tangent), "grads": grads},
                                         summary=f"predicted maps for {', '.join(grads)} from {len(tangent)} direction(s) "
                                                 f"in {seconds:.0f} s"))
+
+    def _gap(self, job: GapJob, t0: float) -> None:
+        """The gap map for the plane's tangent directions (at the base model whatever the plane has applied: the
+        engine sets the mix aside and puts it back). Saved where the window looks for maps, so it is drawn again
+        whenever the same directions are on the same layout."""
+        import json
+
+        from engine.paths import atomic_write_text
+        from engine.plane import PreferencePlane
+        from engine.sweep import plane_gap_map
+        from studio.heatmaps import gap_maps_dir
+
+        def progress(p: Progress) -> None:
+            self.jobProgress.emit(p)
+
+        result = plane_gap_map(self.lm, PreferencePlane.from_json(job.plane), dict(self.mixer.directions), grid=job.grid,
+                               n_pairs=job.pairs, progress=progress, should_stop=job.token)
+        path = gap_maps_dir() / f"{result['key']}.json"
+        atomic_write_text(path, json.dumps(result))
+        seconds = time.perf_counter() - t0
+        self.jobFinished.emit(JobResult("gap", seconds, name=job.name, path=str(path), gap_map=result,
+                                        summary=f"linearization gap over {job.grid} x {job.grid} points in {seconds:.0f} s"))
 
     def _export(self, job: ExportJob, t0: float) -> None:
         """Write the mix the GUI saw at the point when Export was pressed."""

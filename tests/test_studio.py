@@ -469,3 +469,49 @@ def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_mod
     assert w.last_result.merged == 2 and w.last_result.batches == 3
     assert "merged into the weights for this generation" in w.progress_label.text()
     w.close()
+
+
+def test_the_plane_marks_where_the_mixed_model_leaves_the_linearized_one(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    """Directions > Map the linearization gap: measured at the base whatever the point applies, drawn as two heatmap
+    layers and a dashed line at the trusted share, saved, and drawn again (without measuring) by the next window
+    that puts the same directions on the same layout; another layout has no line."""
+    from engine.models import load_model
+    from engine.paths import data_dir
+    from tiny_model import random_tangent
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    lm = load_model(tiny_model_dir)
+    paths = []
+    for objective, seed in (("helpfulness", 1), ("verbosity", 2)):
+        d = random_tangent(lm, objective, seed, scale=1.5)
+        d.meta.update(objective_sources=[{"objective": objective, "source": str(uf), "weight": 1.0, "pairs": 40}],
+                      hyperparameters={"val_fraction": 0.2, "seed": 0})
+        paths.append(d.save(tmp_path / f"{objective}.safetensors"))
+    dirs = [(paths[0], "helpfulness"), (paths[1], "verbosity")]
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, dirs)
+    assert not len(w.plane_view.trust_curve.xData or [])
+    w.plane_view.set_point(0.5, 0.25)
+    qtbot.waitUntil(lambda: w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}], timeout=30000)
+    w.start_gap_map()
+    qtbot.waitUntil(lambda: "linearization gap · share of the change" in w.plane_view.layers and not w.busy_with, timeout=60000)
+    assert w.host.worker.mixer.rows == [{"helpfulness": 0.5, "verbosity": 0.25}]  # the point's mix is back
+    assert w.plane_view.heat_combo.currentText() == "linearization gap · share of the change"
+    rel = w.plane_view.layers["linearization gap · share of the change"]["values"]
+    assert len(rel) == 7 and rel[3][3] == 0.0 and max(map(max, rel)) > 0.25  # the origin is the base; the corners are not
+    xs, ys = w.plane_view.trust_curve.getData()
+    assert len(xs) > 0 and all(-1 <= v <= 1 for v in xs if v == v) and all(-1 <= v <= 1 for v in ys if v == v)
+    saved = list((data_dir() / "gap-maps").glob("*.json"))
+    assert len(saved) == 1
+    w.close()
+
+    again = make_window(qtbot, tmp_path, store, tiny_model_dir, dirs)
+    assert len(again.plane_view.trust_curve.getData()[0]) > 0  # found on disk: nothing measured
+    assert "linearization gap · nats per token" in again.plane_view.layers
+    again.plane_view.x_scale.setValue(0.5)  # another layout: this map does not describe it
+    assert again.plane_view.trust_curve.getData()[0] is None or len(again.plane_view.trust_curve.getData()[0]) == 0
+    assert "linearization gap · nats per token" not in again.plane_view.layers
+    again.plane_view.x_combo.setCurrentText("(none)")
+    again.plane_view.y_combo.setCurrentText("(none)")
+    again.start_gap_map()
+    assert "No TS-DPO direction on the plane" in again.error_dialogs[-1].windowTitle() + again.error_dialogs[-1].text()
+    again.close()
