@@ -513,13 +513,13 @@ class Store:
 
 
 
-def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
+def ratings_to_trl(store: Store, session_id: int, exclude_truncated: bool = False) -> list[dict]:
     """What a person rated, as TRL preference rows: the winner is chosen, each other column rejected.
 
     Ties and 'both bad' carry no preference between columns and give no rows; when a comparison was
     rated more than once the latest rating counts. Each side says whether it was cut off: ``truncated``
     (it reached the token limit without ending) or ``stopped`` (Stop was pressed), so a trainer can drop
-    or weigh down pairs that compare unfinished replies."""
+    or weigh down pairs that compare unfinished replies; ``exclude_truncated`` leaves those pairs out instead."""
     rows = []
     for comp in store.history(session_id):
         if not comp.ratings:
@@ -530,6 +530,8 @@ def ratings_to_trl(store: Store, session_id: int) -> list[dict]:
         limit = (comp.params or {}).get("max_new_tokens")
         winner = next(g for g in comp.generations if g.id == rating.winner_id)
         for g in comp.generations:
+            if exclude_truncated and any(is_truncated(x, limit) or x.stopped for x in (winner, g)):
+                continue
             if g.id != winner.id and g.output.strip() != winner.output.strip():
                 rows.append({"prompt": comp.prompt, "chosen": winner.output, "rejected": g.output,
                              "chosen_label": winner.label, "rejected_label": g.label, "blind": rating.blind,
@@ -544,10 +546,10 @@ def is_truncated(g: "Generation", limit: Optional[int]) -> bool:
     return limit is not None and not g.stopped and g.n_tokens >= int(limit)
 
 
-def export_ratings_trl(store: Store, session_id: int, path: str | Path) -> int:
+def export_ratings_trl(store: Store, session_id: int, path: str | Path, exclude_truncated: bool = False) -> int:
     """Write the session's ratings as TRL JSONL (prompt/chosen/rejected); returns the number of pairs."""
     import json
 
-    rows = ratings_to_trl(store, session_id)
+    rows = ratings_to_trl(store, session_id, exclude_truncated)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return len(rows)

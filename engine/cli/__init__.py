@@ -11,11 +11,11 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from engine.cli import build, data, export, generate, model, sweep
+from engine.cli import build, data, export, generate, model, study, sweep
 from engine.cli.common import EXIT_USER_ERROR
 from engine.errors import TsdpoError
 
-COMMAND_GROUPS = (model, data, generate, build, sweep, export)
+COMMAND_GROUPS = (model, data, generate, build, sweep, export, study)
 
 
 def build_parser() -> argparse.ArgumentParser:
