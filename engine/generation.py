@@ -205,7 +205,7 @@ class Comparison:
 def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column], params: SamplingParams = SamplingParams(),
             *, mixer: Optional["Mixer"] = None, on_text: Optional[Callable[[int, str], None]] = None,
             stop: Optional[CancelToken] = None, store: Optional["Store"] = None, session_id: Optional[int] = None,
-            batched: Optional[bool] = None, blind: bool = False) -> Comparison:
+            batched: Optional[bool] = None, blind: bool = False, extra: Optional[dict] = None) -> Comparison:
     """Run ``prompt`` through 1-4 columns (a label and weights each; base = no weights) and store the result.
 
     Columns run as one batch with per-row weights (steering and low-rank directions), unless ``batched=False``;
@@ -213,7 +213,8 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     one low-rank mix is merged into the weights when the mixer measured that to be faster (``prefer_merged``).
     Whatever mix was applied before is applied again afterwards. A store that cannot save
     them (a locked database) does not lose them: they come back with ``save_error`` set. ``blind`` is recorded
-    with the comparison, so its sources stay hidden wherever it is shown until it is rated.
+    with the comparison, so its sources stay hidden wherever it is shown until it is rated; ``extra`` is stored
+    with the parameters (a prompt set's name, the row's index).
     """
     from engine.mixer import batches as batches_of
 
@@ -250,7 +251,7 @@ def compare(lm: LoadedModel, prompt: str | list[dict], columns: Sequence[Column]
     if store is not None and session_id is not None:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         try:
-            row = store.add_comparison(session_id, text, {**params.to_json(), "blind": bool(blind)}, params.seed, [
+            row = store.add_comparison(session_id, text, {**params.to_json(), **(extra or {}), "blind": bool(blind)}, params.seed, [
                 {"label": cr.column.label, "output": cr.result.text, "n_tokens": cr.result.n_tokens,
                  "seconds": cr.result.seconds, "point": cr.column.point, "weights": cr.column.weights,
                  "stopped": cr.result.stopped} for cr in comp.columns])

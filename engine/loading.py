@@ -5,6 +5,7 @@ which know nothing of each other."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from engine.directions import Direction, DirectionError, check_model, read_direction_file
 from engine.mixer import Mixer
@@ -51,10 +52,10 @@ def load_direction(ref: str | Path, lm, store=None) -> Direction:
     return direction
 
 
-def mixer_for(lm, refs, store=None, positions: str = "all"):
+def mixer_for(lm, refs, store=None, positions: str = "all", preferred: Optional[dict[str, str]] = None):
     """A mixer holding each referenced direction once (a file or a stored name), and the name each reference is
     mixed under: two references to one file share a name; two files with the same direction name get the file's
-    stem added to the second."""
+    stem added to the second. ``preferred`` names some references (a session's own names for its directions)."""
     mixer = Mixer(lm, positions=positions)
     names: dict[str, str] = {}  # reference as typed -> name in the mixer (one per file)
     by_path: dict[Path, str] = {}
@@ -62,7 +63,8 @@ def mixer_for(lm, refs, store=None, positions: str = "all"):
         path = resolve_direction_path(ref, store)
         if path not in by_path:
             direction = load_direction(path, lm)
-            taken = direction.name in mixer.directions
-            by_path[path] = mixer.add(direction, name=f"{direction.name} ({path.stem})" if taken else None)
+            name = (preferred or {}).get(ref) or direction.name
+            taken = name in mixer.directions
+            by_path[path] = mixer.add(direction, name=f"{name} ({path.stem})" if taken else name)
         names[ref] = by_path[path]
     return mixer, names

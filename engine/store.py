@@ -90,6 +90,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX ix_generations_comparison ON generations(comparison_id)",
         "CREATE INDEX ix_ratings_comparison ON ratings(comparison_id)",
     ],
+    [  # 3: a pinned point keeps the mix it named (switching the plane's layout does not change what a pin means)
+        "ALTER TABLE pinned_points ADD COLUMN weights TEXT NOT NULL DEFAULT '{}'",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OUTCOMES = ("winner", "tie", "both_bad")
@@ -226,6 +229,7 @@ class PinnedPoint(_Row):
     name: Mapped[str] = mapped_column()
     x: Mapped[float] = mapped_column()
     y: Mapped[float] = mapped_column()
+    weights: Mapped[dict] = mapped_column(default=dict)  # direction name -> weight when pinned ({} before schema 3)
 
 
 def _locked(exc: BaseException) -> bool:
@@ -493,15 +497,18 @@ class Store:
         return list(self.session(session_id).comparisons)
 
     # ---------------------------------------------------------------- pinned points
-    def pin_point(self, session_id: int, name: str, x: float, y: float) -> PinnedPoint:
-        """Pin (or move) a named point."""
+    def pin_point(self, session_id: int, name: str, x: float, y: float,
+                  weights: Optional[dict[str, float]] = None) -> PinnedPoint:
+        """Pin (or move) a named point, with the mix it names (direction -> weight)."""
+        mix = {str(k): float(v) for k, v in (weights or {}).items()}
+
         def write(s):
             row = s.scalar(select(PinnedPoint).where(PinnedPoint.session_id == session_id, PinnedPoint.name == name))
             if row is None:
-                row = PinnedPoint(session_id=session_id, name=name, x=x, y=y)
+                row = PinnedPoint(session_id=session_id, name=name, x=x, y=y, weights=mix)
                 s.add(row)
             else:
-                row.x, row.y = x, y
+                row.x, row.y, row.weights = x, y, mix
             self._touch(s, session_id)
             return row
 

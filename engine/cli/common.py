@@ -202,12 +202,12 @@ def cli_session(store, lm) -> int:
     return store.create_session(name, lm.source.to_json(), lm.fingerprint).id
 
 
-def load_mix(lm, refs, store, positions: str = "all"):
+def load_mix(lm, refs, store, positions: str = "all", preferred: Optional[dict[str, str]] = None):
     """The engine's mixer for these references (files or stored names), warning on stderr about directions
     whose effects overlap."""
     from engine.loading import mixer_for
 
-    mixer, names = mixer_for(lm, refs, store, positions)
+    mixer, names = mixer_for(lm, refs, store, positions, preferred)
     for a, b, cos in mixer.interference():
         print(f"note: {a} and {b} point nearly the same way (cosine {cos:+.2f}); their effects will overlap.", file=sys.stderr)
     return mixer, names

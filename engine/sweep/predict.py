@@ -162,17 +162,15 @@ def gap_grid(plane, grid: int) -> tuple[list[float], list[float]]:
     return axis(plane.x), axis(plane.y)
 
 
-def gap_map_key(fingerprint: str, plane, shas: dict[str, str], grid: int, pairs: list, max_tokens: int) -> str:
-    """What a gap map depends on: the model, the plane's layout with each tangent direction named by its file's
-    sha256 (names are the user's), the grid and the pairs. The same in the CLI and the studio, so a map made by one
-    is found by the other."""
+def gap_map_key(fingerprint: str, plane, shas: dict[str, str]) -> str:
+    """Which plane a gap map is for: the model and the plane's layout, with each tangent direction named by its
+    file's sha256 (names are the user's). The same in the CLI and the studio, so a map made by one is drawn by the
+    other whenever the same directions sit on the same layout (the grid and pairs it used are in the map)."""
     def axis(a) -> list:
         return [shas.get(a.direction), float(a.scale), float(a.low), float(a.high)]
 
     desc = {"model": fingerprint, "x": axis(plane.x), "y": axis(plane.y), "power": float(plane.power),
-            "anchors": sorted([shas[n], [float(v) for v in p]] for n, p in plane.anchors.items() if n in shas),
-            "grid": grid, "max_tokens": max_tokens,
-            "pairs": hashlib.sha256("\n".join(p.key() for p in pairs).encode()).hexdigest()}
+            "anchors": sorted([shas[n], [float(v) for v in p]] for n, p in plane.anchors.items() if n in shas)}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -195,7 +193,8 @@ def plane_gap_map(lm: LoadedModel, plane, directions: dict[str, Direction], grid
     shas = {n: file_sha256(d.meta["_path"]) if d.meta.get("_path") else d.name for n, d in tangent.items()}
     out = linearization_gap_map(lm, pairs, tangent, plane.weights, xs, ys, max_tokens=max_tokens, progress=progress,
                                 should_stop=should_stop)
-    out["key"] = gap_map_key(lm.fingerprint, plane, shas, grid, pairs, max_tokens)
+    out["key"] = gap_map_key(lm.fingerprint, plane, shas)
+    out["pair_keys"] = hashlib.sha256("\n".join(p.key() for p in pairs).encode()).hexdigest()[:16]
     out["directions"] = {n: shas[n] for n in tangent}
     out["plane"] = plane.to_json()
     out["model"] = lm.fingerprint
