@@ -174,15 +174,17 @@ class ComparePanel(QWidget):
             c.set_attributes(attributes)
 
     # ------------------------------------------------------------------ a run
-    def start(self, labels: list[str], sources: Optional[list[str]] = None, blind: Optional[bool] = None) -> None:
+    def start(self, labels: list[str], sources: Optional[list[str]] = None, blind: Optional[bool] = None,
+              order: Optional[list[int]] = None) -> None:
         """A new comparison: clear, shuffle when blind, and show headers (or hide them).
 
         ``sources``: the dropdown choice behind each request column, so the reveal can name them; ``blind``
-        overrides the checkbox (a blind comparison reopened from the history stays blind)."""
+        overrides the checkbox (a blind comparison reopened from the history stays blind); ``order`` (slot ->
+        request column) keeps the shuffle a prompt-set grid showed."""
         n = len(labels)
         blind = self.blind.isChecked() if blind is None else blind
-        self.order = list(range(n))
-        if blind:
+        self.order = list(order) if order is not None and sorted(order) == list(range(n)) else list(range(n))
+        if blind and order is None:
             random.shuffle(self.order)
         self.revealed = not blind
         self.sources = list(sources) if sources is not None else None

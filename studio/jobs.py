@@ -21,7 +21,7 @@ from studio.messages import BuildJob, Data, ExportJob, Job, JobResult
 AUTO = "detect"
 TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO direction",
           "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix",
-          "predict": "Predict margin maps", "gap": "Map the linearization gap"}
+          "predict": "Predict margin maps", "gap": "Map the linearization gap", "promptset": "Run a prompt set"}
 EXPORT_FORMATS = {
     "hf": "Hugging Face checkpoint (merged weights; steering can be baked in as a bias)",
     "peft": "PEFT LoRA adapter (low-rank TS-DPO directions only)",
@@ -236,7 +236,7 @@ class JobPanel(QWidget):
         self.steps, self.losses, self.accs = [], [], []
         self.loss_curve.setData([], [])
         self.acc_curve.setData([], [])
-        self.plot.setVisible(job.kind not in ("extract", "export", "predict", "gap"))
+        self.plot.setVisible(job.kind not in ("extract", "export", "predict", "gap", "promptset"))
 
     def update_progress(self, p: Progress) -> None:
         self.bar.setRange(0, p.total)  # a total of 0: a stage with nothing to count, shown as busy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,19 +15,22 @@ from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
-                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
+                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QTabWidget,
                                QVBoxLayout, QWidget)
 
 from engine.errors import TsdpoError
 from engine.generation import SamplingParams
 from engine.paths import data_dir, format_bytes, log_path
 from engine.plane import PreferencePlane
+from engine.promptsets import prompt_text, with_system
 from studio.compare_panel import ComparePanel, column_request
 from studio.history import HistoryView
 from studio.jobs import ExportDialog, JobDialog, JobPanel
 from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, GapJob, Job, JobResult, ModelInfo,
+                             PromptSetJob,
                              PredictJob)
 from studio.plane_widget import PreferencePlaneWidget
+from studio.promptset_panel import PromptSetPanel
 from studio.session import SessionController, saved_point
 from studio.theme import apply_palette
 from studio.worker import WorkerHost
@@ -68,6 +72,7 @@ class MainWindow(QMainWindow):
         self._idle_note = ""  # shown in the status bar once the worker is idle again
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
+        self.system_prompt: Optional[str] = None  # the session's, in front of every prompt
         self.gap_maps: dict[str, dict] = {}  # linearization gap maps by plane-layout key (shipped and measured)
         self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
         self._build_ui()
@@ -81,6 +86,7 @@ class MainWindow(QMainWindow):
         w.mixApplied.connect(self._on_mix_applied)
         w.text.connect(self.compare.append)
         w.compared.connect(self._on_compared)
+        w.promptRow.connect(self.prompt_set.add_row)
         w.jobProgress.connect(self.job_panel.update_progress)
         w.jobFinished.connect(self._on_job_finished)
         w.failed.connect(self._on_failed)
@@ -150,12 +156,21 @@ class MainWindow(QMainWindow):
         self.compare.undoRequested.connect(self._undo_rating)
         self._undo: Optional[dict] = None  # the rating that the Undo button takes back
         self.compare.n_columns.valueChanged.connect(self._save_session)
-        right = QWidget()
-        rl = QVBoxLayout(right)
+        compare_tab = QWidget()
+        rl = QVBoxLayout(compare_tab)
         rl.addWidget(self.prompt)
         rl.addLayout(params)
         rl.addLayout(buttons)
         rl.addWidget(self.compare, 1)
+        self.prompt_set = PromptSetPanel()
+        self.prompt_set.runRequested.connect(self.run_prompt_set)
+        self.prompt_set.stopRequested.connect(self.host.stop)
+        self.prompt_set.openRow.connect(self._open_prompt_set_row)
+        right = QTabWidget()
+        right.setObjectName("tabs")
+        right.addTab(compare_tab, "Compare")
+        right.addTab(self.prompt_set, "Prompt set")
+        self.tabs = right
 
         split = QSplitter(Qt.Horizontal)
         split.addWidget(plane_box)
@@ -204,6 +219,7 @@ class MainWindow(QMainWindow):
         self.recent_menu = session.addMenu("&Recent")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         session.addAction(QAction("&Export ratings as TRL JSONL...", self, triggered=self.export_ratings))
+        session.addAction(QAction("System &prompt...", self, triggered=self.edit_system_prompt))
         session.addSeparator()
         session.addAction(QAction("Show &log file", self, triggered=lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(log_path())))))
         session.addAction(QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close))
@@ -405,7 +421,8 @@ class MainWindow(QMainWindow):
         columns = [column_request(src, view.point, view.weights(), view.pins, view.plane.weights, labels) for src in sources]
         self.compare.start([c.label for c in columns], sources)
         self.last_result = None
-        self.host.compare(CompareRequest(prompt, columns, self.sampling_params(), blind=not self.compare.revealed,
+        self.host.compare(CompareRequest(with_system(prompt, self.system_prompt), columns, self.sampling_params(),
+                                         blind=not self.compare.revealed,
                                          session_id=self.session.session_id if self.store is not None else None))
 
     def _on_compared(self, result: ComparisonResult) -> None:
@@ -451,6 +468,8 @@ class MainWindow(QMainWindow):
         else:
             self._undo = None
             self.compare.rating_saved(f"Rating saved: {what}")
+        if self.prompt_set.row_of(result.comparison_id) is not None:
+            self.prompt_set.mark_rated(result.comparison_id, self._verdict(row, result.columns, lambda i: result.columns[i].label))
         self._reload_history()
 
     def _undo_rating(self) -> None:
@@ -596,6 +615,9 @@ class MainWindow(QMainWindow):
             first = next((k for k in self.plane_view.layers if k.startswith("predicted") and k.endswith("margin")), None)
             if first:
                 self.plane_view.heat_combo.setCurrentText(first)
+        if result.kind == "promptset":
+            self.prompt_set.finished(result.summary or ("stopped" if result.cancelled else "done"))
+            self._reload_history()
         if result.kind == "gap" and not result.cancelled and result.gap_map:
             self.gap_maps[result.gap_map["key"]] = result.gap_map
             self.refresh_heatmaps()
@@ -626,6 +648,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("last_session", sid)
         self.plane_view.clear_pins()
         self.history.clear()
+        self.system_prompt = None
         self.session_label.setText(self.session.name)
 
     def new_session(self) -> None:
@@ -636,8 +659,20 @@ class MainWindow(QMainWindow):
 
     def session_settings(self) -> dict:
         view = self.plane_view
-        return self.session.settings({n: d.path for n, d in self.directions.items()}, view.plane.to_json(), view.point,
-                                     self.compare.chosen_sources(), self.compare.n_columns.value())
+        settings = self.session.settings({n: d.path for n, d in self.directions.items()}, view.plane.to_json(), view.point,
+                                         self.compare.chosen_sources(), self.compare.n_columns.value())
+        if self.system_prompt:
+            settings["system_prompt"] = self.system_prompt
+        return settings
+
+    def edit_system_prompt(self) -> None:
+        text, ok = QInputDialog.getMultiLineText(self, "System prompt",
+                                                 "Put in front of every prompt of this session (single comparisons and "
+                                                 "prompt sets); empty for none:", self.system_prompt or "")
+        if ok:
+            self.system_prompt = text.strip() or None
+            self._save_session()
+            self._refresh_status()
 
     def _save_session(self, *_) -> None:
         try:
@@ -702,16 +737,41 @@ class MainWindow(QMainWindow):
                 self.show_error("The plane layout was not restored", str(exc))
         if s.get("n_columns") or s.get("columns"):
             self.compare.choose(list(s.get("columns", [])), int(s.get("n_columns") or 0) or None)
+        self.system_prompt = s.get("system_prompt") or None
+        self._refresh_status()
         self.progress_label.setText("Session restored")
 
     def _reload_history(self) -> None:
         self.history.show_session(self.session.history())
 
-    def _show_history_item(self, result: ComparisonResult, rated: bool) -> None:
-        self.prompt.setPlainText(result.prompt)
+    def _show_history_item(self, result: ComparisonResult, rated: bool, order: Optional[list[int]] = None) -> None:
+        self.prompt.setPlainText(prompt_text(json.loads(result.prompt)) if result.prompt.startswith("[{") else result.prompt)
         self.compare.n_columns.setValue(max(2, len(result.columns)))
-        self.compare.start([c.label for c in result.columns], blind=result.blind and not rated)
+        self.compare.start([c.label for c in result.columns], blind=result.blind and not rated, order=order)
         self.compare.finish(result)
+        self.tabs.setCurrentIndex(0)
+
+    # ------------------------------------------------------------------ prompt sets
+    def run_prompt_set(self, path: str, limit: int) -> None:
+        if self.model_info is None or self.busy_with:
+            self.show_error("Not now", "Load a model, and wait for what runs to finish (or Stop it).")
+            return
+        labels = {n: d.label for n, d in self.directions.items()}
+        view = self.plane_view
+        columns = [column_request(src, view.point, view.weights(), view.pins, view.plane.weights, labels)
+                   for src in self.compare.chosen_sources()]
+        blind = self.compare.blind.isChecked()
+        self.prompt_set.start([c.label for c in columns], blind)
+        self.start_job(PromptSetJob(path, columns, self.sampling_params(), limit or None, self.system_prompt, blind))
+
+    def _open_prompt_set_row(self, comparison_id: int, order: list) -> None:
+        from studio.history import replies_of
+
+        comp = next((c for c in self.session.history() if c.id == comparison_id), None)
+        if comp is None:
+            self.show_error("Not in the session", f"Comparison {comparison_id} is not in the open session any more.")
+            return
+        self._show_history_item(replies_of(comp), bool(comp.ratings), order)
 
     def export_ratings(self) -> None:
         from engine.store import export_ratings_trl
@@ -766,11 +826,16 @@ class MainWindow(QMainWindow):
         for a in self.job_actions:
             a.setEnabled(idle and loaded)
         self.demo_steering_action.setEnabled(loaded and self.model_info.source["kind"] == "embedded")
+        if self.prompt_set.stop_button.isEnabled() is False:
+            self.prompt_set.run_button.setEnabled(idle and loaded)
 
     def _refresh_status(self) -> None:
         info = self.model_info
         if info:
             self.model_label.setText(f"{info.name} · {info.layers} layers · {info.device} ({info.dtype})")
+        self.session_label.setText(self.session.name + (" · system prompt" if self.system_prompt else ""))
+        self.session_label.setToolTip(f"System prompt: {self.system_prompt}" if self.system_prompt else
+                                      "No system prompt (Session > System prompt...)")
         text = f"memory {format_bytes(psutil.Process(os.getpid()).memory_info().rss)}"
         if info and info.device.startswith("cuda"):
             import torch

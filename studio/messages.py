@@ -126,7 +126,27 @@ class GapJob:
     name: ClassVar[str] = "linearization gap"
 
 
-Job = BuildJob | ExportJob | PredictJob | GapJob
+@dataclass
+class PromptSetJob:
+    """A prompt set through the columns the window chose (their weights as they were when Run was pressed)."""
+
+    path: str
+    columns: list[Column]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    limit: Optional[int] = None
+    system: Optional[str] = None
+    blind: bool = False
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    kind: ClassVar[str] = "promptset"
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+Job = BuildJob | ExportJob | PredictJob | GapJob | PromptSetJob
 
 # ---------------------------------------------------------------------------------------------- results
 

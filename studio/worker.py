@@ -13,6 +13,7 @@ and results are the plain values of ``studio.messages``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from engine.generation import compare
 from engine.models import load_model
 from engine.progress import CancelToken, Progress
 from studio.messages import (BuildJob, ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, Job, JobResult,
-                             GapJob, LoadRequest, ModelInfo, PredictJob, Reply)
+                             GapJob, LoadRequest, ModelInfo, PredictJob, PromptSetJob, Reply)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ModelWorker(QObject):
     compared = Signal(object)  # ComparisonResult
     jobProgress = Signal(object)  # engine.progress.Progress
     jobFinished = Signal(object)  # JobResult
+    promptRow = Signal(object)  # engine.promptsets.Row, as each row of a prompt set finishes
     failed = Signal(object)  # Failure
 
     def __init__(self, store=None):
@@ -166,7 +168,7 @@ class ModelWorker(QObject):
                            session_id=request.session_id, blind=request.blind)
             log.info("compared %d columns (%s)", len(request.columns), "batched" if comp.batched else "sequential")
             self.compared.emit(ComparisonResult(
-                request.prompt,
+                request.prompt if isinstance(request.prompt, str) else json.dumps(request.prompt, ensure_ascii=False),
                 [Reply(cr.column.label, cr.column.weights, cr.column.point, cr.result.text, cr.result.n_tokens,
                        cr.result.seconds, cr.result.tokens_per_s, cr.result.stopped, cr.result.truncated, cr.generation_id)
                  for cr in comp.columns],
@@ -192,7 +194,8 @@ class ModelWorker(QObject):
             return
         self.busy.emit("Job")
         t0 = time.perf_counter()
-        run = {"export": self._export, "predict": self._predict, "gap": self._gap}.get(job.kind, self._build)
+        run = {"export": self._export, "predict": self._predict, "gap": self._gap,
+               "promptset": self._prompt_set}.get(job.kind, self._build)
         try:
             run(job, t0)
         except Cancelled:
@@ -200,7 +203,8 @@ class ModelWorker(QObject):
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True))
         except BaseException as exc:  # noqa: BLE001
             self._fail("job", {"export": "The export failed", "predict": "The prediction failed",
-                               "gap": "The linearization gap map failed"}.get(job.kind, "The job failed"), exc)
+                               "gap": "The linearization gap map failed",
+                               "promptset": "The prompt set stopped"}.get(job.kind, "The job failed"), exc)
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True, failed=True))
         finally:
             self.busy.emit("")
@@ -297,6 +301,23 @@ class ModelWorker(QObject):
         seconds = time.perf_counter() - t0
         self.jobFinished.emit(JobResult("gap", seconds, name=job.name, path=str(path), gap_map=result,
                                         summary=f"linearization gap over {job.grid} x {job.grid} points in {seconds:.0f} s"))
+
+    def _prompt_set(self, job: PromptSetJob, t0: float) -> None:
+        """Every prompt through the job's columns, each row stored and sent to the grid as it finishes; Stop ends
+        the run after the row in progress (the rows done are kept)."""
+        from engine.promptsets import read_prompt_set, run_prompt_set
+
+        pset = read_prompt_set(job.path, job.limit)
+        saving = job.session_id is not None
+        result = run_prompt_set(self.lm, pset, job.columns, job.params, mixer=self.mixer,
+                                store=self.store if saving else None, session_id=job.session_id, system=job.system,
+                                blind=job.blind, progress=self.jobProgress.emit, on_row=self.promptRow.emit, stop=job.token)
+        unsaved = sum(1 for r in result.rows if r.save_error)
+        seconds = time.perf_counter() - t0
+        self.jobFinished.emit(JobResult(
+            "promptset", seconds, name=pset.name, path=job.path, cancelled=False,
+            summary=f"{len(result.rows)} of {len(pset.prompts)} prompts x {len(job.columns)} columns in {seconds:.0f} s"
+                    + (" (stopped)" if result.stopped else "") + (f"; {unsaved} rows not saved" if unsaved else "")))
 
     def _export(self, job: ExportJob, t0: float) -> None:
         """Write the mix the GUI saw at the point when Export was pressed."""

@@ -515,3 +515,40 @@ def test_the_plane_marks_where_the_mixed_model_leaves_the_linearized_one(qtbot, 
     again.start_gap_map()
     assert "No TS-DPO direction on the plane" in again.error_dialogs[-1].windowTitle() + again.error_dialogs[-1].text()
     again.close()
+
+
+def test_a_prompt_set_fills_the_grid_and_a_blind_row_is_rated_side_by_side(qtbot, tmp_path, store, window):
+    w = window
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Say hi.\nName a colour.\nCount to three.\n")
+    w.compare.choose(["Base model", "Mix at the point"], 2)
+    w.plane_view.set_point(0.6, 0.4)
+    qtbot.waitUntil(lambda: w.host.worker.mixer.rows[0].get("v1") == pytest.approx(0.6), timeout=30000)
+    w.compare.blind.setChecked(True)
+    w.max_tokens.setValue(6)
+    grid = w.prompt_set
+    grid.path.setText(str(prompts))
+    grid.run_button.click()
+    qtbot.waitUntil(lambda: grid.table.rowCount() == 3 and not w.busy_with, timeout=60000)
+    assert [grid.table.horizontalHeaderItem(i).text() for i in range(3)] == ["prompt", "A", "B"]
+    cells = [grid.table.item(r, c).text() for r in range(3) for c in (1, 2)]
+    assert not any("base" in t or "point" in t for t in cells)  # blind: no source named before rating
+    comps = store.history(w.session.session_id)
+    assert [c.params["prompt_set"] for c in comps] == ["p"] * 3 and all(c.params["blind"] for c in comps)
+    assert [g.label for g in comps[1].generations][0] == "base"
+    assert "6 tokens" in grid.table.item(1, 1).text()
+
+    # Open row 1 side by side: the same shuffle as the grid, names still hidden.
+    order = grid.rows[1]["order"]
+    grid.table.cellDoubleClicked.emit(1, 1)
+    assert w.tabs.currentIndex() == 0 and w.compare.order[:2] == order and not w.compare.revealed
+    texts = [g.output for g in comps[1].generations]
+    assert w.compare.columns[0].text.toPlainText() == texts[order[0]]
+    assert w.compare.columns[1].text.toPlainText() == texts[order[1]]
+    w.compare.rate("winner", 0)  # A, whichever source that is
+    qtbot.waitUntil(lambda: bool(store.ratings(comps[1].id)), timeout=10000)
+    rating = store.ratings(comps[1].id)[-1]
+    assert rating.blind and rating.winner_id == comps[1].generations[order[0]].id
+    assert f"[{comps[1].generations[order[0]].label}" in grid.table.item(1, 1).text()  # revealed in the grid too
+    assert "✓" in grid.table.item(1, 0).text() and "✓" not in grid.table.item(0, 0).text()
+    assert "[" not in grid.table.item(0, 1).text()  # the other rows stay blind
