@@ -31,6 +31,7 @@ from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, Ex
                              PredictJob)
 from studio.plane_widget import PreferencePlaneWidget
 from studio.promptset_panel import PromptSetPanel
+from studio.ratings_view import RatingsView
 from studio.session import SessionController, saved_point
 from studio.theme import apply_palette
 from studio.worker import WorkerHost
@@ -73,6 +74,7 @@ class MainWindow(QMainWindow):
         self.sweep_result: Optional[dict] = None  # a loaded sweep.json, drawn as heatmap layers
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self.system_prompt: Optional[str] = None  # the session's, in front of every prompt
+        self.job_dialog = None  # the job dialog while it is open
         self.gap_maps: dict[str, dict] = {}  # linearization gap maps by plane-layout key (shipped and measured)
         self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
         self._build_ui()
@@ -170,6 +172,13 @@ class MainWindow(QMainWindow):
         right.setObjectName("tabs")
         right.addTab(compare_tab, "Compare")
         right.addTab(self.prompt_set, "Prompt set")
+        self.ratings_view = RatingsView()
+        self.ratings_view.refreshRequested.connect(self.refresh_ratings)
+        self.ratings_view.exportCsvRequested.connect(self.export_ratings_csv)
+        self.ratings_view.savePlotRequested.connect(self.save_ratings_plot)
+        self.ratings_view.trainRequested.connect(self.train_from_ratings)
+        right.addTab(self.ratings_view, "Ratings")
+        right.currentChanged.connect(lambda i: self.refresh_ratings() if right.widget(i) is self.ratings_view else None)
         self.tabs = right
 
         split = QSplitter(Qt.Horizontal)
@@ -468,6 +477,8 @@ class MainWindow(QMainWindow):
         else:
             self._undo = None
             self.compare.rating_saved(f"Rating saved: {what}")
+        if self.tabs.currentWidget() is self.ratings_view:
+            self.refresh_ratings()
         if self.prompt_set.row_of(result.comparison_id) is not None:
             self.prompt_set.mark_rated(result.comparison_id, self._verdict(row, result.columns, lambda i: result.columns[i].label))
         self._reload_history()
@@ -486,16 +497,95 @@ class MainWindow(QMainWindow):
         self._reload_history()
 
     # ------------------------------------------------------------------ jobs
-    def open_job(self, kind: str) -> None:
+    def open_job(self, kind: str, data: Optional[str] = None, objective: Optional[str] = None,
+                 fmt: Optional[str] = None) -> None:
         if self.model_info is None:
             self.show_error("No model", "Load a model before starting a job.")
             return
         out_dir = data_dir() / "directions"
         out_dir.mkdir(parents=True, exist_ok=True)
-        dialog = JobDialog(kind, out_dir, str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), self,
+        dialog = JobDialog(kind, out_dir, data or str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), self,
                            coverage=self.model_info.coverage)
+        if objective:
+            dialog.data.objective.setText(objective)
+        if fmt:
+            dialog.data.format.setCurrentText(fmt)
+        self.job_dialog = dialog  # reachable while it is open (tests read it)
         if dialog.exec():
             self.start_job(dialog.job())
+        self.job_dialog = None
+
+    # ------------------------------------------------------------------ ratings
+    def ratings_filters(self) -> dict:
+        return self.ratings_view.filters(self.session.session_id)
+
+    def refresh_ratings(self) -> None:
+        from engine.ratings import ratings_report
+
+        if self.store is None:
+            self.ratings_view.note.setText("No database: ratings are not saved, so there is nothing to count.")
+            return
+        try:
+            sets = sorted({(c.params or {}).get("prompt_set") for c in self.session.history()} - {None})
+            self.ratings_view.set_prompt_sets(sets)
+            self.ratings_view.show_report(ratings_report(self.store, **self.ratings_filters()))
+        except TsdpoError as exc:
+            self.ratings_view.note.setText(f"The ratings could not be read: {exc}")
+
+    def export_ratings_csv(self) -> None:
+        from engine.paths import atomic_write_text
+        from engine.ratings import rated_comparisons, ratings_csv
+
+        if self.store is None:
+            self.show_error("Nothing to export", "There is no database, so no ratings.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export ratings as CSV", str(data_dir() / "ratings.csv"), "CSV (*.csv)")
+        if path:
+            try:
+                atomic_write_text(path, ratings_csv(rated_comparisons(self.store, **self.ratings_filters())))
+            except (TsdpoError, OSError) as exc:
+                self.show_error("Export failed", str(exc))
+                return
+            self.progress_label.setText(f"ratings written to {path}")
+
+    def save_ratings_plot(self) -> None:
+        from engine.ratings import plot_report, ratings_report
+
+        if self.store is None:
+            self.show_error("Nothing to plot", "There is no database, so no ratings.")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save the win-rate plot", str(data_dir() / "win-rates.png"), "PNG (*.png)")
+        if path:
+            try:
+                plot_report(ratings_report(self.store, **self.ratings_filters()), path)
+            except (TsdpoError, OSError) as exc:
+                self.show_error("The plot was not saved", str(exc))
+                return
+            self.progress_label.setText(f"plot saved to {path}")
+
+    def train_from_ratings(self, exclude_cut: bool) -> None:
+        """The session's rated pairs as TRL data, in the training dialog."""
+        from engine.store import export_ratings_trl
+
+        if self.store is None or self.session.session_id is None:
+            self.show_error("No ratings", "There is no open session with ratings.")
+            return
+        folder = data_dir() / "ratings"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"session-{self.session.session_id}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        try:
+            n = export_ratings_trl(self.store, self.session.session_id, path, exclude_truncated=exclude_cut)
+        except (TsdpoError, OSError) as exc:
+            self.show_error("The ratings were not exported", str(exc))
+            return
+        if n == 0:
+            path.unlink(missing_ok=True)
+            self.show_error("No preference pairs yet", "No rated comparison names a winner" + (
+                " whose replies both ended on their own (untick 'leave out cut-off replies' to keep cut ones)"
+                if exclude_cut else "") + ". Rate some comparisons (a winner, not a tie) first.")
+            return
+        self.progress_label.setText(f"{n} preference pairs from the ratings in {path}")
+        self.open_job("train", str(path), "ratings", "trl")
 
     # ------------------------------------------------------------------ heatmaps
     def start_prediction(self) -> None:

@@ -552,3 +552,61 @@ def test_a_prompt_set_fills_the_grid_and_a_blind_row_is_rated_side_by_side(qtbot
     assert f"[{comps[1].generations[order[0]].label}" in grid.table.item(1, 1).text()  # revealed in the grid too
     assert "✓" in grid.table.item(1, 0).text() and "✓" not in grid.table.item(0, 0).text()
     assert "[" not in grid.table.item(0, 1).text()  # the other rows stay blind
+
+
+def test_the_ratings_tab_adds_up_the_ratings_and_turns_them_into_training_data(qtbot, tmp_path, store, window):
+    """Wins, ties and losses by hand, blind and unblind apart, filtered by prompt set; the CSV and plot exports; and
+    'Train a direction from these ratings' opening the training dialog on the exported pairs."""
+    import json
+
+    from studio.jobs import JobDialog
+
+    w = window
+    sid = w.session.session_id
+
+    def comparison(labels, outcome, winner, blind, pset=None):
+        c = store.add_comparison(sid, "Say hi.", {"max_new_tokens": 50, **({"prompt_set": pset} if pset else {})}, 0,
+                                 [{"label": l, "output": f"reply of {l}", "n_tokens": 5, "seconds": 0.1} for l in labels])
+        store.add_rating(c.id, outcome, winner_id=c.generations[winner].id if winner is not None else None, blind=blind)
+
+    comparison(["base", "point (+0.50, +0.00)"], "winner", 1, True, "eval")
+    comparison(["base", "point (+0.20, +0.10)"], "winner", 1, True, "eval")
+    comparison(["base", "point (+0.20, +0.10)"], "tie", None, False)
+    comparison(["base", "pinned A"], "winner", 0, False)
+    w.tabs.setCurrentWidget(w.ratings_view)
+    view = w.ratings_view
+    table = view.table
+
+    def rows():
+        return {table.item(r, 0).text(): [table.item(r, c).text() for c in range(1, 6)] for r in range(table.rowCount())}
+
+    # By hand: the point W2 T1 L0 (2.5 of 3), base W1 T1 L2 (1.5 of 4), pinned A W0 T0 L1.
+    assert rows() == {"point": ["2", "1", "0", "0", "0.833"], "base": ["1", "1", "2", "0", "0.375"],
+                      "pinned A": ["0", "0", "1", "0", "0.000"]}
+    view.group.setCurrentText("Blind ratings")
+    assert rows() == {"point": ["2", "0", "0", "0", "1.000"], "base": ["0", "0", "2", "0", "0.000"]}
+    view.group.setCurrentText("All ratings")
+    view.prompt_set.setCurrentText("eval")
+    assert set(rows()) == {"point", "base"} and rows()["point"][0] == "2"
+    assert "2 rated comparisons" in view.note.text()
+    view.prompt_set.setCurrentIndex(0)
+    assert len(view.plot.getPlotItem().items) > 2  # bars and their intervals
+
+    shown = []
+
+    def look():
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, JobDialog):
+            QTimer.singleShot(50, look)
+            return
+        shown.append((dialog.data.path.text(), dialog.data.format.currentText(), dialog.data.objective.text()))
+        dialog.reject()
+
+    QTimer.singleShot(50, look)
+    view.exclude_cut.setChecked(False)
+    view.train_button.click()
+    path, fmt, objective = shown[0]
+    assert fmt == "trl" and objective == "ratings"
+    pairs = [json.loads(l) for l in open(path)]
+    # Winners over the other column: two point wins and one base win.
+    assert sorted(p["chosen"] for p in pairs) == ["reply of base", "reply of point (+0.20, +0.10)", "reply of point (+0.50, +0.00)"]
