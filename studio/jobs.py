@@ -210,7 +210,7 @@ class JobPanel(QWidget):
         self.cancel.setEnabled(False)
         self.cancel.clicked.connect(self.cancelRequested.emit)
         self.plot = pg.PlotWidget(background=None)
-        self.plot.setMinimumHeight(120)
+        self.plot.setMinimumHeight(90)
         self.plot.addLegend(offset=(5, 5))
         self.plot.setLabel("bottom", "step")
         self.loss_curve = self.plot.plot([], [], pen=pg.mkPen((220, 80, 60), width=2), name="loss")

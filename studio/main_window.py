@@ -15,7 +15,8 @@ from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
 from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
-                               QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QTabWidget,
+                               QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter, QTabWidget,
+                               QFrame,
                                QVBoxLayout, QWidget)
 
 from engine.errors import TsdpoError
@@ -75,6 +76,7 @@ class MainWindow(QMainWindow):
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self.system_prompt: Optional[str] = None  # the session's, in front of every prompt
         self.job_dialog = None  # the job dialog while it is open
+        self._dock_height = 0  # the bottom docks' height before the running job
         self.gap_maps: dict[str, dict] = {}  # linearization gap maps by plane-layout key (shipped and measured)
         self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
         self._build_ui()
@@ -120,11 +122,13 @@ class MainWindow(QMainWindow):
         plane_box = QGroupBox("Preference plane")
         self.direction_list = QListWidget()
         self.direction_list.setObjectName("directions")
-        self.direction_list.setMaximumHeight(70)
+        self.direction_list.setMaximumHeight(90)
+        self.direction_list.setToolTip("Every loaded direction: its name, how it was made and what it is (Directions menu "
+                                       "to add or build more)")
+        self.plane_view.controls.addTab(self.direction_list, "Directions")
         pl = QVBoxLayout(plane_box)
+        pl.setContentsMargins(4, 4, 4, 4)
         pl.addWidget(self.plane_view, 1)
-        pl.addWidget(QLabel("Loaded directions (Directions menu to add or build more):"))
-        pl.addWidget(self.direction_list)
 
         self.prompt = QPlainTextEdit(placeholderText="Ask something, then Generate (Ctrl+Enter). Drag the point to change the mix.")
         self.prompt.setObjectName("prompt")
@@ -181,8 +185,14 @@ class MainWindow(QMainWindow):
         right.currentChanged.connect(lambda i: self.refresh_ratings() if right.widget(i) is self.ratings_view else None)
         self.tabs = right
 
+        left = QScrollArea()  # on a small screen the plane's controls scroll; the plane itself keeps growing
+        left.setWidget(plane_box)
+        left.setWidgetResizable(True)
+        left.setFrameShape(QFrame.NoFrame)
+        left.setMinimumWidth(260)
+        left.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         split = QSplitter(Qt.Horizontal)
-        split.addWidget(plane_box)
+        split.addWidget(left)
         split.addWidget(right)
         split.setStretchFactor(0, 2)
         split.setStretchFactor(1, 5)
@@ -693,12 +703,16 @@ class MainWindow(QMainWindow):
 
     def start_job(self, job: Job) -> None:
         job = replace(job, session_id=self.session.session_id)
+        self._dock_height = self.job_dock.height()  # what the job panel gives back when the job ends
         self.job_panel.started(job)
         self.job_dock.raise_()
         self.host.run_job(job)
 
     def _on_job_finished(self, result: JobResult) -> None:
         self.job_panel.finished(result)
+        # The job panel gives its space back: its plot goes, the dock shrinks to its line, the history is on top.
+        self.job_panel.plot.hide()
+        self.resizeDocks([self.job_dock], [self._dock_height or self.job_panel.minimumSizeHint().height()], Qt.Vertical)
         if result.kind == "predict" and not result.cancelled:
             self.prediction = result.prediction
             self.refresh_heatmaps()

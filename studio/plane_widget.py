@@ -12,8 +12,9 @@ from typing import Optional
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QMessageBox, QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
-                               QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGraphicsRectItem, QHBoxLayout,
+                               QInputDialog, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QTabWidget,
+                               QVBoxLayout, QWidget)
 
 from engine.plane import Axis, PreferencePlane, circle_anchors
 
@@ -26,6 +27,27 @@ NUDGE = 0.05
 
 
 SANE_WEIGHT = 100.0  # beyond this the GUI asks, and the CLI wants --force
+
+class Square(QWidget):
+    """Keeps its one child square (the largest square that fits, centred), so the plane grows with the window and a
+    unit on x is a unit on y."""
+
+    def __init__(self, child: QWidget, parent=None):
+        super().__init__(parent)
+        self.child = child
+        child.setParent(self)
+
+    def minimumSizeHint(self):
+        return self.child.minimumSizeHint().expandedTo(self.child.minimumSize())
+
+    def sizeHint(self):
+        return self.child.sizeHint()
+
+    def resizeEvent(self, ev) -> None:
+        side = min(self.width(), self.height())
+        self.child.setGeometry((self.width() - side) // 2, (self.height() - side) // 2, side, side)
+        super().resizeEvent(ev)
+
 
 class PlaneView(pg.PlotWidget):
     """The plot: arrow keys nudge the point (Shift for a finer step)."""
@@ -58,7 +80,7 @@ class PreferencePlaneWidget(QWidget):
         self.view = PlaneView(background=None)
         self.view.setObjectName("plane")
         self.view.setAspectLocked(True)
-        self.view.setMinimumSize(280, 240)
+        self.view.setMinimumSize(220, 220)
         self.view.showGrid(x=True, y=True, alpha=0.25)
         self.view.setMenuEnabled(False)
         self.view.setMouseEnabled(False, False)
@@ -75,6 +97,11 @@ class PreferencePlaneWidget(QWidget):
         self.marks.setZValue(5)
         self.view.addItem(self.marks)
         self.layers: dict[str, dict] = {}
+        # Where the point can go: the axes' ranges (the grid beyond it is only margin).
+        self.bounds = QGraphicsRectItem(-1, -1, 2, 2)
+        self.bounds.setPen(pg.mkPen((128, 128, 128), width=1, style=Qt.DashLine))
+        self.bounds.setZValue(3)
+        self.view.addItem(self.bounds)
         # Where the mixed model leaves the linearized one the tangent directions were trained on (a gap map).
         self.trust_curve = pg.PlotDataItem(pen=pg.mkPen((230, 90, 40), width=2, style=Qt.DashLine), connect="finite")
         self.trust_curve.setZValue(4)
@@ -130,25 +157,36 @@ class PreferencePlaneWidget(QWidget):
             row.addWidget(combo, 2)
             row.addWidget(QLabel("scale"))
             row.addWidget(scale)
-            row.addWidget(QLabel("range ±"))
+            row.addWidget(QLabel("±"))
             row.addWidget(rng)
-        form.addRow("x axis", xrow)
-        form.addRow("y axis", yrow)
+        form.addRow("x", xrow)
+        form.addRow("y", yrow)
         form.addRow(self.anchor_mode)
         form.addRow("Heatmap", self.heat_combo)
         form.addRow(self.heat_note)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.view, 1)
-        layout.addLayout(form)
+        self.square = Square(self.view)
+        layout.addWidget(self.square, 1)
         layout.addWidget(self.point_label)
         layout.addWidget(self.weights_label)
+        # The controls under the plane, a tab each, so the plane keeps most of the height on a small screen.
+        self.controls = QTabWidget()
+        self.controls.setObjectName("plane_controls")
+        self.controls.setDocumentMode(True)
+        axes = QWidget()
+        axes.setLayout(form)
+        self.controls.addTab(axes, "Axes")
+        pins_tab = QWidget()
+        pl = QVBoxLayout(pins_tab)
         pins = QHBoxLayout()
         pins.addWidget(self.pin_button)
+        pins.addWidget(QLabel("double-click one to go back to it"))
         pins.addStretch(1)
-        layout.addLayout(pins)
-        layout.addWidget(QLabel("Pinned points (double-click to recall):"))
-        layout.addWidget(self.pin_list)
+        pl.addLayout(pins)
+        pl.addWidget(self.pin_list)
+        self.controls.addTab(pins_tab, "Pins")
+        layout.addWidget(self.controls)
         self._refresh_axes()
         self._show_weights()
 
@@ -335,8 +373,11 @@ class PreferencePlaneWidget(QWidget):
         for w in (self.x_combo, self.y_combo, self.x_scale, self.y_scale, self.x_range, self.y_range):
             w.setEnabled(not anchors)
         lx, ly = self.limits()
-        self.view.setXRange(-lx * 1.08, lx * 1.08, padding=0)
-        self.view.setYRange(-ly * 1.08, ly * 1.08, padding=0)
+        # Equal ranges keep distances true (the anchor layout's weights come from them); unequal ones fill the square.
+        self.view.setAspectLocked(lx == ly)
+        self.view.setXRange(-lx * 1.06, lx * 1.06, padding=0)
+        self.view.setYRange(-ly * 1.06, ly * 1.06, padding=0)
+        self.bounds.setRect(-lx, -ly, 2 * lx, 2 * ly)
         self.view.setLabel("bottom", "(anchor layout)" if anchors else (self.plane.x.direction or "x: no direction"))
         self.view.setLabel("left", "" if anchors else (self.plane.y.direction or "y: no direction"))
         for item in self._anchor_items.values():

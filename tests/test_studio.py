@@ -610,3 +610,37 @@ def test_the_ratings_tab_adds_up_the_ratings_and_turns_them_into_training_data(q
     pairs = [json.loads(l) for l in open(path)]
     # Winners over the other column: two point wins and one base win.
     assert sorted(p["chosen"] for p in pairs) == ["reply of base", "reply of point (+0.20, +0.10)", "reply of point (+0.50, +0.00)"]
+
+
+def test_the_window_fits_1280_by_720_with_a_job_running_and_gives_the_space_back(qtbot, tmp_path, store, window):
+    from studio.messages import JobResult
+
+    w = window
+    assert w.minimumSizeHint().width() <= 1280 and w.minimumSizeHint().height() <= 720
+    w.resize(1280, 720)
+    qtbot.waitUntil(lambda: w.height() <= 720, timeout=5000)
+
+    class Job:
+        kind, name = "train", "a direction"
+
+    QApplication.processEvents()
+    docks = w.job_dock.height()
+    w._dock_height = docks
+    w.job_panel.started(Job())
+    w.job_dock.raise_()
+    w.resizeDocks([w.job_dock], [300], Qt.Vertical)  # a user drags the job panel taller to watch the curves
+    QApplication.processEvents()
+    assert w.job_dock.height() > docks + 50
+    assert w.minimumSizeHint().height() <= 720 and w.height() <= 720  # a training job does not grow the window
+    bar = w.statusBar()
+    assert bar.isVisible() and bar.geometry().bottom() <= w.height()
+    plane = w.plane_view.view
+    assert abs(plane.width() - plane.height()) <= 1  # the plane stays square
+    before = plane.width()
+    w._on_job_finished(JobResult("train", 1.0, name="a direction", summary="done"))
+    QApplication.processEvents()
+    assert not w.job_panel.plot.isVisible()
+    assert w.job_dock.height() <= docks + 15  # the job panel gave its space back (to its title and bar at least)
+    w.resize(1600, 1000)
+    QApplication.processEvents()
+    assert plane.width() > before and abs(plane.width() - plane.height()) <= 1  # it grows with the window
