@@ -712,7 +712,9 @@ class MainWindow(QMainWindow):
         self.job_panel.finished(result)
         # The job panel gives its space back: its plot goes, the dock shrinks to its line, the history is on top.
         self.job_panel.plot.hide()
-        self.resizeDocks([self.job_dock], [self._dock_height or self.job_panel.minimumSizeHint().height()], Qt.Vertical)
+        height = self._dock_height or self.job_panel.minimumSizeHint().height()
+        # Once the layout has taken the plot away (before that, the panel's minimum still counts it).
+        QTimer.singleShot(0, lambda: self.resizeDocks([self.job_dock], [height], Qt.Vertical))
         if result.kind == "predict" and not result.cancelled:
             self.prediction = result.prediction
             self.refresh_heatmaps()
