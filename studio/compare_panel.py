@@ -160,6 +160,20 @@ class ComparePanel(QWidget):
             c.source.setCurrentText(current if current in items else default)
             c.source.blockSignals(False)
 
+    def _fresh_source(self, i: int) -> None:
+        """A column just shown gets a source no column before it uses: a pin, a baseline, steering only, the point,
+        the base, in that order; the base again only when everything is in use."""
+        used = {self.columns[k].source.currentText() for k in range(i)}
+        combo = self.columns[i].source
+        if combo.currentText() not in used:
+            return
+        items = [combo.itemText(k) for k in range(combo.count())]
+        rank = [x for x in items if x.startswith("Pinned: ")] + [x for x in items if x.startswith("Scalarized: ")] + \
+               [x for x in items if x == STEERING] + [POINT, BASE]
+        fresh = next((x for x in rank if x in items and x not in used), None)
+        if fresh is not None:
+            combo.setCurrentText(fresh)
+
     def choose(self, sources: list[str], n_columns: Optional[int] = None) -> None:
         """Show ``n_columns`` columns (default: one per source) with these sources, in order."""
         self.n_columns.setValue(max(1, n_columns or len(sources)))
@@ -266,14 +280,16 @@ class ComparePanel(QWidget):
     def _show_columns(self) -> None:
         n = self.n_columns.value()
         for i, c in enumerate(self.columns):
+            if i < n and not c.isVisibleTo(self) and i > 0:
+                self._fresh_source(i)
             c.setVisible(i < n)
         self._enable_rating(self.last is not None and self.last.comparison_id is not None)
 
 
 def column_request(source: str, point: tuple[float, float], weights: dict[str, float], pins: dict,
-                   weights_at: Callable[[float, float], dict], labels: dict[str, str]) -> Column:
+                   pin_weights: Callable[[str], dict], labels: dict[str, str]) -> Column:
     """What the worker generates for one column chosen as ``source`` (``labels``: direction name -> steering,
-    tangent or scalarized)."""
+    tangent or scalarized; ``pin_weights``: the mix a pin names)."""
     if source == BASE:
         return Column("base")
     if source == POINT:
@@ -282,8 +298,7 @@ def column_request(source: str, point: tuple[float, float], weights: dict[str, f
         return Column("steering only", {k: v for k, v in weights.items() if labels.get(k) == "steering"}, tuple(point))
     if source.startswith("Pinned: "):
         name = source[len("Pinned: "):]
-        x, y = pins[name]
-        return Column(f"pinned {name}", weights_at(x, y), (x, y))
+        return Column(f"pinned {name}", pin_weights(name), tuple(pins[name]))
     if source.startswith("Scalarized: "):
         name = source[len("Scalarized: "):]
         return Column(f"scalarized {name}", {name: 1.0})

@@ -417,7 +417,7 @@ class MainWindow(QMainWindow):
 
     def _on_pins_changed(self) -> None:
         try:
-            self.session.pin(self.plane_view.pins)
+            self.session.pin(self.plane_view.pins, self.plane_view.pin_mix)
         except TsdpoError as exc:
             self.show_error("The pinned point was not saved", str(exc))
         self._directions_changed()
@@ -437,7 +437,7 @@ class MainWindow(QMainWindow):
         labels = {n: d.label for n, d in self.directions.items()}
         sources = self.compare.chosen_sources()
         view = self.plane_view
-        columns = [column_request(src, view.point, view.weights(), view.pins, view.plane.weights, labels) for src in sources]
+        columns = [column_request(src, view.point, view.weights(), view.pins, view.pin_weights, labels) for src in sources]
         self.compare.start([c.label for c in columns], sources)
         self.last_result = None
         self.host.compare(CompareRequest(with_system(prompt, self.system_prompt), columns, self.sampling_params(),
@@ -818,7 +818,7 @@ class MainWindow(QMainWindow):
         self.session_label.setText(self.session.name)
         self.plane_view.clear_pins()
         for name, (x, y) in restore.pins.items():
-            self.plane_view.add_pin(name, x, y, emit=False)
+            self.plane_view.add_pin(name, x, y, emit=False, weights=restore.pin_weights.get(name))
         self._reload_history()
         if self.model_info is not None and self.model_info.fingerprint == restore.model_fingerprint:
             self._restore_directions()
@@ -864,7 +864,7 @@ class MainWindow(QMainWindow):
             return
         labels = {n: d.label for n, d in self.directions.items()}
         view = self.plane_view
-        columns = [column_request(src, view.point, view.weights(), view.pins, view.plane.weights, labels)
+        columns = [column_request(src, view.point, view.weights(), view.pins, view.pin_weights, labels)
                    for src in self.compare.chosen_sources()]
         blind = self.compare.blind.isChecked()
         self.prompt_set.start([c.label for c in columns], blind)

@@ -75,6 +75,8 @@ class PreferencePlaneWidget(QWidget):
         self.plane = PreferencePlane()
         self.directions: list[str] = []
         self.pins: dict[str, tuple[float, float]] = {}
+        # The mix each pin named when it was pinned: a pin keeps meaning that mix when the layout changes.
+        self.pin_mix: dict[str, dict[str, float]] = {}
         self._anchor_items: dict[str, pg.TargetItem] = {}
 
         self.view = PlaneView(background=None)
@@ -260,15 +262,23 @@ class PreferencePlaneWidget(QWidget):
         if name in self.pins:
             self.set_point(*self.pins[name])
 
-    def add_pin(self, name: str, x: float, y: float, emit: bool = True) -> None:
+    def add_pin(self, name: str, x: float, y: float, emit: bool = True, weights: Optional[dict] = None) -> None:
+        """Pin (x, y) with the mix it gives now (or ``weights``, a restored pin's own)."""
         self.pins[name] = (x, y)
+        # A restored pin from before pins kept their mix has {}: it gives the restored layout's mix when asked.
+        self.pin_mix[name] = dict(weights) if weights is not None else self.plane.weights(x, y)
         self._draw_pins()
         if emit:
             self.pinsChanged.emit()
 
     def clear_pins(self) -> None:
         self.pins = {}
+        self.pin_mix = {}
         self._draw_pins()
+
+    def pin_weights(self, name: str) -> dict[str, float]:
+        """The mix a pin names (what it named when pinned, whatever the layout is now)."""
+        return dict(self.pin_mix.get(name) or self.plane.weights(*self.pins[name]))
 
     def set_heatmap(self, values: Optional[np.ndarray], extent: tuple[float, float, float, float] = (-1, 1, -1, 1)) -> None:
         """Show a metric over the plane (rows = y, cols = x) with its colour bar; None hides it."""
@@ -433,7 +443,10 @@ class PreferencePlaneWidget(QWidget):
             t.setPos(x, y)
             self.view.addItem(t)
             self._pin_labels.append(t)
-            item = QListWidgetItem(f"{n}  ({x:+.2f}, {y:+.2f})")
+            mix = self.pin_mix.get(n) or {}
+            item = QListWidgetItem(f"{n}  ({x:+.2f}, {y:+.2f})  " + (", ".join(f"{k} {v:+.2f}" for k, v in mix.items() if v)
+                                                                   or "base"))
+            item.setToolTip("The mix this pin names, kept as it was when pinned (a new layout does not change it)")
             item.setData(Qt.UserRole, n)
             self.pin_list.addItem(item)
 

@@ -27,6 +27,7 @@ class Restore:
     model_ref: dict
     model_fingerprint: Optional[str]
     waiting: int = 0  # directions asked of the worker and not answered yet
+    pin_weights: dict[str, dict] = field(default_factory=dict)  # the mix each pin named ({} for pins from before)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class SessionController:
         row = self.store.session(session_id)
         self.session_id, self.name = row.id, row.name
         self.restore = Restore(dict(row.settings or {}), {p.name: (p.x, p.y) for p in row.pinned}, dict(row.model_ref or {}),
-                               row.model_fingerprint)
+                               row.model_fingerprint, pin_weights={p.name: dict(p.weights or {}) for p in row.pinned})
         return self.restore
 
     def directions_to_load(self, loaded: set[str]) -> list[tuple[str, str]]:
@@ -104,10 +105,10 @@ class SessionController:
         self.store.update_session(self.session_id, settings=settings)
         return True
 
-    def pin(self, pins: dict[str, tuple[float, float]]) -> None:
+    def pin(self, pins: dict[str, tuple[float, float]], mixes: Optional[dict[str, dict]] = None) -> None:
         if self.saving:
             for name, (x, y) in pins.items():
-                self.store.pin_point(self.session_id, name, x, y)
+                self.store.pin_point(self.session_id, name, x, y, (mixes or {}).get(name))
 
     def history(self) -> list:
         return self.store.history(self.session_id) if self.saving else []

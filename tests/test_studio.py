@@ -453,6 +453,9 @@ def test_three_tangent_columns_run_as_one_batch(qtbot, tmp_path, store, tiny_mod
     w.host.add_direction(str(full), "full")  # a full-rank direction bound to an axis: its columns split
     qtbot.waitUntil(lambda: "full" in w.directions and not w.busy_with, timeout=30000)
     w.plane_view.x_combo.setCurrentText("full")
+    assert w.plane_view.pin_weights("other") == {"help": -0.6, "verb": 0.4}  # a pin keeps the mix it named
+    w.plane_view.add_pin("other", -0.6, 0.4)  # pinned again: now it names the full-rank direction's mix
+    assert w.plane_view.pin_weights("other") == {"full": -0.6, "verb": 0.4}
     w.last_result = None
     w.generate_button.click()
     qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
@@ -644,3 +647,29 @@ def test_the_window_fits_1280_by_720_with_a_job_running_and_gives_the_space_back
     w.resize(1600, 1000)
     QApplication.processEvents()
     assert plane.width() > before and abs(plane.width() - plane.height()) <= 1  # it grows with the window
+
+
+def test_a_pin_keeps_its_mix_across_layouts_and_sessions_and_new_columns_take_unused_pins(qtbot, tmp_path, store, tiny_model_dir, vector_file):
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(vector_file, "v1"), (vector_file, "v2"), (vector_file, "v3")])
+    view = w.plane_view
+    view.add_pin("P", 0.5, -0.25)
+    mix = view.pin_weights("P")
+    assert mix == {"v1": 0.5, "v2": -0.25}
+    view.anchor_mode.setChecked(True)  # the anchor layout maps (0.5, -0.25) to another mix: the pin does not follow
+    assert view.plane.weights(0.5, -0.25) != mix and view.pin_weights("P") == mix
+    assert store.pinned_points(w.session.session_id)[0].weights == mix  # on disk with its mix
+    view.add_pin("Q", -0.5, 0.5)
+    # Columns: base, the point, then a third and fourth column take the pins no column uses yet.
+    w.compare.choose(["Base model", "Mix at the point"], 2)
+    w.compare.n_columns.setValue(4)
+    assert w.compare.chosen_sources() == ["Base model", "Mix at the point", "Pinned: P", "Pinned: Q"]
+    sid = w.session.session_id
+    w.close()
+
+    again = reopen(qtbot, tmp_path, store, sid)
+    assert again.plane_view.pin_weights("P") == mix
+    from studio.compare_panel import column_request
+    col = column_request("Pinned: P", again.plane_view.point, again.plane_view.weights(), again.plane_view.pins,
+                         again.plane_view.pin_weights, {})
+    assert col.weights == mix and col.point == (0.5, -0.25)
+    again.close()
