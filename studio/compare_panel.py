@@ -8,19 +8,36 @@ the text under it. Rating a comparison again is an edit, shown with an Undo.
 
 from __future__ import annotations
 
+import difflib
 import random
+import re
 from typing import Callable, Optional
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QKeySequence, QShortcut, QTextCursor
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
-                               QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtGui import QColor, QKeySequence, QShortcut, QTextCharFormat, QTextCursor
+from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QPlainTextEdit, QPushButton, QSpinBox, QTextEdit, QVBoxLayout, QWidget)
 
 from engine.generation import Column
 from studio.messages import ComparisonResult, Reply
 
 BASE, POINT, STEERING = "Base model", "Mix at the point", "Steering only, at the point"
 LETTERS = "ABCD"
+
+
+def word_diff(a: str, b: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Character spans of the words that differ between two replies: in ``a`` the words ``b`` replaced or dropped, in
+    ``b`` the words it replaced or added (word by word, as difflib matches them)."""
+    wa = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", a)]
+    wb = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", b)]
+    spans_a, spans_b = [], []
+    matcher = difflib.SequenceMatcher(None, [w for *_, w in wa], [w for *_, w in wb], autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op in ("replace", "delete") and i2 > i1:
+            spans_a.append((wa[i1][0], wa[i2 - 1][1]))
+        if op in ("replace", "insert") and j2 > j1:
+            spans_b.append((wb[j1][0], wb[j2 - 1][1]))
+    return spans_a, spans_b
 
 
 class ColumnView(QFrame):
@@ -35,11 +52,18 @@ class ColumnView(QFrame):
         self.text.setObjectName(f"column_text_{index}")
         self.stats = QLabel("")
         self.stats.setWordWrap(True)
+        self.copy = QPushButton("Copy")
+        self.copy.setObjectName(f"copy_{index}")
+        self.copy.setToolTip("Copy this column's reply to the clipboard")
+        self.copy.clicked.connect(lambda: QApplication.clipboard().setText(self.text.toPlainText()))
+        self.source.setToolTip("What this column generates: the base model, the mix at the point, a pinned point's mix, "
+                               "a scalarized-DPO baseline, or the steering part of the point's mix")
         self.scores: dict[str, QSpinBox] = {}
         self.scores_row = QHBoxLayout()
         head = QHBoxLayout()
         head.addWidget(self.title)
         head.addWidget(self.source, 1)
+        head.addWidget(self.copy)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addLayout(head)
@@ -65,10 +89,25 @@ class ColumnView(QFrame):
         self.scores_row.addStretch(1)
 
     def clear_output(self) -> None:
+        self.text.setExtraSelections([])
         self.text.clear()
         self.stats.setText("")
         for box in self.scores.values():
             box.setValue(0)
+
+    def highlight(self, spans: list[tuple[int, int]]) -> None:
+        """Mark these character spans (the words another column differs in); [] clears."""
+        fmt = QTextCharFormat()
+        fmt.setBackground(QColor(255, 214, 102, 150))
+        marks = []
+        for start, end in spans:
+            sel = QTextEdit.ExtraSelection()
+            cur = QTextCursor(self.text.document())
+            cur.setPosition(start)
+            cur.setPosition(end, QTextCursor.KeepAnchor)
+            sel.cursor, sel.format = cur, fmt
+            marks.append(sel)
+        self.text.setExtraSelections(marks)
 
     def append(self, piece: str) -> None:
         cursor = self.text.textCursor()
@@ -88,6 +127,14 @@ class ComparePanel(QWidget):
         self.n_columns.valueChanged.connect(self._show_columns)
         self.blind = QCheckBox("Blind (shuffle, hide labels until rated)")
         self.blind.setObjectName("blind")
+        self.blind.setToolTip("Shuffle the columns and hide what made each one until you rate: your rating cannot "
+                              "lean on the label. Blind and unblind ratings are counted apart in the Ratings tab.")
+        self.n_columns.setToolTip("How many columns to generate side by side (one batch where the mix allows)")
+        self.diff = QCheckBox("Highlight differences from A")
+        self.diff.setObjectName("highlight_diff")
+        self.diff.setToolTip("Mark, word by word, where each column differs from column A (and in A, what the others "
+                             "replaced)")
+        self.diff.toggled.connect(self.refresh_diff)
         grid = QGridLayout()
         for i, c in enumerate(self.columns):
             grid.addWidget(c, 0, i)
@@ -133,6 +180,7 @@ class ComparePanel(QWidget):
         top.addWidget(QLabel("Columns"))
         top.addWidget(self.n_columns)
         top.addWidget(self.blind)
+        top.addWidget(self.diff)
         top.addStretch(1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -224,6 +272,22 @@ class ComparePanel(QWidget):
             view.text.setPlainText(col.text)
             self._stats(view, col, hidden=not self.revealed)
         self._enable_rating(result.comparison_id is not None)
+        self.refresh_diff()
+
+    def refresh_diff(self, *_) -> None:
+        """Word-level differences of each shown column from column A (cleared when the box is off)."""
+        n = len(self.last.columns) if self.last else 0
+        for c in self.columns:
+            c.highlight([])
+        if not self.diff.isChecked() or n < 2:
+            return
+        a = self.columns[0].text.toPlainText()
+        in_a: list[tuple[int, int]] = []
+        for slot in range(1, n):
+            spans_a, spans_b = word_diff(a, self.columns[slot].text.toPlainText())
+            in_a += spans_a
+            self.columns[slot].highlight(spans_b)
+        self.columns[0].highlight(sorted(set(in_a)))
 
     def _stats(self, view: ColumnView, col: Reply, hidden: bool) -> None:
         stop = " (stopped)" if col.stopped else " (cut at the token limit)" if col.truncated else ""

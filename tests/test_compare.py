@@ -66,3 +66,15 @@ def test_previous_mix_is_restored_and_limits(tiny_lm, mixer):
         compare(tiny_lm, "Hi.", [Column("base")] * 5, mixer=mixer)
     with pytest.raises(TsdpoError, match="need a mixer"):
         compare(tiny_lm, "Hi.", [Column("m", {"v": 1.0})])
+
+
+def test_word_diff_marks_the_words_that_differ():
+    from studio.compare_panel import word_diff
+
+    a = "The sky is blue because of Rayleigh scattering."
+    b = "The sky is blue, mostly because of scattering."
+    spans_a, spans_b = word_diff(a, b)
+    assert [a[s:e] for s, e in spans_a] == ["blue", "Rayleigh"]
+    assert [b[s:e] for s, e in spans_b] == ["blue, mostly"]  # "blue" became "blue," and "mostly" came in
+    assert word_diff("same words here", "same words here") == ([], [])
+    assert word_diff("", "new text") == ([], [(0, 8)])

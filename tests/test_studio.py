@@ -673,3 +673,26 @@ def test_a_pin_keeps_its_mix_across_layouts_and_sessions_and_new_columns_take_un
                          again.plane_view.pin_weights, {})
     assert col.weights == mix and col.point == (0.5, -0.25)
     again.close()
+
+
+def test_copy_buttons_and_highlighted_differences(qtbot, window):
+    w = window
+    w.compare.choose(["Base model", "Mix at the point"], 2)
+    w.plane_view.set_point(1.0, 1.0)
+    w.prompt.setPlainText("Name three colours.")
+    w.max_tokens.setValue(12)
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
+    a, b = (w.compare.columns[i].text.toPlainText() for i in range(2))
+    w.compare.columns[1].copy.click()
+    assert QApplication.clipboard().text() == b
+    assert w.compare.columns[0].text.extraSelections() == []
+    w.compare.diff.setChecked(True)
+    from studio.compare_panel import word_diff
+    spans_a, spans_b = word_diff(a, b)
+    assert a != b and spans_b  # the mix at (1, 1) changes the tiny model's reply
+    marked = [(s.cursor.selectionStart(), s.cursor.selectionEnd()) for s in w.compare.columns[1].text.extraSelections()]
+    assert marked == spans_b
+    assert len(w.compare.columns[0].text.extraSelections()) == len(spans_a)
+    w.compare.diff.setChecked(False)
+    assert w.compare.columns[1].text.extraSelections() == []
