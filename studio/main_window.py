@@ -34,7 +34,7 @@ from studio.plane_widget import PreferencePlaneWidget
 from studio.promptset_panel import PromptSetPanel
 from studio.ratings_view import RatingsView
 from studio.session import SessionController, saved_point
-from studio.theme import apply_palette
+from studio.theme import apply_palette, restyle_plots
 from studio.worker import WorkerHost
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class MainWindow(QMainWindow):
         self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
         self._build_ui()
         self._build_menus()
+        restyle_plots(self)
         w = self.host.worker
         w.busy.connect(self._on_busy)
         w.progress.connect(self.progress_label.setText)
@@ -951,6 +952,7 @@ class MainWindow(QMainWindow):
 
     def _set_dark(self, on: bool) -> None:
         apply_palette(QApplication.instance(), on)
+        restyle_plots(self)
         self.settings.setValue("dark", on)
 
     def _restore_settings(self) -> None:
@@ -969,6 +971,7 @@ class MainWindow(QMainWindow):
         self.regen.setChecked(self.settings.value("regenerate_on_release", "false") in (True, "true"))
         if self.dark_action.isChecked():
             apply_palette(QApplication.instance(), True)
+            restyle_plots(self)
 
     def _save_settings(self) -> None:
         self.settings.setValue("geometry", self.saveGeometry())

@@ -21,3 +21,24 @@ def apply_palette(app: QApplication, dark: bool) -> None:
     for role in (QPalette.Text, QPalette.ButtonText, QPalette.WindowText):
         p.setColor(QPalette.Disabled, role, QColor(120, 124, 130))
     app.setPalette(p)
+
+
+def restyle_plots(root) -> None:
+    """Give every plot under ``root`` the palette's colours now: background, axes, labels and grid. pyqtgraph takes
+    its colours when a plot is made, so without this a plot stays light after a switch to dark until it is redrawn."""
+    import pyqtgraph as pg
+
+    palette = QApplication.instance().palette()  # the one just set: widgets take it over only as events arrive
+    bg, fg = palette.color(QPalette.Window), palette.color(QPalette.WindowText)
+    for view in root.findChildren(pg.PlotWidget):
+        view.setBackground(bg)
+        item = view.getPlotItem()
+        for name in ("left", "bottom", "right", "top"):
+            axis = item.getAxis(name)
+            axis.setPen(fg)
+            axis.setTextPen(fg)
+            if axis.label is not None:
+                axis.label.setDefaultTextColor(fg)
+        if item.legend is not None:
+            item.legend.setLabelTextColor(fg)
+        view.viewport().update()

@@ -696,3 +696,19 @@ def test_copy_buttons_and_highlighted_differences(qtbot, window):
     assert len(w.compare.columns[0].text.extraSelections()) == len(spans_a)
     w.compare.diff.setChecked(False)
     assert w.compare.columns[1].text.extraSelections() == []
+
+
+def test_the_dark_palette_reaches_the_plots_at_once(qtbot, window):
+    from PySide6.QtGui import QColor
+
+    w = window
+    plots = [w.plane_view.view, w.ratings_view.plot, w.job_panel.plot]
+    try:
+        w.dark_action.setChecked(True)
+        for p in plots:  # no resize, no repaint asked for: the colours are the palette's right away
+            assert p.backgroundBrush().color() == QColor(42, 45, 50)
+            assert p.getPlotItem().getAxis("bottom").textPen().color() == QColor(225, 228, 232)
+    finally:
+        w.dark_action.setChecked(False)
+    light = QApplication.instance().palette().color(w.palette().ColorRole.Window)
+    assert all(p.backgroundBrush().color() == light for p in plots)
