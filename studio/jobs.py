@@ -9,11 +9,12 @@ from typing import Optional, Sequence
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QMessageBox,
                                QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
 from engine.data import FORMATS
+from engine.errors import TsdpoError
 from engine.progress import Progress
 from engine.steering import ESTIMATORS
 from studio.messages import BuildJob, Data, ExportJob, Job, JobResult
@@ -35,11 +36,20 @@ class DataPicker(QWidget):
     def __init__(self, default_file: str = "", default_objective: str = "", parent=None):
         super().__init__(parent)
         self.path = QLineEdit(default_file, placeholderText="a .jsonl/.csv/.parquet file or a datasets name")
+        self.path.setToolTip("The preference pairs: a file, a folder, or a `datasets` name (with a network)")
         browse = QPushButton("Browse...")
+        browse.setToolTip("Choose a file of preference pairs")
         browse.clicked.connect(self._browse)
         self.format = QComboBox()
         self.format.addItems([AUTO, *FORMATS])
+        self.format.setToolTip("How the rows are laid out (detected from the columns when left on auto)")
         self.objective = QLineEdit(default_objective, placeholderText="e.g. helpfulness, or verbosity / conciseness (from length)")
+        self.objective.setToolTip("What the direction is for; verbosity and conciseness make their pairs from the "
+                                  "replies' lengths")
+        self.length_matched = QDoubleSpinBox(minimum=1.0, maximum=10.0, singleStep=0.05, value=1.0, decimals=2)
+        self.length_matched.setSpecialValueText("off")
+        self.length_matched.setToolTip("Keep only pairs whose two replies are within this length ratio (1.20: within "
+                                       "20%), so the direction cannot be a length direction in disguise (off: all pairs)")
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.path, 1)
@@ -49,6 +59,7 @@ class DataPicker(QWidget):
         form.addRow("Data", row)
         form.addRow("Format", self.format)
         form.addRow("Objective", self.objective)
+        form.addRow("Length-matched within", self.length_matched)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Preference data", "", "Preference pairs (*.jsonl *.json *.csv *.tsv *.parquet)")
@@ -57,7 +68,9 @@ class DataPicker(QWidget):
 
     def data(self, limit: Optional[int]) -> Data:
         fmt = self.format.currentText()
-        return Data(self.path.text().strip(), None if fmt == AUTO else fmt, self.objective.text().strip() or None, limit)
+        ratio = self.length_matched.value()
+        return Data(self.path.text().strip(), None if fmt == AUTO else fmt, self.objective.text().strip() or None, limit,
+                    ratio if ratio > 1.0 else None)
 
 
 class JobDialog(QDialog):
@@ -69,13 +82,17 @@ class JobDialog(QDialog):
         self.data = DataPicker(default_data, "verbosity" if kind == "extract" else "helpfulness")
         self.data_b = DataPicker(default_data, "verbosity") if kind == "scalarized" else None
         self.name = QLineEdit(placeholderText="default: the objective")
+        self.name.setToolTip("The direction's name on the plane and in the database")
         self.limit = QSpinBox(minimum=0, maximum=1_000_000, value=100 if kind == "extract" else 200)
         self.limit.setSpecialValueText("all pairs")
+        self.limit.setToolTip("Use the first N pairs of the data (all pairs: every one)")
         form = QFormLayout()
         form.addRow("Name", self.name)
         form.addRow("Use the first", self.limit)
         if kind == "extract":
             self.strength = QDoubleSpinBox(minimum=0.01, maximum=5.0, singleStep=0.05, value=0.1, decimals=2)
+            self.strength.setToolTip("Weight 1 adds this fraction of the steered layer's typical activation norm (0.1 "
+                                     "keeps the embedded model fluent; 0.5 and more make it repeat itself)")
             form.addRow("Strength (x layer norm at weight 1)", self.strength)
             self.estimator = QComboBox()
             self.estimator.addItems(list(ESTIMATORS))
@@ -88,21 +105,35 @@ class JobDialog(QDialog):
         else:
             self.param = QComboBox()
             self.param.addItems(["lowrank", "full"])
+            self.param.setToolTip("lowrank: B A0 factors per weight matrix (small files, mixed as adapters, no copy of "
+                                  "the weights); full: a whole delta per matrix")
             self.steps = QSpinBox(minimum=1, maximum=100_000, value=60)
+            self.steps.setToolTip("Optimizer steps (each over the batch of pairs)")
             self.lr = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=5, singleStep=1e-4, value=0.0)
             self.lr.setSpecialValueText("default")
+            self.lr.setToolTip("The learning rate (default: 2e-3 low-rank, 1e-4 full); a grid below replaces it")
+            self.lr_grid = QLineEdit(placeholderText="e.g. 5e-4, 1e-3, 2e-3 (empty: one run)")
+            self.lr_grid.setObjectName("lr_grid")
+            self.lr_grid.setToolTip("Train once per learning rate and keep the direction with the lowest held-out DPO "
+                                    "loss (every run's numbers are kept in the file)")
             self.beta = QDoubleSpinBox(minimum=0.001, maximum=10.0, decimals=3, singleStep=0.05, value=0.1)
+            self.beta.setToolTip("DPO's beta: how strongly the implicit reward is tied to the base model")
             self.max_tokens = QSpinBox(minimum=16, maximum=4096, value=128)
+            self.max_tokens.setToolTip("Prompts and replies are cut to this many tokens for training")
             form.addRow("Parameterization", self.param)
             form.addRow("Steps", self.steps)
             form.addRow("Learning rate", self.lr)
+            form.addRow("Learning-rate grid", self.lr_grid)
             form.addRow("Beta", self.beta)
             form.addRow("Max prompt / response tokens", self.max_tokens)
             if kind == "scalarized":
                 self.weight = QDoubleSpinBox(minimum=0.0, maximum=1.0, singleStep=0.1, value=0.5, decimals=2)
+                self.weight.setToolTip("Which share of each batch comes from the first objective's pairs")
                 form.addRow("Share of the first objective", self.weight)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         buttons.button(QDialogButtonBox.Ok).setText("Start")
+        buttons.button(QDialogButtonBox.Ok).setToolTip("Start the job (it runs beside the window, with progress and Cancel)")
+        buttons.button(QDialogButtonBox.Cancel).setToolTip("Close without starting")
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
@@ -119,6 +150,27 @@ class JobDialog(QDialog):
             lay.addWidget(self.coverage)
         lay.addWidget(buttons)
 
+    def learning_rates(self) -> list[float]:
+        """The grid typed in, as numbers (empty: one run); refused with the reason when it is not a list of rates."""
+        text = self.lr_grid.text().strip() if hasattr(self, "lr_grid") else ""
+        if not text:
+            return []
+        try:
+            rates = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+        except ValueError:
+            raise TsdpoError(f"The learning-rate grid {text!r} is not a list of numbers; write it as 5e-4, 1e-3.") from None
+        if not rates or not all(0 < r < 1 for r in rates):
+            raise TsdpoError(f"Learning rates are between 0 and 1 (got {text!r}).")
+        return rates
+
+    def accept(self) -> None:
+        try:
+            self.learning_rates()
+        except TsdpoError as exc:
+            QMessageBox.warning(self, "Learning-rate grid", str(exc))
+            return
+        super().accept()
+
     def job(self) -> BuildJob:
         limit = self.limit.value() or None
         data = self.data.data(limit)
@@ -130,6 +182,7 @@ class JobDialog(QDialog):
             job.estimator, job.band = self.estimator.currentText(), self.band.value()
         else:
             job.param, job.steps, job.lr = self.param.currentText(), self.steps.value(), self.lr.value()
+            job.lr_grid = self.learning_rates()
             job.beta, job.max_tokens = self.beta.value(), self.max_tokens.value()
         job.name = self.name.text().strip() or (f"scalarized {data.objective or 'a'}={job.weight:g}" if self.kind == "scalarized"
                                                 else (data.objective or Path(data.path).stem))
@@ -152,17 +205,25 @@ class ExportDialog(QDialog):
             self.format.addItem(text, key)
         only_steering = active and all(kinds.get(n) == "steering" for n in active)
         self.format.setCurrentIndex(list(EXPORT_FORMATS).index("controlvector" if only_steering else "hf"))
+        self.format.setToolTip("A Hugging Face checkpoint (loads in plain transformers), a PEFT LoRA adapter, or "
+                               "llama.cpp control vectors (steering only)")
         self.out = QLineEdit(str(default_out))
+        self.out.setToolTip("A new or empty folder")
         browse = QPushButton("Browse...")
+        browse.setToolTip("Choose the folder")
         browse.clicked.connect(self._browse)
         row = QHBoxLayout()
         row.addWidget(self.out, 1)
         row.addWidget(browse)
         self.overwrite = QCheckBox("Replace the folder if it is not empty (only once the new export is complete)")
+        self.overwrite.setToolTip("The old folder is replaced only after the new export is written and checked")
         self.bake = QCheckBox("Bake steering vectors into the weights as an MLP bias")
+        self.bake.setToolTip("Steering becomes a bias of each steered block's MLP output, so the checkpoint steers "
+                             "without hooks; refused (with the reason) where the architecture cannot take it exactly")
         self.bake.setChecked(any(kinds.get(n) == "steering" for n in active))
         self.dtype = QComboBox()
         self.dtype.addItems(["as loaded", "float32", "bfloat16", "float16"])
+        self.dtype.setToolTip("The dtype of the written weights")
         self.format.currentIndexChanged.connect(self._format_changed)
         form = QFormLayout()
         form.addRow("Mix", QLabel(mix))
@@ -173,6 +234,8 @@ class ExportDialog(QDialog):
         form.addRow("Weights dtype", self.dtype)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         buttons.button(QDialogButtonBox.Ok).setText("Export")
+        buttons.button(QDialogButtonBox.Ok).setToolTip("Write the export and check that it reloads to the same logits")
+        buttons.button(QDialogButtonBox.Cancel).setToolTip("Close without exporting")
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         lay = QVBoxLayout(self)
@@ -207,6 +270,7 @@ class JobPanel(QWidget):
         self.eta = QLabel("")
         self.cancel = QPushButton("Cancel")
         self.cancel.setObjectName("job_cancel")
+        self.cancel.setToolTip("Stop the job; what it saved so far stays (a training run keeps its checkpoints)")
         self.cancel.setEnabled(False)
         self.cancel.clicked.connect(self.cancelRequested.emit)
         self.plot = pg.PlotWidget(background=None)

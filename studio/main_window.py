@@ -145,6 +145,17 @@ class MainWindow(QMainWindow):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setShortcut(QKeySequence("Escape"))
         self.regen = QCheckBox("Regenerate when the point is released")
+        for w_, tip in ((self.prompt, "The prompt every column answers (the session's system prompt, if any, goes in front)"),
+                        (self.max_tokens, "The most tokens each column may generate; a reply that reaches it is marked cut"),
+                        (self.temperature, "0 (greedy): the most likely token each time, the same reply every run; higher "
+                                           "samples more freely (with the seed)"),
+                        (self.top_p, "Sample only from the most likely tokens that add up to this probability"),
+                        (self.repetition, "Above 1, tokens already generated become less likely (1: off)"),
+                        (self.seed, "The sampling seed: the same seed and settings give the same replies"),
+                        (self.generate_button, "Generate every column side by side (Ctrl+Enter)"),
+                        (self.stop_button, "Stop what runs now (Escape); replies so far are kept"),
+                        (self.regen, "Generate again, with the same prompt, each time you let go of the point")):
+            w_.setToolTip(tip)
         self.generate_button.clicked.connect(self.start_generation)
         self.stop_button.clicked.connect(self.host.stop)
         params = QHBoxLayout()

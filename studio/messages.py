@@ -44,11 +44,13 @@ class Data:
     format: Optional[str] = None  # None: detected
     objective: Optional[str] = None
     limit: Optional[int] = None
+    length_matched: Optional[float] = None  # keep only pairs whose two replies are within this length ratio
 
     def load(self):
         from engine.data import load_pairs
 
-        return load_pairs(self.path, format=self.format, objective=self.objective, limit=self.limit)
+        return load_pairs(self.path, format=self.format, objective=self.objective, limit=self.limit,
+                          length_matched=self.length_matched)
 
 
 BUILD_KINDS = ("extract", "train", "scalarized")  # a steering vector, a TS-DPO direction, the scalarized baseline
@@ -70,6 +72,7 @@ class BuildJob:
     param: str = "lowrank"
     steps: int = 60
     lr: float = 0.0  # 0: the default for the parameterization
+    lr_grid: list[float] = field(default_factory=list)  # train once per rate, keep the lowest held-out loss
     beta: float = 0.1
     batch_size: int = 4
     max_tokens: int = 128  # for prompts and for responses

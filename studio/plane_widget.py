@@ -130,7 +130,14 @@ class PreferencePlaneWidget(QWidget):
         self.x_range, self.y_range = (QDoubleSpinBox(minimum=0.1, maximum=10.0, singleStep=0.5, value=1.0, decimals=1)
                                       for _ in range(2))
         self.anchor_mode = QCheckBox("Anchor layout (all directions)")
+        self.anchor_mode.setToolTip("Place every direction as an anchor on a circle: the point's weights come from its "
+                                    "distances to the anchors (drag an anchor to move it), instead of one direction per axis")
         self.anchor_mode.setEnabled(False)
+        for axis, combo, scale, rng in (("x", self.x_combo, self.x_scale, self.x_range),
+                                        ("y", self.y_combo, self.y_scale, self.y_range)):
+            combo.setToolTip(f"The direction the {axis} axis mixes in")
+            scale.setToolTip(f"The weight at {axis} = 1: weight = {axis} x scale")
+            rng.setToolTip(f"How far the point can go along {axis} (the dashed frame)")
         for w in (self.x_combo, self.y_combo):
             w.currentTextChanged.connect(self._axes_edited)
         for w in (self.x_scale, self.y_scale, self.x_range, self.y_range):
@@ -138,6 +145,8 @@ class PreferencePlaneWidget(QWidget):
         self.anchor_mode.toggled.connect(self._axes_edited)
         self.heat_combo = QComboBox()
         self.heat_combo.setObjectName("heatmap")
+        self.heat_combo.setToolTip("Colour the plane with a measured or predicted metric (a sweep, the margin "
+                                   "prediction, or the linearization gap; Directions and View menus)")
         self.heat_combo.addItem(NO_HEATMAP)
         self.heat_combo.currentTextChanged.connect(self._show_layer)
         self.heat_note = QLabel("")
@@ -147,6 +156,7 @@ class PreferencePlaneWidget(QWidget):
         self.weights_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.point_label = QLabel("")
         self.pin_button = QPushButton("Pin this point...")
+        self.pin_button.setToolTip("Name the point's mix: a pin is a column source, and keeps its mix when the layout changes")
         self.pin_button.clicked.connect(self._ask_pin)
         self.pin_list = QListWidget()
         self.pin_list.setMaximumHeight(70)

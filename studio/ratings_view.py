@@ -38,6 +38,7 @@ class RatingsView(QWidget):
         self.since = QDateEdit(QDate.currentDate())
         self.since.setCalendarPopup(True)
         self.since.setEnabled(False)
+        self.since.setToolTip("The first day (UTC) whose ratings count")
         self.since_on.toggled.connect(self.since.setEnabled)
         self.group = QComboBox()
         self.group.setObjectName("ratings_group")

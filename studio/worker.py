@@ -221,15 +221,19 @@ class ModelWorker(QObject):
             direction = extract(self.lm, job.data.load(), progress=self.jobProgress.emit, should_stop=job.token,
                                 strength=job.strength, estimator=job.estimator, band=job.band)
         else:
-            from engine.train import TrainConfig, train_direction
+            from engine.train import TrainConfig, train_direction, train_with_lr_search
 
             cfg = TrainConfig(method="tangent" if job.kind == "train" else "scalarized", param=job.param, steps=job.steps,
                               lr=job.lr, beta=job.beta, batch_size=job.batch_size, max_prompt_tokens=job.max_tokens,
                               max_response_tokens=job.max_tokens)
             data = job.data.load() if job.kind == "train" else [(job.data.load(), job.weight),
                                                                  (job.second.load(), 1.0 - job.weight)]
-            direction = train_direction(self.lm, data, cfg, progress=self.jobProgress.emit, should_stop=job.token,
-                                        objective=job.name).direction
+            if job.lr_grid:
+                direction = train_with_lr_search(self.lm, data, cfg, job.lr_grid, progress=self.jobProgress.emit,
+                                                 should_stop=job.token, objective=job.name).direction
+            else:
+                direction = train_direction(self.lm, data, cfg, progress=self.jobProgress.emit, should_stop=job.token,
+                                            objective=job.name).direction
         if job.name:
             direction.name = job.name
         self.jobProgress.emit(Progress("saving", 0, 1))

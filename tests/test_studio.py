@@ -10,6 +10,7 @@ from PySide6.QtWidgets import QApplication
 
 from engine.store import Store
 from studio.main_window import MainWindow
+from engine.errors import TsdpoError
 from studio.messages import BuildJob, Data
 
 pg.setConfigOptions(mouseRateLimit=-1)  # otherwise pyqtgraph drops synthetic drag events
@@ -398,6 +399,15 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     job = train.job()
     assert (job.kind, job.param, job.steps, job.name) == ("train", "full", 7, "help fast")
     assert job.out == str(tmp_path / "help_fast.tsdpo.safetensors") and job.data.objective == "helpfulness"
+    assert job.lr_grid == [] and job.data.length_matched is None
+    train.lr_grid.setText("5e-4, 1e-3")
+    train.data.length_matched.setValue(1.2)
+    job = train.job()
+    assert job.lr_grid == [5e-4, 1e-3] and job.data.length_matched == 1.2
+    assert len(job.data.load()) < len(Data(data, None, "helpfulness", 200).load())  # fewer pairs within 20%
+    train.lr_grid.setText("fast")
+    with pytest.raises(TsdpoError, match="not a list of numbers"):
+        train.learning_rates()
 
     scal = JobDialog("scalarized", tmp_path, data)
     qtbot.addWidget(scal)
@@ -712,3 +722,25 @@ def test_the_dark_palette_reaches_the_plots_at_once(qtbot, window):
         w.dark_action.setChecked(False)
     light = QApplication.instance().palette().color(w.palette().ColorRole.Window)
     assert all(p.backgroundBrush().color() == light for p in plots)
+
+
+def test_every_control_says_what_it_does(qtbot, tmp_path, window):
+    """A tooltip on every button, box and field of the window and of its dialogs (Qt's own parts aside)."""
+    from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QPlainTextEdit, QTabBar, QWidget
+
+    from studio.jobs import ExportDialog, JobDialog
+
+    kinds = (QAbstractButton, QComboBox, QAbstractSpinBox, QLineEdit, QPlainTextEdit)
+    dialogs = [JobDialog(k, tmp_path, "x.jsonl") for k in ("extract", "train", "scalarized")]
+    dialogs.append(ExportDialog({"a": 0.5}, {"a": "steering"}, tmp_path / "out"))
+    missing = []
+    for root in [window, *dialogs]:
+        for c in root.findChildren(QWidget):
+            if not isinstance(c, kinds) or c.toolTip() or c.objectName().startswith("qt_"):
+                continue
+            if isinstance(c.parent(), (QAbstractSpinBox, QComboBox, QTabBar)):  # the editor inside a box, tab arrows
+                continue
+            missing.append(f"{type(root).__name__}: {type(c).__name__} {c.objectName() or getattr(c, 'text', lambda: '')()!r}")
+    for d in dialogs:
+        d.deleteLater()
+    assert missing == []
