@@ -408,7 +408,7 @@ class MainWindow(QMainWindow):
         names = list(self.directions)
         # A scalarized-DPO run is a baseline to compare with, one point of its own, not an axis of the plane.
         mixable = [n for n in names if self.directions[n].label != "scalarized"]
-        self.plane_view.set_directions(mixable)
+        self.plane_view.set_directions(mixable, {n: self.directions[n].meaning for n in mixable})
         self.compare.set_sources(list(self.plane_view.pins), [n for n in names if self.directions[n].label == "scalarized"],
                                  any(d.label == "steering" for d in self.directions.values()))
         attrs = list(dict.fromkeys([*BASE_ATTRIBUTES, *(d.objective for d in self.directions.values())]))

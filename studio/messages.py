@@ -187,16 +187,21 @@ class DirectionInfo:
     path: str
     detail: str
     interference: list[tuple[str, str, float]] = field(default_factory=list)  # (a, b, cosine) pairs that overlap
+    meaning: str = ""  # what weight 1 is
 
     @classmethod
     def of(cls, name: str, d) -> "DirectionInfo":
         facts = d.describe()
         if d.space == "activation":
-            detail = f"layer {', '.join(map(str, facts['layers']))}, strength {facts['strength']:g}"
+            layers = ", ".join(map(str, facts["layers"]))
+            detail = f"layer {layers}, strength {facts['strength']:g}"
+            meaning = f"weight 1 = {facts['strength']:g} x layer {layers}'s typical norm (steering)"
         else:
             val = d.meta.get("validation", {}).get("rewards/accuracies")
             detail = facts["param"] + (f", held-out accuracy {val:.2f}" if val is not None else "")
-        return cls(name, d.label, d.objective, d.meta.get("_path", ""), detail)
+            meaning = ("weight 1 = tau as trained (TS-DPO)" if d.label == "tangent" else
+                       "weight 1 = the scalarized-DPO run's delta")
+        return cls(name, d.label, d.objective, d.meta.get("_path", ""), detail, meaning=meaning)
 
 
 @dataclass

@@ -77,6 +77,7 @@ class PreferencePlaneWidget(QWidget):
         self.pins: dict[str, tuple[float, float]] = {}
         # The mix each pin named when it was pinned: a pin keeps meaning that mix when the layout changes.
         self.pin_mix: dict[str, dict[str, float]] = {}
+        self.meanings: dict[str, str] = {}  # direction -> what weight 1 is
         self._anchor_items: dict[str, pg.TargetItem] = {}
 
         self.view = PlaneView(background=None)
@@ -211,9 +212,10 @@ class PreferencePlaneWidget(QWidget):
     def weights(self) -> dict[str, float]:
         return self.plane.weights(*self.point)
 
-    def set_directions(self, names: list[str]) -> None:
-        """The loaded directions; unbound axes get the first free ones."""
+    def set_directions(self, names: list[str], meanings: Optional[dict[str, str]] = None) -> None:
+        """The loaded directions (and what weight 1 means for each); unbound axes get the first free ones."""
         self.directions = list(names)
+        self.meanings = dict(meanings or {})
         for combo in (self.x_combo, self.y_combo):
             current = combo.currentText()
             combo.blockSignals(True)
@@ -398,8 +400,10 @@ class PreferencePlaneWidget(QWidget):
         self.view.setXRange(-lx * 1.06, lx * 1.06, padding=0)
         self.view.setYRange(-ly * 1.06, ly * 1.06, padding=0)
         self.bounds.setRect(-lx, -ly, 2 * lx, 2 * ly)
-        self.view.setLabel("bottom", "(anchor layout)" if anchors else (self.plane.x.direction or "x: no direction"))
-        self.view.setLabel("left", "" if anchors else (self.plane.y.direction or "y: no direction"))
+        self.view.setLabel("bottom", "(anchor layout)" if anchors else self._axis_label(self.plane.x, "x"))
+        self.view.setLabel("left", "" if anchors else self._axis_label(self.plane.y, "y"))
+        self.view.setToolTip("\n".join(f"{n}: {m}" for n, m in self.meanings.items()) or
+                             "Drag the point (or use the arrow keys) to mix the directions")
         for item in self._anchor_items.values():
             self.view.removeItem(item)
         self._anchor_items = {}
@@ -410,6 +414,13 @@ class PreferencePlaneWidget(QWidget):
             self.view.addItem(item)
             self._anchor_items[name] = item
         self._show_weights()
+
+    def _axis_label(self, axis: Axis, which: str) -> str:
+        if not axis.direction:
+            return f"{which}: no direction"
+        meaning = self.meanings.get(axis.direction, "")
+        at = f"{which} = 1 is weight {axis.scale:g}" if axis.scale != 1 else ""
+        return " · ".join(p for p in (axis.direction, at, meaning) if p)
 
     def _anchor_moved(self, name: str, item) -> None:
         p = item.pos()

@@ -744,3 +744,21 @@ def test_every_control_says_what_it_does(qtbot, tmp_path, window):
     for d in dialogs:
         d.deleteLater()
     assert missing == []
+
+
+def test_the_plane_says_what_weight_1_means(qtbot, tmp_path, store, tiny_model_dir, vector_file):
+    from engine.models import load_model
+    from tiny_model import random_tangent
+
+    lm = load_model(tiny_model_dir)
+    tangent = random_tangent(lm, "help", 1, scale=0.3).save(tmp_path / "help.safetensors")
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(tangent, "help"), (vector_file, "v1")])
+    view = w.plane_view
+    x = view.view.getPlotItem().getAxis("bottom").labelText
+    y = view.view.getPlotItem().getAxis("left").labelText
+    facts = w.host.worker.mixer.directions["v1"].describe()
+    assert x == "help · weight 1 = tau as trained (TS-DPO)"
+    assert y == f"v1 · weight 1 = {facts['strength']:g} x layer {facts['layers'][0]}'s typical norm (steering)"
+    view.x_scale.setValue(2.0)
+    assert view.view.getPlotItem().getAxis("bottom").labelText.startswith("help · x = 1 is weight 2 · ")
+    w.close()
