@@ -892,6 +892,9 @@ class MainWindow(QMainWindow):
         self._show_history_item(replies_of(comp), bool(comp.ratings), order)
 
     def export_ratings(self) -> None:
+        """The session's rated pairs as TRL JSONL, with the win-rate chart (PNG) and the ratings (CSV) beside them."""
+        from engine.paths import atomic_write_text
+        from engine.ratings import plot_report, rated_comparisons, ratings_csv, ratings_report
         from engine.store import export_ratings_trl
 
         if self.store is None or self.session_id is None:
@@ -899,12 +902,18 @@ class MainWindow(QMainWindow):
             return
         path, _ = QFileDialog.getSaveFileName(self, "Export ratings as TRL preference pairs", "ratings.jsonl", "JSON lines (*.jsonl)")
         if path:
+            stem = Path(path).with_suffix("")
             try:
                 n = export_ratings_trl(self.store, self.session_id, path)
+                atomic_write_text(f"{stem}.csv", ratings_csv(rated_comparisons(self.store, self.session_id)))
+                report = ratings_report(self.store, self.session_id)
+                if report["all"]["sources"]:
+                    plot_report(report, f"{stem}.win-rates.png")
             except (TsdpoError, OSError) as exc:
                 self.show_error("Export failed", str(exc))
                 return
-            self.progress_label.setText(f"{n} preference pairs written to {path}")
+            self.progress_label.setText(f"{n} preference pairs written to {path}, with {stem.name}.csv and "
+                                        f"{stem.name}.win-rates.png beside it")
 
     # ------------------------------------------------------------------ errors, state, settings
     def _on_failed(self, failure: Failure) -> None:

@@ -762,3 +762,29 @@ def test_the_plane_says_what_weight_1_means(qtbot, tmp_path, store, tiny_model_d
     view.x_scale.setValue(2.0)
     assert view.view.getPlotItem().getAxis("bottom").labelText.startswith("help · x = 1 is weight 2 · ")
     w.close()
+
+
+def test_exporting_the_ratings_writes_pairs_csv_and_the_chart_beside_them(qtbot, tmp_path, window, monkeypatch):
+    import csv
+
+    from PySide6.QtWidgets import QFileDialog
+
+    w = window
+    w.prompt.setPlainText("Hello")
+    w.max_tokens.setValue(4)
+    w.compare.choose(["Base model", "Mix at the point"], 2)
+    w.plane_view.set_point(0.8, 0.0)
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
+    w.compare.rate("winner", 1)
+    qtbot.waitUntil(lambda: "Rating saved" in w.compare.rating_status.text(), timeout=10000)
+    target = tmp_path / "out" / "mine.jsonl"
+    target.parent.mkdir()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    w.export_ratings()
+    assert len(target.read_text().splitlines()) == (1 if w.last_result.columns[0].text.strip() != w.last_result.columns[1].text.strip() else 0)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "mine.csv")))
+    assert sorted(r["won"] for r in rows) == ["0", "1"]
+    assert (tmp_path / "out" / "mine.win-rates.png").read_bytes()[:4] == b"\x89PNG"
+    w.export_ratings_csv()  # the Ratings tab's export, through the same dialog
+    assert list(csv.DictReader(open(target))) and "won" in open(target).readline()
