@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from engine.store import Store
-    from studio.main_window import DEMO_DATA, MainWindow
+    from studio.main_window import DEMO_DATA, MainWindow, demo_direction_files
     from studio.messages import BuildJob, Data
 
     app = QApplication.instance() or QApplication([])
@@ -58,36 +58,54 @@ def main(argv=None) -> int:
     w.resize(1400, 900)
     w.show()
     w.load_model(None)
-    wait(lambda: w.model_info is not None and len(w.directions) >= 2 and not w.busy_with)
+    wait(lambda: w.model_info is not None and len(w.directions) >= len(demo_direction_files()) and not w.busy_with)
     print(f"launch to usable plane: {time.time() - t_launch:.1f} s")
-    w.plane_view.set_point(0.6, 0.5)
-    w.plane_view.add_pin("concise + helpful", 0.6, -0.6)
+    w.plane_view.set_point(0.7, 0.8)
+    w.plane_view.add_pin("helpful, shorter", 0.7, -0.6)
     shot(w, "screenshot-plane.png")
 
-    sweep = Path(__file__).resolve().parents[1] / "docs" / "sweep" / "sweep.json"
-    if sweep.is_file():  # the recorded evidence sweep of the embedded model (tests/benchmarks/evidence_sweep.sh)
-        w.load_sweep(str(sweep))
-        layer = next((k for k in w.plane_view.layers if k.endswith("tangent · verbosity/margin")), None)
-        if layer:
-            w.plane_view.heat_combo.setCurrentText(layer)
-            shot(w, "screenshot-heatmap.png")
+    if "linearization gap · share of the change" in w.plane_view.layers:  # the gap map shipped for the demo directions
+        w.plane_view.heat_combo.setCurrentText("linearization gap · share of the change")
+        shot(w, "screenshot-heatmap.png")
         w.plane_view.heat_combo.setCurrentIndex(0)
 
     w.prompt.setPlainText("How do I make a good cup of tea?")
-    w.max_tokens.setValue(80)
-    w.compare.choose(["Base model", "Mix at the point", "Pinned: concise + helpful"])
+    w.max_tokens.setValue(160)
+    w.compare.choose(["Base model", "Mix at the point", "Pinned: helpful, shorter"])
     w.generate_button.click()
     wait(lambda: w.last_result is not None)
     w.compare.columns[1].scores["helpfulness"].setValue(4)
     w.compare.note.setText("more complete")
     w.compare.rate_buttons[1].click()
+    w.compare.diff.setChecked(True)
     shot(w, "screenshot-compare.png")
+    w.compare.diff.setChecked(False)
 
+    # A prompt set through the same three columns, blind, then a few rows rated.
+    w.compare.blind.setChecked(True)
+    w.max_tokens.setValue(64)
+    w.prompt_set.limit.setValue(6)
+    w.tabs.setCurrentWidget(w.prompt_set)
+    w.prompt_set.run_button.click()
+    wait(lambda: w.prompt_set.table.rowCount() == 6 and not w.busy_with, seconds=900)
+    for r, slot in ((0, 1), (1, 0), (2, 1), (3, 2)):
+        w.prompt_set.table.cellDoubleClicked.emit(r, 1)
+        w.compare.rate("winner", slot)
+        settle(0.2)
+    w.tabs.setCurrentWidget(w.prompt_set)
+    shot(w, "screenshot-grid.png")
+    w.tabs.setCurrentWidget(w.ratings_view)
+    shot(w, "screenshot-ratings.png")
+    w.compare.blind.setChecked(False)
+
+    w.tabs.setCurrentIndex(0)
     w.start_job(BuildJob("train", "helpfulness (screenshot)", str(tmp / "shot.safetensors"),
                          Data(str(DEMO_DATA / "ultrafeedback_helpfulness_400.jsonl"), objective="helpfulness", limit=200),
                          steps=200, max_tokens=96))
     wait(lambda: len(w.job_panel.steps) >= 6)
     shot(w, "screenshot-training.png")
+    w.resize(1280, 720)
+    shot(w, "screenshot-1280x720.png")
     w.host.stop()
     wait(lambda: not w.busy_with)
     w.close()

@@ -41,17 +41,22 @@ def test_embedded_model_converts_once_then_loads_from_cache(capsys, cache):
 
 def test_demo_directions_belong_to_the_embedded_model(cache):
     from engine.loading import load_direction
-    from studio.main_window import DEMO_DIRECTIONS
+    from studio.main_window import DEMO_DIRECTIONS, DEMO_TANGENTS
 
     lm = load_model()
     files = sorted(DEMO_DIRECTIONS.glob("*.safetensors"))
-    assert [f.name for f in files] == ["helpfulness.steer.safetensors", "verbosity.steer.safetensors"]
+    assert [f.name for f in files] == sorted([*(f"{n}.tsdpo.safetensors" for n in DEMO_TANGENTS),
+                                               *(f"{n}.steer.safetensors" for n in DEMO_TANGENTS)])
     for f in files:
         d = load_direction(f, lm)
-        assert d.kind == "steering" and d.model["fingerprint"] == lm.fingerprint
+        assert d.model["fingerprint"] == lm.fingerprint
+        assert d.kind == ("steering" if f.name.endswith(".steer.safetensors") else "tangent")
+        assert d.name == (d.objective if d.kind == "tangent" else f"{d.objective}-steer")
 
 
-def test_first_launch_binds_the_demo_directions(qtbot, cache, tmp_path):
+def test_first_launch_binds_the_tangent_directions_and_their_gap_map(qtbot, cache, tmp_path):
+    """At first launch the plane carries TS-DPO directions (helpfulness x, verbosity y; all three in the anchor
+    layout), the linearization gap map shipped for them is drawn, and the steering vectors are a click away."""
     from PySide6.QtCore import QSettings
 
     from engine.store import Store
@@ -61,8 +66,18 @@ def test_first_launch_binds_the_demo_directions(qtbot, cache, tmp_path):
     qtbot.addWidget(w)
     w.show()
     w.load_model(None)
-    qtbot.waitUntil(lambda: len(w.directions) == 2 and not w.busy_with, timeout=120000)
-    assert {w.plane_view.plane.x.direction, w.plane_view.plane.y.direction} == {"helpfulness", "verbosity"}
+    qtbot.waitUntil(lambda: len(w.directions) == 3 and not w.busy_with, timeout=120000)
+    assert {d.label for d in w.directions.values()} == {"tangent"}
+    assert (w.plane_view.plane.x.direction, w.plane_view.plane.y.direction) == ("helpfulness", "verbosity")
+    assert len(w.plane_view.trust_curve.getData()[0]) > 0  # the shipped gap map matches these directions
+    assert "linearization gap · share of the change" in w.plane_view.layers
+    w.plane_view.anchor_mode.setChecked(True)
+    assert set(w.plane_view.plane.anchors) == {"helpfulness", "verbosity", "harmlessness"}
+    w.plane_view.anchor_mode.setChecked(False)
+    w.demo_steering_action.trigger()
+    qtbot.waitUntil(lambda: len(w.directions) == 6 and not w.busy_with, timeout=120000)
+    assert {n for n, d in w.directions.items() if d.label == "steering"} == {
+        "helpfulness-steer", "verbosity-steer", "harmlessness-steer"}
     w.close()
 
 
@@ -81,7 +96,7 @@ def test_export_from_the_gguf_base_loads_in_a_fresh_process(cache, tmp_path):
     lm = load_model()
     mixer = Mixer(lm)
     mixer.add(random_tangent(lm, "tangent", 1, scale=0.02))
-    mixer.add(load_direction(DEMO_DIRECTIONS / "verbosity.steer.safetensors", lm))
+    mixer.add(load_direction(DEMO_DIRECTIONS / "verbosity.steer.safetensors", lm), name="verbosity")
     ids = lm.tokenizer(lm.chat_text("Name three colours."), add_special_tokens=False).input_ids
     cases = [({"tangent": 1.0}, {}, 1e-4),
              # The bias is added inside the MLP's sum, the hook after the residual add: another rounding order,

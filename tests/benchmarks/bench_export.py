@@ -29,7 +29,7 @@ def main() -> dict:
     mixer.add(random_tangent(lm, "tangent-a", 1, scale=0.02))
     mixer.add(random_tangent(lm, "tangent-b", 2, scale=0.02))
     for name in ("helpfulness", "verbosity"):
-        mixer.add(load_direction(REPO / "assets" / "directions" / f"{name}.steer.safetensors", lm))
+        mixer.add(load_direction(REPO / "assets" / "directions" / f"{name}.steer.safetensors", lm), name=name)
     work = Path(tempfile.mkdtemp(prefix="tsdpo-bench-export-"))
     runs = {
         "save_pretrained (baseline)": lambda out: lm.model.save_pretrained(str(out)),
