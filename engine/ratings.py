@@ -247,19 +247,12 @@ def ratings_csv(comparisons: list[RatedComparison]) -> str:
     return buf.getvalue()
 
 
-def plot_report(report: dict, path) -> None:
-    """A bar chart of the win rates with their 95% intervals, blind and unblind side by side (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def win_rate_bars(report: dict, width: float = 0.38) -> tuple[list[str], list[tuple[str, list, list, list, list]]]:
+    """What a bar chart of the win rates draws: the sources (one tick each) and, for the blind and the unblind
+    ratings, each bar's x, height and the interval's distance below and above it."""
     names = sorted(report["all"]["sources"])
-    if not names:
-        raise RatingsError("There are no ratings to plot yet.")
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.6), dpi=120)
-    width = 0.38
-    for k, (group, colour) in enumerate((("blind", "#3b6fb6"), ("unblind", "#d98a2b"))):
+    groups = []
+    for k, group in enumerate(("blind", "unblind")):
         srcs = report[group]["sources"]
         xs, ys, lo, hi = [], [], [], []
         for i, n in enumerate(names):
@@ -269,6 +262,23 @@ def plot_report(report: dict, path) -> None:
                 ys.append(e["win_rate"])
                 lo.append(e["win_rate"] - e["interval"][0])
                 hi.append(e["interval"][1] - e["win_rate"])
+        groups.append((group, xs, ys, lo, hi))
+    return names, groups
+
+
+def plot_report(report: dict, path) -> None:
+    """A bar chart of the win rates with their 95% intervals, blind and unblind side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.38
+    names, groups = win_rate_bars(report, width)
+    if not names:
+        raise RatingsError("There are no ratings to plot yet.")
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.6), dpi=120)
+    for (group, xs, ys, lo, hi), colour in zip(groups, ("#3b6fb6", "#d98a2b")):
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colour,
                label=f"{group} ({report[group]['comparisons']} comparisons)")
     ax.axhline(0.5, color="#888", lw=0.8, ls="--")

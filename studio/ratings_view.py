@@ -157,19 +157,12 @@ class RatingsView(QWidget):
         self._plot(report)
 
     def _plot(self, report: dict) -> None:
+        from engine.ratings import win_rate_bars
+
         self.plot.clear()
-        names = sorted(report["all"]["sources"])
         width = 0.38
-        for k, (group, colour) in enumerate((("blind", (59, 111, 182)), ("unblind", (217, 138, 43)))):
-            srcs = report[group]["sources"]
-            xs, ys, lo, hi = [], [], [], []
-            for i, n in enumerate(names):
-                e = srcs.get(n)
-                if e and e["win_rate"] is not None:
-                    xs.append(i + (k - 0.5) * width)
-                    ys.append(e["win_rate"])
-                    lo.append(e["win_rate"] - e["interval"][0])
-                    hi.append(e["interval"][1] - e["win_rate"])
+        names, groups = win_rate_bars(report, width)
+        for (group, xs, ys, lo, hi), colour in zip(groups, ((59, 111, 182), (217, 138, 43))):
             if xs:
                 self.plot.addItem(pg.BarGraphItem(x=xs, height=ys, width=width, brush=pg.mkBrush(*colour),
                                                   name=f"{group} ({report[group]['comparisons']})"))

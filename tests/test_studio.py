@@ -26,6 +26,23 @@ def vector_file(tiny_vector, tmp_path):
     return tiny_vector.save(tmp_path / "vec.safetensors")
 
 
+def trained_looking_pair(model_dir, tmp_path, demo_data, scale):
+    """Two random low-rank tangent directions (helpfulness, verbosity) that record training data, as a trained file
+    does, so the held-out pairs can be rebuilt from them."""
+    from engine.models import load_model
+    from tiny_model import random_tangent
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    lm = load_model(model_dir)
+    paths = []
+    for objective, seed in (("helpfulness", 1), ("verbosity", 2)):
+        d = random_tangent(lm, objective, seed, scale=scale)
+        d.meta.update(objective_sources=[{"objective": objective, "source": str(uf), "weight": 1.0, "pairs": 40}],
+                      hyperparameters={"val_fraction": 0.2, "seed": 0})
+        paths.append(d.save(tmp_path / f"{objective}.safetensors"))
+    return lm, uf, paths
+
+
 def make_window(qtbot, tmp_path, store, model_dir, directions=()):
     w = MainWindow(QSettings(str(tmp_path / "studio.ini"), QSettings.IniFormat), store=store, demo_directions=False)
     qtbot.addWidget(w)
@@ -326,18 +343,9 @@ def test_predicted_and_measured_heatmaps(qtbot, tmp_path, store, tiny_model_dir,
 
     from engine.data import load_pairs
     from engine.loading import load_direction
-    from engine.models import load_model
     from engine.sweep import Method, Sweep, SweepConfig, write_outputs
-    from tiny_model import random_tangent
 
-    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
-    lm = load_model(tiny_model_dir)
-    paths = []
-    for objective, seed in (("helpfulness", 1), ("verbosity", 2)):
-        d = random_tangent(lm, objective, seed, scale=0.3)
-        d.meta.update(objective_sources=[{"objective": objective, "source": str(uf), "weight": 1.0, "pairs": 40}],
-                      hyperparameters={"val_fraction": 0.2, "seed": 0})
-        paths.append(d.save(tmp_path / f"{objective}.safetensors"))
+    lm, uf, paths = trained_looking_pair(tiny_model_dir, tmp_path, demo_data, 0.3)
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, [(paths[0], "helpfulness"), (paths[1], "verbosity")])
     assert (w.plane_view.plane.x.direction, w.plane_view.plane.y.direction) == ("helpfulness", "verbosity")
     w.plane_view.set_point(0.5, 0.25)
@@ -488,18 +496,9 @@ def test_the_plane_marks_where_the_mixed_model_leaves_the_linearized_one(qtbot, 
     """Directions > Map the linearization gap: measured at the base whatever the point applies, drawn as two heatmap
     layers and a dashed line at the trusted share, saved, and drawn again (without measuring) by the next window
     that puts the same directions on the same layout; another layout has no line."""
-    from engine.models import load_model
     from engine.paths import data_dir
-    from tiny_model import random_tangent
 
-    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
-    lm = load_model(tiny_model_dir)
-    paths = []
-    for objective, seed in (("helpfulness", 1), ("verbosity", 2)):
-        d = random_tangent(lm, objective, seed, scale=1.5)
-        d.meta.update(objective_sources=[{"objective": objective, "source": str(uf), "weight": 1.0, "pairs": 40}],
-                      hyperparameters={"val_fraction": 0.2, "seed": 0})
-        paths.append(d.save(tmp_path / f"{objective}.safetensors"))
+    _, _, paths = trained_looking_pair(tiny_model_dir, tmp_path, demo_data, 1.5)
     dirs = [(paths[0], "helpfulness"), (paths[1], "verbosity")]
     w = make_window(qtbot, tmp_path, store, tiny_model_dir, dirs)
     assert not len(w.plane_view.trust_curve.xData or [])
