@@ -32,9 +32,10 @@ class Square(QWidget):
     """Keeps its one child square (the largest square that fits, centred), so the plane grows with the window and a
     unit on x is a unit on y."""
 
-    def __init__(self, child: QWidget, parent=None):
+    def __init__(self, child: QWidget, parent=None, on_resize=None):
         super().__init__(parent)
         self.child = child
+        self.on_resize = on_resize
         child.setParent(self)
 
     def minimumSizeHint(self):
@@ -47,6 +48,8 @@ class Square(QWidget):
         side = min(self.width(), self.height())
         self.child.setGeometry((self.width() - side) // 2, (self.height() - side) // 2, side, side)
         super().resizeEvent(ev)
+        if self.on_resize is not None:
+            self.on_resize()
 
 
 class PlaneView(pg.PlotWidget):
@@ -156,6 +159,9 @@ class PreferencePlaneWidget(QWidget):
         self.weights_label.setObjectName("weights")
         self.weights_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.point_label = QLabel("")
+        self.meaning_label = QLabel("")  # what weight 1 is for each direction on the plane
+        self.meaning_label.setObjectName("weight_meaning")
+        self.meaning_label.setWordWrap(True)
         self.pin_button = QPushButton("Pin this point...")
         self.pin_button.setToolTip("Name the point's mix: a pin is a column source, and keeps its mix when the layout changes")
         self.pin_button.clicked.connect(self._ask_pin)
@@ -179,10 +185,11 @@ class PreferencePlaneWidget(QWidget):
         form.addRow(self.heat_note)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        self.square = Square(self.view)
+        self.square = Square(self.view, on_resize=self._fit_view)
         layout.addWidget(self.square, 1)
         layout.addWidget(self.point_label)
         layout.addWidget(self.weights_label)
+        layout.addWidget(self.meaning_label)
         # The controls under the plane, a tab each, so the plane keeps most of the height on a small screen.
         self.controls = QTabWidget()
         self.controls.setObjectName("plane_controls")
@@ -394,14 +401,11 @@ class PreferencePlaneWidget(QWidget):
         anchors = bool(self.plane.anchors)
         for w in (self.x_combo, self.y_combo, self.x_scale, self.y_scale, self.x_range, self.y_range):
             w.setEnabled(not anchors)
-        lx, ly = self.limits()
-        # Equal ranges keep distances true (the anchor layout's weights come from them); unequal ones fill the square.
-        self.view.setAspectLocked(lx == ly)
-        self.view.setXRange(-lx * 1.06, lx * 1.06, padding=0)
-        self.view.setYRange(-ly * 1.06, ly * 1.06, padding=0)
-        self.bounds.setRect(-lx, -ly, 2 * lx, 2 * ly)
+        self._fit_view()
         self.view.setLabel("bottom", "(anchor layout)" if anchors else self._axis_label(self.plane.x, "x"))
         self.view.setLabel("left", "" if anchors else self._axis_label(self.plane.y, "y"))
+        used = list(self.plane.anchors) if anchors else [a.direction for a in (self.plane.x, self.plane.y) if a.direction]
+        self.meaning_label.setText("; ".join(f"{n}: {self.meanings[n]}" for n in used if self.meanings.get(n)))
         self.view.setToolTip("\n".join(f"{n}: {m}" for n, m in self.meanings.items()) or
                              "Drag the point (or use the arrow keys) to mix the directions")
         for item in self._anchor_items.values():
@@ -415,12 +419,20 @@ class PreferencePlaneWidget(QWidget):
             self._anchor_items[name] = item
         self._show_weights()
 
+    def _fit_view(self) -> None:
+        """Show exactly where the point can go (and a little margin), whatever size the square has now."""
+        lx, ly = self.limits()
+        # Equal ranges keep distances true (the anchor layout's weights come from them); unequal ones fill the square.
+        self.view.setAspectLocked(False)
+        self.view.setXRange(-lx * 1.06, lx * 1.06, padding=0)
+        self.view.setYRange(-ly * 1.06, ly * 1.06, padding=0)
+        self.view.setAspectLocked(lx == ly)
+        self.bounds.setRect(-lx, -ly, 2 * lx, 2 * ly)
+
     def _axis_label(self, axis: Axis, which: str) -> str:
         if not axis.direction:
             return f"{which}: no direction"
-        meaning = self.meanings.get(axis.direction, "")
-        at = f"{which} = 1 is weight {axis.scale:g}" if axis.scale != 1 else ""
-        return " · ".join(p for p in (axis.direction, at, meaning) if p)
+        return axis.direction + (f" · {which} = 1 is weight {axis.scale:g}" if axis.scale != 1 else "")
 
     def _anchor_moved(self, name: str, item) -> None:
         p = item.pos()

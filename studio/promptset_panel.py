@@ -58,6 +58,7 @@ class PromptSetPanel(QWidget):
         self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
         self.table.cellDoubleClicked.connect(self._open)
+        self.table.setHorizontalHeaderLabels(["prompt"])
         top = QHBoxLayout()
         top.addWidget(QLabel("Prompt set"))
         top.addWidget(self.path, 1)

@@ -37,6 +37,7 @@ class RatingsView(QWidget):
         self.since_on.setToolTip("Only ratings made on or after this day (UTC)")
         self.since = QDateEdit(QDate.currentDate())
         self.since.setCalendarPopup(True)
+        self.since.setDisplayFormat("yyyy-MM-dd")
         self.since.setEnabled(False)
         self.since.setToolTip("The first day (UTC) whose ratings count")
         self.since_on.toggled.connect(self.since.setEnabled)

@@ -756,10 +756,13 @@ def test_the_plane_says_what_weight_1_means(qtbot, tmp_path, store, tiny_model_d
     x = view.view.getPlotItem().getAxis("bottom").labelText
     y = view.view.getPlotItem().getAxis("left").labelText
     facts = w.host.worker.mixer.directions["v1"].describe()
-    assert x == "help · weight 1 = tau as trained (TS-DPO)"
-    assert y == f"v1 · weight 1 = {facts['strength']:g} x layer {facts['layers'][0]}'s typical norm (steering)"
+    assert (x, y) == ("help", "v1")
+    assert view.meaning_label.text() == ("help: weight 1 = tau as trained (TS-DPO); v1: weight 1 = "
+                                         f"{facts['strength']:g} x layer {facts['layers'][0]}'s typical norm (steering)")
     view.x_scale.setValue(2.0)
-    assert view.view.getPlotItem().getAxis("bottom").labelText.startswith("help · x = 1 is weight 2 · ")
+    assert view.view.getPlotItem().getAxis("bottom").labelText == "help · x = 1 is weight 2"
+    x0, x1 = view.view.getPlotItem().getViewBox().viewRange()[0]
+    assert x0 == pytest.approx(-1.06, abs=0.02) and x1 == pytest.approx(1.06, abs=0.02)  # the range, not a stretch of it
     w.close()
 
 
