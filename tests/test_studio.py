@@ -76,7 +76,20 @@ def _viewport_pos(view, x, y):
     return view.mapFromScene(view.getViewBox().mapViewToScene(QPointF(x, y)))
 
 
+def settled(view, rounds=20):
+    """Let a window just shown finish its layout (the square plane takes its size from it) before aiming at it."""
+    last, same = None, 0
+    for _ in range(200):
+        QApplication.processEvents()
+        size = (view.width(), view.height())
+        same = same + 1 if size == last else 0
+        last = size
+        if same >= rounds:
+            return
+
+
 def drag(view, start, end, steps=8):
+    settled(view)
     vp = view.viewport()
     a, b = QPointF(_viewport_pos(view, *start)), QPointF(_viewport_pos(view, *end))
 
