@@ -44,8 +44,10 @@ def _generate(qtbot, w, prompt="How do I cook rice?", tokens=6):
 def test_reloading_the_same_model_keeps_the_directions_and_the_mix(qtbot, window, tiny_model_dir):
     window.plane_view.set_point(0.5, -0.25)
     qtbot.waitUntil(lambda: window.host.worker.mixer.rows == [window.plane_view.weights()], timeout=10000)
+    old = window.host.worker.lm
     window.load_model(str(tiny_model_dir))
-    qtbot.waitUntil(lambda: not window.busy_with and window.host.worker.mixer is not None
+    # The load has happened (not merely not started yet: the old mixer already holds v1 and v2).
+    qtbot.waitUntil(lambda: not window.busy_with and window.host.worker.lm is not old
                     and list(window.host.worker.mixer.directions) == ["v1", "v2"], timeout=30000)
     # One source of truth: the window lists what the worker holds, and the point's mix is applied to the new model.
     assert list(window.directions) == ["v1", "v2"]
