@@ -26,6 +26,20 @@ def replies_of(comparison) -> ComparisonResult:
         comparison.id, blind=bool(params.get("blind")), max_new_tokens=limit)
 
 
+def display_prompt(stored: str) -> str:
+    """What a person reads as a stored prompt: a chat (a system prompt, turns) is stored as JSON; its last user turn."""
+    import json
+
+    from engine.promptsets import prompt_text
+
+    if stored.startswith("[{"):
+        try:
+            return prompt_text(json.loads(stored))
+        except (ValueError, TypeError, KeyError):
+            pass
+    return stored
+
+
 class HistoryView(QTreeWidget):
     opened = Signal(object, bool)  # ComparisonResult, whether it has been rated
 
@@ -44,7 +58,7 @@ class HistoryView(QTreeWidget):
     def add(self, result: ComparisonResult, ratings: Optional[list] = None) -> None:
         ratings = ratings or []
         hidden = result.blind and not ratings
-        top = QTreeWidgetItem([result.prompt.replace("\n", " ")[:120], ""])
+        top = QTreeWidgetItem([display_prompt(result.prompt).replace("\n", " ")[:120], ""])
         top.setData(0, Qt.UserRole, (result, bool(ratings)))
         if hidden:
             QTreeWidgetItem(top, [f"blind comparison of {len(result.columns)} replies: sources are shown once it is rated "

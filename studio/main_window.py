@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,9 +22,9 @@ from engine.errors import TsdpoError
 from engine.generation import SamplingParams
 from engine.paths import data_dir, format_bytes, log_path
 from engine.plane import PreferencePlane
-from engine.promptsets import prompt_text, with_system
+from engine.promptsets import with_system
 from studio.compare_panel import ComparePanel, column_request
-from studio.history import HistoryView
+from studio.history import HistoryView, display_prompt
 from studio.jobs import ExportDialog, JobDialog, JobPanel
 from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, GapJob, Job, JobResult, ModelInfo,
                              PromptSetJob,
@@ -863,7 +862,7 @@ class MainWindow(QMainWindow):
         self.history.show_session(self.session.history())
 
     def _show_history_item(self, result: ComparisonResult, rated: bool, order: Optional[list[int]] = None) -> None:
-        self.prompt.setPlainText(prompt_text(json.loads(result.prompt)) if result.prompt.startswith("[{") else result.prompt)
+        self.prompt.setPlainText(display_prompt(result.prompt))
         self.compare.n_columns.setValue(max(2, len(result.columns)))
         self.compare.start([c.label for c in result.columns], blind=result.blind and not rated, order=order)
         self.compare.finish(result)

@@ -803,3 +803,27 @@ def test_exporting_the_ratings_writes_pairs_csv_and_the_chart_beside_them(qtbot,
     assert (tmp_path / "out" / "mine.win-rates.png").read_bytes()[:4] == b"\x89PNG"
     w.export_ratings_csv()  # the Ratings tab's export, through the same dialog
     assert list(csv.DictReader(open(target))) and "won" in open(target).readline()
+
+
+def test_a_session_system_prompt_goes_in_front_and_is_kept(qtbot, tmp_path, store, window, monkeypatch):
+    import json
+
+    from PySide6.QtWidgets import QInputDialog
+
+    w = window
+    monkeypatch.setattr(QInputDialog, "getMultiLineText", lambda *a, **k: ("Answer in one sentence.", True))
+    w.edit_system_prompt()
+    assert "system prompt" in w.session_label.text()
+    w.prompt.setPlainText("Why is the sky blue?")
+    w.max_tokens.setValue(4)
+    w.generate_button.click()
+    qtbot.waitUntil(lambda: w.last_result is not None and not w.busy_with, timeout=30000)
+    stored = store.history(w.session.session_id)[-1].prompt
+    assert json.loads(stored) == [{"role": "system", "content": "Answer in one sentence."},
+                                  {"role": "user", "content": "Why is the sky blue?"}]
+    assert w.history.topLevelItem(0).text(0) == "Why is the sky blue?"  # the history shows the user's prompt
+    sid = w.session.session_id
+    w.close()
+    again = reopen(qtbot, tmp_path, store, sid)
+    assert again.system_prompt == "Answer in one sentence."
+    again.close()
