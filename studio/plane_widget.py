@@ -112,6 +112,9 @@ class PreferencePlaneWidget(QWidget):
         self.trust_curve = pg.PlotDataItem(pen=pg.mkPen((230, 90, 40), width=2, style=Qt.DashLine), connect="finite")
         self.trust_curve.setZValue(4)
         self.view.addItem(self.trust_curve)
+        self.trust_text = pg.TextItem("", color=(230, 90, 40), anchor=(0, 0))  # what the dashed line is
+        self.trust_text.setZValue(6)
+        self.view.addItem(self.trust_text)
         self.trust_level: Optional[float] = None
         self.view.addItem(pg.InfiniteLine(0, angle=90, pen=pg.mkPen((128, 128, 128), width=1)))
         self.view.addItem(pg.InfiniteLine(0, angle=0, pen=pg.mkPen((128, 128, 128), width=1)))
@@ -322,6 +325,7 @@ class PreferencePlaneWidget(QWidget):
         {"values": rows of y, "xs": [...], "ys": [...], "level": share}."""
         if not line:
             self.trust_curve.setData([], [])
+            self.trust_text.setText("")
             self.trust_level = None
             return
         xs, ys = np.asarray(line["xs"], float), np.asarray(line["ys"], float)
@@ -337,6 +341,14 @@ class PreferencePlaneWidget(QWidget):
             py += [*gy, np.nan]
         self.trust_curve.setData(np.asarray(px), np.asarray(py))
         self.trust_level = float(line["level"])
+        share = f"{self.trust_level:.0%}"
+        if px:
+            self.trust_text.setText(f"- - linearization gap {share}")
+        else:
+            inside = float(np.nanmax(line["values"])) < self.trust_level
+            self.trust_text.setText(f"linearization gap {'under' if inside else 'over'} {share} everywhere here")
+        lx, ly = self.limits()
+        self.trust_text.setPos(-lx, ly)
 
     def set_layers(self, layers: dict[str, dict], show: Optional[str] = None) -> None:
         """Heatmap layers by name: {"values": rows of y, "extent": (x0, x1, y0, y1), "points": [(x, y, mark)],

@@ -525,6 +525,7 @@ def test_the_plane_marks_where_the_mixed_model_leaves_the_linearized_one(qtbot, 
     assert len(rel) == 7 and rel[3][3] == 0.0 and max(map(max, rel)) > 0.25  # the origin is the base; the corners are not
     xs, ys = w.plane_view.trust_curve.getData()
     assert len(xs) > 0 and all(-1 <= v <= 1 for v in xs if v == v) and all(-1 <= v <= 1 for v in ys if v == v)
+    assert w.plane_view.trust_text.toPlainText() == "- - linearization gap 25%"
     saved = list((data_dir() / "gap-maps").glob("*.json"))
     assert len(saved) == 1
     w.close()
