@@ -50,8 +50,8 @@ def test_demo_directions_belong_to_the_embedded_model(cache):
     for f in files:
         d = load_direction(f, lm)
         assert d.model["fingerprint"] == lm.fingerprint
-        assert d.kind == ("steering" if f.name.endswith(".steer.safetensors") else "tangent")
-        assert d.name == (d.objective if d.kind == "tangent" else f"{d.objective}-steer")
+        assert d.label == ("steering" if f.name.endswith(".steer.safetensors") else "tangent")
+        assert d.name == (d.objective if d.label == "tangent" else f"{d.objective}-steer")
 
 
 def test_first_launch_binds_the_tangent_directions_and_their_gap_map(qtbot, cache, tmp_path):
