@@ -90,9 +90,9 @@ def cmd_gap_map(args) -> int:
     rel, xs, ys = result["relative"], result["xs"], result["ys"]
     print(f"relative linearization gap (|log pi_lin - log pi| / |log pi - log pi0| per token), rows {dy.name}, "
           f"columns {dx.name}:")
-    print("      " + " ".join(f"{x:>6g}" for x in xs))
+    print("      " + " ".join(f"{x:>6.2f}" for x in xs))
     for y, row in zip(reversed(ys), reversed(rel)):
-        print(f"{y:>5g} " + " ".join(f"{v:6.2f}" for v in row))
+        print(f"{y:>5.2f} " + " ".join(f"{v:6.2f}" for v in row))
     print(f"wrote {out} (the studio draws it when these directions are on the plane's axes)")
     return 0
 
