@@ -200,8 +200,9 @@ class MainWindow(QMainWindow):
         left.setWidget(plane_box)
         left.setWidgetResizable(True)
         left.setFrameShape(QFrame.NoFrame)
-        left.setMinimumWidth(260)
         left.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        # Never narrower than what the plane's controls need: it scrolls up and down, not sideways.
+        left.setMinimumWidth(plane_box.minimumSizeHint().width() + left.verticalScrollBar().sizeHint().width() + 4)
         split = QSplitter(Qt.Horizontal)
         split.addWidget(left)
         split.addWidget(right)
