@@ -502,7 +502,8 @@ class MainWindow(QMainWindow):
         if self.tabs.currentWidget() is self.ratings_view:
             self.refresh_ratings()
         if self.prompt_set.row_of(result.comparison_id) is not None:
-            self.prompt_set.mark_rated(result.comparison_id, self._verdict(row, result.columns, lambda i: result.columns[i].label))
+            winner = next((c.label for c in result.columns if c.generation_id == row.winner_id), None)
+            self.prompt_set.mark_rated(result.comparison_id, f"{winner} better" if winner else row.outcome.replace("_", " "))
         self._reload_history()
 
     def _undo_rating(self) -> None:
