@@ -5,7 +5,7 @@
 # 2. each shipped TS-DPO direction alone at weights -1..+1 against the held-out pairs of all three objectives (the
 #    35% split `make demo-directions` held out, 64 pairs each): own effect, cross-effects, 95% intervals (~25 min;
 #    each point scores 3 x 64 pairs of up to 192 tokens, about 110 s on 2 cores);
-# STEERING=1 adds the three steering vectors (another ~25 min); LENGTHS=1 adds reply lengths on the 20 evaluation
+# STEERING=1 adds the three steering vectors (another ~26 min; docs/directions/effects-steering.md); LENGTHS=1 adds reply lengths on the 20 evaluation
 # prompts at a 384-token cap for both verbosity directions (~10 min each).
 set -euo pipefail
 out=${1:-/tmp/tsdpo-evidence-directions}
