@@ -954,7 +954,7 @@ class MainWindow(QMainWindow):
         for a in self.job_actions:
             a.setEnabled(idle and loaded)
         self.demo_steering_action.setEnabled(loaded and self.model_info.source["kind"] == "embedded")
-        if self.prompt_set.stop_button.isEnabled() is False:
+        if not self.prompt_set.stop_button.isEnabled():  # no prompt set running: its Run follows the window
             self.prompt_set.run_button.setEnabled(idle and loaded)
 
     def _refresh_status(self) -> None:

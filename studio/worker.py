@@ -319,7 +319,7 @@ class ModelWorker(QObject):
         unsaved = sum(1 for r in result.rows if r.save_error)
         seconds = time.perf_counter() - t0
         self.jobFinished.emit(JobResult(
-            "promptset", seconds, name=pset.name, path=job.path, cancelled=False,
+            "promptset", seconds, name=pset.name, path=job.path,
             summary=f"{len(result.rows)} of {len(pset.prompts)} prompts x {len(job.columns)} columns in {seconds:.0f} s"
                     + (" (stopped)" if result.stopped else "") + (f"; {unsaved} rows not saved" if unsaved else "")))
 
