@@ -136,10 +136,13 @@ def test_cli_sweep(tiny_model_dir, demo_data, tmp_path, capsys):
     paths = [random_tangent(lm, o, s, scale=0.3).save(tmp_path / f"{o}.safetensors") for o, s in (("helpfulness", 1), ("verbosity", 2))]
     uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
     args = ["sweep", "--model", str(tiny_model_dir), "--x", str(paths[0]), "--y", str(paths[1]), "--data", f"helpfulness={uf}",
-            "--data", f"verbosity={uf}", "--limit", "40", "--pairs", "2", "--grid", "3", "--out", str(tmp_path / "sw"), "--no-store"]
+            "--data", f"verbosity={uf}", "--max-prompt-tokens", "24", "--max-response-tokens", "16",
+            "--limit", "40", "--pairs", "2", "--grid", "3", "--out", str(tmp_path / "sw"), "--no-store"]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "tangent" in out and "CCA tangent" in out and (tmp_path / "sw" / "pareto.png").is_file()
+    config = json.loads((tmp_path / "sw" / "sweep.json").read_text())["config"]
+    assert (config["max_prompt_tokens"], config["max_response_tokens"]) == (24, 16)  # the pairs cut as in training
     assert main(args) == 0  # everything measured already: only the outputs are rewritten
     assert main(args[:-5] + ["--grid", "4", "--out", str(tmp_path / "x")]) == 2
     assert "must be odd" in capsys.readouterr().err

@@ -115,6 +115,7 @@ def cmd_sweep(args) -> int:
     prompts = read_prompts(args.prompts, args.n_prompts) if args.prompts else []
     cfg = SweepConfig(grid=args.grid, low=lo, high=hi, pairs=args.pairs, beta=args.beta, prompts=prompts,
                       max_new_tokens=args.max_new_tokens, pareto_metric=args.metric,
+                      max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
                       reference=parse_point(args.reference, "--reference") if args.reference else None,
                       linearization_gap=not args.no_lin_gap, reward_model=args.reward_model)
     cfg.coords()  # refuse a bad grid before loading anything
@@ -174,6 +175,12 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _pair_length_options(p) -> None:
+    p.add_argument("--max-prompt-tokens", type=int, default=128, help="cut each held-out prompt to this many tokens")
+    p.add_argument("--max-response-tokens", type=int, default=128,
+                   help="cut each held-out reply to this many tokens (use the training run's, to score what it learned)")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("sweep", parents=MODEL_AND_STORE,
                        help="measure a grid of plane points: Pareto fronts, smoothness, disentanglement, linearization gap")
@@ -184,6 +191,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--scalarized", action="append", default=[], metavar="FILE", help="a scalarized-DPO run (repeatable)")
     _heldout_options(p)
     p.add_argument("--pairs", type=int, default=16, help="held-out pairs per objective to score")
+    _pair_length_options(p)
     p.add_argument("--prompts", help="prompts for length / distinct-2 / reward (.jsonl with 'prompt', or .txt)")
     p.add_argument("--n-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -206,8 +214,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--pairs", type=int, default=64, help="held-out pairs per objective to score")
     q.add_argument("--weights", default="-1,-0.5,0,0.5,1", help="increasing, including 0")
     q.add_argument("--beta", type=float, default=0.1)
-    q.add_argument("--max-prompt-tokens", type=int, default=128)
-    q.add_argument("--max-response-tokens", type=int, default=128)
+    _pair_length_options(q)
     q.add_argument("--no-lin-gap", action="store_true", help="skip the linearization gap (one JVP per tangent point)")
     q.add_argument("--out", required=True, help="a .json file (a .md table is written beside it)")
     q.add_argument("--overwrite", action="store_true")

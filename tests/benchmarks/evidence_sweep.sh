@@ -1,25 +1,45 @@
 #!/usr/bin/env bash
-# Evidence for the sweep issue, on the embedded model (CPU), with the CLI only.
-# Usage: bash tests/benchmarks/evidence_sweep.sh OUT_DIR
-# Needs OUT_DIR/{helpfulness,verbosity}.tsdpo.safetensors from tests/benchmarks/evidence.sh. Trains the
-# scalarized-DPO baseline at three shares with the same budget (about 6 minutes each on 2 cores), then
-# sweeps a 5x5 grid of tangent and steering mixes (about 25 minutes).
+# The fair sweep (issue 16), on the embedded model (CPU), with the CLI only: TS-DPO against scalarized DPO with
+# the same care for both.
+# Usage: bash tests/benchmarks/evidence_sweep.sh OUT_DIR       (rerun with the same OUT_DIR to resume)
+# - The same data and split as `make demo-directions`: helpfulness from the length-matched UltraFeedback pairs,
+#   verbosity from UltraFeedback (the longer reply preferred), 35% of each objective held out (seed 0).
+# - The same budget for every run: low-rank rank 8, 40 steps x 4 pairs, prompts and replies cut at 96 tokens,
+#   beta 0.1, seed 0; each method's learning rate picked on held-out DPO loss from the same grid (LR_GRID).
+#   TS-DPO: one lr search per direction. Scalarized DPO: the search at share 0.5 (half the pairs of each
+#   objective in every batch), then shares 0.25 and 0.75 at the rate it chose.
+# - A 5x5 grid of tangent mixes and the three scalarized runs, scored on 64 held-out pairs per objective, with
+#   bootstrap 95% intervals on every hypervolume and on their ratio.
+# About 2 hours on 2 cores (6 tangent runs ~8 min, 5 scalarized runs ~5 min, the sweep ~40 min).
 set -euo pipefail
-out=${1:-/tmp/tsdpo-evidence}
+out=${1:-/tmp/tsdpo-evidence-sweep}
+mkdir -p "$out"
 T=.venv/bin/tsdpo
 UF=assets/data/ultrafeedback_helpfulness_400.jsonl
+LM=assets/data/ultrafeedback_length_matched_1.25.jsonl
 P=assets/data/eval_prompts.jsonl
+G=${LR_GRID:-5e-4,1e-3,2e-3}
 export TSDPO_DATA_DIR="$out/data"
-TRAIN="--limit 300 --steps ${STEPS:-40} --max-prompt-tokens 96 --max-response-tokens 96 --overwrite --no-store"
-for w in 0.25 0.5 0.75; do
-  [ -f "$out/scalarized-$w.safetensors" ] || \
-    $T train-scalarized --data helpfulness=$UF --data verbosity=$UF --weight $w $TRAIN \
-       --out "$out/scalarized-$w.safetensors" | tee "$out/train-scalarized-$w.txt"
+SPLIT="--val-fraction 0.35 --seed 0"
+CUT="--max-prompt-tokens 96 --max-response-tokens 96"
+TRAIN="--param lowrank --rank 8 --steps ${STEPS:-40} --batch-size 4 $CUT $SPLIT --overwrite --no-store"
+[ -f "$out/helpfulness.tsdpo.safetensors" ] || $T train --data $LM --objective helpfulness $TRAIN --lr-grid $G \
+  --out "$out/helpfulness.tsdpo.safetensors" > "$out/train-helpfulness.txt" 2>"$out/train-helpfulness.log"
+[ -f "$out/verbosity.tsdpo.safetensors" ] || $T train --data $UF --objective verbosity $TRAIN --lr-grid $G \
+  --out "$out/verbosity.tsdpo.safetensors" > "$out/train-verbosity.txt" 2>"$out/train-verbosity.log"
+SCAL="--data helpfulness=$LM --data verbosity=$UF $TRAIN"
+[ -f "$out/scalarized-0.5.safetensors" ] || $T train-scalarized $SCAL --weight 0.5 --lr-grid $G \
+  --out "$out/scalarized-0.5.safetensors" > "$out/train-scalarized-0.5.txt" 2>"$out/train-scalarized-0.5.log"
+lr=$(.venv/bin/python -c "import sys; from engine.directions import read_direction_file as r
+print(r(sys.argv[1])[2]['lr_search']['chosen'])" "$out/scalarized-0.5.safetensors")
+for w in 0.25 0.75; do
+  [ -f "$out/scalarized-$w.safetensors" ] || $T train-scalarized $SCAL --weight $w --lr "$lr" \
+    --out "$out/scalarized-$w.safetensors" > "$out/train-scalarized-$w.txt" 2>"$out/train-scalarized-$w.log"
 done
-$T sweep --x "$out/helpfulness.tsdpo.safetensors" --y "$out/verbosity.tsdpo.safetensors" \
-   --steer-x assets/directions/helpfulness.steer.safetensors --steer-y assets/directions/verbosity.steer.safetensors \
+$T sweep --no-store --no-lin-gap --x "$out/helpfulness.tsdpo.safetensors" --y "$out/verbosity.tsdpo.safetensors" \
    --scalarized "$out/scalarized-0.25.safetensors" --scalarized "$out/scalarized-0.5.safetensors" \
    --scalarized "$out/scalarized-0.75.safetensors" \
-   --data helpfulness=$UF --data verbosity=$UF --limit 300 --pairs ${PAIRS:-12} \
+   --data helpfulness=$LM --data verbosity=$UF $SPLIT $CUT --pairs ${PAIRS:-64} \
    --prompts $P --n-prompts ${PROMPTS:-4} --max-new-tokens ${MAX_NEW_TOKENS:-48} --grid ${GRID:-5} \
-   --out "$out/sweep" --no-store | tee "$out/sweep.txt"
+   --out "$out/sweep" > "$out/sweep.txt" 2>"$out/sweep.log"
+echo "done: $out"
