@@ -72,9 +72,10 @@ class CancelToken:
 
 
 @contextmanager
-def abort_on_cancel(lm, should_stop: Optional[StopFn], what: str) -> Iterator[None]:
+def abort_on_cancel(lm, should_stop: Optional[StopFn], what: str, blocks=None) -> Iterator[None]:
     """While the block runs, raise ``Cancelled`` before any decoder block (forward) and after any block's
-    gradient (backward) once ``should_stop()`` is true: a cancel then waits for one block, not one batch."""
+    gradient (backward) once ``should_stop()`` is true: a cancel then waits for one block, not one batch.
+    ``blocks``: other decoder blocks to watch than the model's own (a copy of its decoder)."""
     if should_stop is None:
         yield
         return
@@ -93,7 +94,7 @@ def abort_on_cancel(lm, should_stop: Optional[StopFn], what: str) -> Iterator[No
 
     handles = []
     try:
-        for block in lm.decoder_layers():
+        for block in (lm.decoder_layers() if blocks is None else blocks):
             handles.append(block.register_forward_pre_hook(check))
             handles.append(block.register_forward_hook(after))
         yield

@@ -16,7 +16,9 @@ on any model.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +42,9 @@ DEFAULT_MAX_RESPONSE_TOKENS = 192
 DEFAULT_STRENGTH = 0.1
 AGGREGATES = ("mean", "last")  # over the response tokens: their mean, or the last one
 ESTIMATORS = ("mean-difference", "pca")  # per layer: mean(chosen) - mean(rejected), or the paired differences' first PC
-PADDING_SIDES = ("right", "left")
 CONFIRMED_LAYERS = 3  # the candidates measured exactly after the first-order ranking
 PAIRS_PER_BACKWARD = 2  # probe pairs per backward pass of the first-order ranking (its memory grows with them)
+ACTIVATION_DTYPES = ("auto", "model", "bfloat16")  # what extraction's activation pass runs in (see activation_decoder)
 MIN_PAIRS = 2  # one for the vector, one held out at the least; 100 or more in practice
 
 
@@ -138,33 +140,38 @@ class SteeringVector(Direction):
 
 # --------------------------------------------------------------------------------------------- extraction
 
-def _encode(lm: LoadedModel, pair_prompt, response: str, max_prompt: int, max_response: int) -> tuple[list[int], int]:
-    """Token ids of prompt (chat format, generation prompt included) + response, and where the response starts."""
-    p, r = lm.prompt_ids(pair_prompt, max_prompt), lm.text_ids(response, max_response)
-    return p + r, len(p)
+def _encode(lm: LoadedModel, pair_prompt, chosen: str, rejected: str, max_prompt: int,
+            max_response: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of a pair: the prompt (chat format, generation prompt included), then each reply."""
+    return (lm.prompt_ids(pair_prompt, max_prompt), lm.text_ids(chosen, max_response),
+            lm.text_ids(rejected, max_response))
 
 
 class _Collector:
-    """Forward hooks that aggregate every block's output over the response tokens, in float64."""
+    """Forward hooks that aggregate every block's output over the response tokens (float32 sums, float64 means)
+    while ``active``; the prompt's own pass is not collected."""
 
     def __init__(self, layers: torch.nn.ModuleList, aggregate: str):
         self.aggregate = aggregate
-        self.mask: Optional[torch.Tensor] = None  # [B, T] float64, 1 on response tokens
-        self.last: Optional[torch.Tensor] = None  # [B] index of the last response token
+        self.active = False
+        self.mask: Optional[torch.Tensor] = None  # [B, T] 1 on response tokens
+        self.last: Optional[torch.Tensor] = None  # [B] index of the last token of the sequence
         self.out: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(layers)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, i: int):
         def hook(module, args, output):
-            h = block_output(output).double()
+            if not self.active:
+                return
+            h = block_output(output).float()
             if self.aggregate == "last":
-                vec = h[torch.arange(h.shape[0]), self.last]
+                vec = h[torch.arange(h.shape[0]), self.last].double()
                 norm = vec.norm(dim=-1)
             else:
-                m = self.mask.unsqueeze(-1)
-                count = m.sum(1).clamp_min(1)
-                vec = (h * m).sum(1) / count
-                norm = (h.norm(dim=-1) * self.mask).sum(1) / count.squeeze(-1)
+                m = self.mask
+                count = m.sum(1).clamp_min(1).double()
+                vec = torch.bmm(m.unsqueeze(1), h).squeeze(1).double() / count.unsqueeze(-1)
+                norm = (h.norm(dim=-1) * m).sum(1).double() / count
             self.out[i] = (vec.float(), norm.float())
 
         return hook
@@ -174,50 +181,126 @@ class _Collector:
             h.remove()
 
 
-@torch.no_grad()
-def response_activations(lm: LoadedModel, items: list[tuple[list[int], int]], *, aggregate: str = "mean",
-                         batch_size: int = 8, padding_side: str = "right",
-                         progress: Optional[Phase] = None, should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aggregated block outputs over response tokens: ([N, L, H] vectors, [N, L] mean token norms).
+def _decoder_layers(decoder: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    return next(m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers)
 
-    Sequences are batched by length; padding (left or right) never enters the aggregates, and position
-    ids follow the attention mask so left padding gives the same activations as no padding.
+
+def _cpu_runs_bfloat16_matmuls() -> bool:
+    """Whether this CPU has matrix units for bfloat16 (Intel AMX-BF16), where a bfloat16 matmul is several times a
+    float32 one (4.2x at the embedded model's sizes on the 2-core Xeon of docs/benchmarks.md)."""
+    try:
+        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+    except Exception:  # an older or non-x86 build without the query: assume not
+        return False
+
+
+def _bfloat16_copy_fits(lm: LoadedModel) -> bool:
+    """A bfloat16 copy of the decoder takes at most a quarter of the memory available now."""
+    need = 2 * sum(p.numel() for p in lm.model.base_model.parameters())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a system that says: do not risk it
+        return False
+    return need <= available // 4
+
+
+def activation_decoder(lm: LoadedModel, choice: str = "auto") -> tuple[Optional[torch.nn.Module], str]:
+    """The decoder extraction's activation pass runs, and its dtype: ``None`` for the model's own decoder, or a
+    bfloat16 copy of a float32 model's decoder (its parameters cast, its buffers such as rotary frequencies kept),
+    the model itself untouched. ``"auto"``: the copy on a CPU with bfloat16 matrix units when it fits in memory
+    (2.1x faster passes on the embedded model; every layer's vector within cosine 0.9998 of float32's), else
+    the model's own; ``"model"``: always the model's own; ``"bfloat16"``: the copy wherever the model is not
+    bfloat16 already. The layer ranking always runs on the model itself: it measures what steering does to it."""
+    if choice not in ACTIVATION_DTYPES:
+        raise DirectionError(f"The activation dtype is one of {', '.join(ACTIVATION_DTYPES)}, not {choice!r}.")
+    own = next(lm.model.parameters()).dtype
+    copy_it = own != torch.bfloat16 and (choice == "bfloat16" or (
+        choice == "auto" and own == torch.float32 and lm.device.type == "cpu" and _cpu_runs_bfloat16_matmuls()
+        and _bfloat16_copy_fits(lm)))
+    if not copy_it:
+        return None, str(own).removeprefix("torch.")
+    base = lm.model.base_model
+    memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False) for p in base.parameters()}
+    return copy.deepcopy(base, memo), "bfloat16"
+
+
+@torch.no_grad()
+def response_activations(lm: LoadedModel, items: list[tuple[list[int], list[int], list[int]]], *,
+                         aggregate: str = "mean", batch_size: int = 8, decoder: Optional[torch.nn.Module] = None,
+                         progress: Optional[Phase] = None,
+                         should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregated block outputs over each pair's two replies: ([2N, L, H] vectors, [2N, L] mean token norms),
+    chosen then rejected for each pair.
+
+    The prompt is read once per pair: a pass over ``batch_size`` prompts (sorted by length, padded on the left)
+    fills the key/value cache, and the replies continue from it, sorted by length and a few rows a pass (each
+    row a copy of its prompt's cache), so the replies' padding stays small and no padding sits between a prompt
+    and its reply; position ids follow the attention mask, and padding never enters the aggregates. The
+    prompt's last token goes with the replies, so "last" is the last token of the whole sequence even for an
+    empty reply. ``decoder``: the decoder to run (default the model's own; extraction may pass a bfloat16 copy).
     """
     if aggregate not in AGGREGATES:
         raise DirectionError(f"aggregate must be mean or last, not {aggregate!r}.")
-    if padding_side not in PADDING_SIDES:
-        raise DirectionError(f"padding side must be left or right, not {padding_side!r}.")
     n, L, H = len(items), lm.n_layers, lm.hidden_size
-    vecs = torch.zeros(n, L, H)
-    norms = torch.zeros(n, L)
-    order = sorted(range(n), key=lambda i: len(items[i][0]))
-    pad = lm.pad_id
-    collector = _Collector(lm.decoder_layers(), aggregate)
+    if any(not prompt for prompt, _, _ in items):
+        raise DirectionError("A pair's prompt has no tokens; every pair needs a prompt.")
+    decoder = lm.model.base_model if decoder is None else decoder
+    vecs = torch.zeros(2 * n, L, H)
+    norms = torch.zeros(2 * n, L)
+    order = sorted(range(n), key=lambda i: len(items[i][0]))  # similar prompt lengths share a pass
+    pad, dev = lm.pad_id, lm.device
+    per_pass = max(2, batch_size // 2)  # reply rows per pass: 8 pairs' 16 replies in 4 passes of 4
+    collector = _Collector(_decoder_layers(decoder, L), aggregate)
     try:
         for start in range(0, n, batch_size):
-            if should_stop is not None and should_stop():
-                raise Cancelled("steering-vector extraction")
             idx = order[start:start + batch_size]
-            T = max(len(items[i][0]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            attn = torch.zeros(len(idx), T, dtype=torch.long)
-            resp = torch.zeros(len(idx), T, dtype=torch.float64)
-            last = torch.zeros(len(idx), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq, rstart = items[i]
-                off = T - len(seq) if padding_side == "left" else 0
-                ids[row, off:off + len(seq)] = torch.tensor(seq)
-                attn[row, off:off + len(seq)] = 1
-                resp[row, off + rstart:off + len(seq)] = 1
-                last[row] = off + len(seq) - 1
-            pos = (attn.cumsum(-1) - 1).clamp_min(0)
-            collector.mask, collector.last = resp.to(lm.device), last.to(lm.device)
-            # the decoder alone: the vocabulary head (a fifth of the embedded model's work) has nothing to give here
-            lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device),
-                                position_ids=pos.to(lm.device), use_cache=False)
-            for layer, (v, nm) in enumerate(collector.out):
-                vecs[idx, layer] = v.cpu()
-                norms[idx, layer] = nm.cpu()
+            prefixes = [items[i][0][:-1] for i in idx]
+            P = max(len(x) for x in prefixes)
+            pre_attn = torch.zeros(len(idx), P, dtype=torch.long)
+            cache = None
+            if P:
+                if should_stop is not None and should_stop():
+                    raise Cancelled("steering-vector extraction")
+                pre_ids = torch.full((len(idx), P), pad, dtype=torch.long)
+                for row, x in enumerate(prefixes):
+                    if x:
+                        pre_ids[row, P - len(x):] = torch.tensor(x)
+                        pre_attn[row, P - len(x):] = 1
+                collector.active = False
+                cache = decoder(input_ids=pre_ids.to(dev), attention_mask=pre_attn.to(dev),
+                                position_ids=(pre_attn.cumsum(-1) - 1).clamp_min(0).to(dev), use_cache=True).past_key_values
+            # (row in this batch, 1 chosen / 2 rejected), shortest reply first
+            rows = sorted(((j, side) for j in range(len(idx)) for side in (1, 2)), key=lambda r: len(items[idx[r[0]]][r[1]]))
+            for at in range(0, len(rows), per_pass):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("steering-vector extraction")
+                chunk = rows[at:at + per_pass]
+                tails = [[items[idx[j]][0][-1], *items[idx[j]][side]] for j, side in chunk]
+                T = max(len(x) for x in tails)
+                ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+                attn = torch.zeros(len(chunk), T, dtype=torch.long)
+                resp = torch.zeros(len(chunk), T)
+                last = torch.zeros(len(chunk), dtype=torch.long)
+                for row, x in enumerate(tails):
+                    ids[row, :len(x)] = torch.tensor(x)
+                    attn[row, :len(x)] = 1
+                    resp[row, 1:len(x)] = 1
+                    last[row] = len(x) - 1
+                sel = torch.tensor([j for j, _ in chunk])
+                past = None
+                if cache is not None:
+                    past = copy.deepcopy(cache)
+                    past.batch_select_indices(sel.to(dev))
+                full_attn = torch.cat([pre_attn[sel], attn], dim=1)
+                pos = (full_attn.cumsum(-1) - 1).clamp_min(0)[:, P:]
+                collector.mask, collector.last, collector.active = resp.to(dev), last.to(dev), True
+                # the decoder alone: the vocabulary head (a fifth of the embedded model's work) gives nothing here
+                decoder(input_ids=ids.to(dev), attention_mask=full_attn.to(dev), position_ids=pos.to(dev),
+                        past_key_values=past, use_cache=past is not None)
+                out_rows = [2 * idx[j] + side - 1 for j, side in chunk]
+                for layer, (v, nm) in enumerate(collector.out):
+                    vecs[out_rows, layer] = v.cpu()
+                    norms[out_rows, layer] = nm.cpu()
             if progress is not None:
                 progress.update(min(start + batch_size, n))
     finally:
@@ -354,18 +437,19 @@ def first_order_steerability(lm: LoadedModel, vectors: torch.Tensor, norms: torc
 
 @runs_at_base
 def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_size: int = 8,
-            val_fraction: float = 0.2, seed: int = 0, padding_side: str = "right", max_prompt_tokens: int = 256,
+            val_fraction: float = 0.2, seed: int = 0, max_prompt_tokens: int = 256,
             max_response_tokens: Optional[int] = None, layers: Optional[list[int]] = None,
             strength: Optional[float] = None,
             progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None,
             name: Optional[str] = None, steer_pairs: int = 4, estimator: str = "mean-difference",
-            band: int = 1) -> SteeringVector:
+            band: int = 1, activation_dtype: str = "auto") -> SteeringVector:
     """Build a steering vector for ``pairs.objective`` from the pairs (as few as 100 work).
 
     ``estimator``: per layer, the difference of the mean activations (default), or the first principal component
     of the paired differences chosen_i - rejected_i (repeng's choice; its sign set so most pairs project
     positively). ``band``: steer that many contiguous layers around the best-ranked one, the strength split
-    evenly across them (one layer by default).
+    evenly across them (one layer by default). ``activation_dtype``: what the activation pass runs in (see
+    ``activation_decoder``; the vectors are float32 whatever it is).
 
     Runs at the exact base model whatever mix a caller left applied (applied again afterwards). ``progress``
     gets a ``Progress`` for each phase: tokenizing, forward passes, ranking layers. A cancel takes effect
@@ -375,16 +459,19 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
                              f"{MIN_PAIRS} (100 or more give a steadier vector).")
     if layers is not None and any(not 0 <= l < lm.n_layers for l in layers):
         raise DirectionError(f"Steered layers must be between 0 and {lm.n_layers - 1}; got {layers}.")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise DirectionError(f"The activation dtype is one of {', '.join(ACTIVATION_DTYPES)}, not {activation_dtype!r}.")
     if estimator not in ESTIMATORS:
         raise DirectionError(f"The estimator is one of {', '.join(ESTIMATORS)}, not {estimator!r}.")
     if not 1 <= band <= lm.n_layers:
         raise DirectionError(f"A band is 1 to {lm.n_layers} layers on this model, not {band}.")
     if band > 1 and layers:
         raise DirectionError("Give either the layers to steer or a band around the best one, not both.")
+    decoder = activation_decoder(lm, activation_dtype)  # before any hook is installed: a clean copy, if one
     with abort_on_cancel(lm, should_stop, "steering-vector extraction"):
-        return _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
+        return _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, max_prompt_tokens,
                         max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator,
-                        band)
+                        band, decoder)
 
 
 def pca_directions(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -411,9 +498,9 @@ def layer_band(best: int, band: int, n_layers: int) -> list[int]:
     return list(range(lo, min(lo + band, n_layers)))
 
 
-def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side, max_prompt_tokens,
+def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, max_prompt_tokens,
              max_response_tokens, layers, strength, progress, should_stop, name, steer_pairs, estimator,
-             band) -> SteeringVector:
+             band, decoder) -> SteeringVector:
     t0 = time.perf_counter()
     applied = lm.applied()  # [] here: the caller's mix was set aside; recorded as provenance
     strength = DEFAULT_STRENGTH if strength is None else float(strength)
@@ -426,13 +513,15 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
     for i, p in enumerate(all_pairs):
         if should_stop is not None and should_stop():
             raise Cancelled("steering-vector extraction (tokenizing)")
-        items.append(_encode(lm, p.prompt, p.chosen, max_prompt_tokens, max_response_tokens))
-        items.append(_encode(lm, p.prompt, p.rejected, max_prompt_tokens, max_response_tokens))
+        items.append(_encode(lm, p.prompt, p.chosen, p.rejected, max_prompt_tokens, max_response_tokens))
         tokenizing.update(i + 1)
     forward = Phase(progress, "forward passes", len(items))
-    acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size,
-                                       padding_side=padding_side, progress=forward,
-                                       should_stop=should_stop)
+    copied, pass_dtype = decoder
+    watch = _decoder_layers(copied, lm.n_layers) if copied is not None else None  # a copy's blocks watch Stop too
+    with abort_on_cancel(lm, should_stop, "steering-vector extraction", blocks=watch):
+        acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size, decoder=copied,
+                                           progress=forward, should_stop=should_stop)
+    del copied, decoder
     chosen, rejected = acts[0::2].double(), acts[1::2].double()
     n_train = len(train)
     if estimator == "pca":
@@ -470,10 +559,11 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, padding_side,
         "pairs": len(pairs), "train_pairs": n_train, "heldout_pairs": len(val) if held_out else 0,
         "scored_on": "held-out pairs" if held_out else "training pairs (too few for a held-out split)",
         "data_hash": pairs.data_hash(), "data_source": pairs.source, "data_format": pairs.format,
-        "method": {"aggregate": aggregate, "val_fraction": val_fraction, "seed": seed, "padding_side": padding_side,
+        "method": {"aggregate": aggregate, "val_fraction": val_fraction, "seed": seed, "prompt_read_once": True,
                    "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
                    "strength": strength, "layers": layers, "steer_pairs": steer_pairs, "batch_size": batch_size,
-                   "estimator": estimator, "band": band},
+                   "estimator": estimator, "band": band,
+                   "activation_dtype": pass_dtype},
         "applied_while_built": applied,
         "seconds": round(time.perf_counter() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

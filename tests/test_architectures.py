@@ -102,6 +102,27 @@ def test_steering_adds_exactly_alpha_times_its_delta_to_the_block_output(alm, ar
     assert float((steered - base - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
+def test_activations_with_the_prompt_read_once_are_each_whole_sequences_own(alm, tiny_pairs):
+    """Extraction reads a pair's prompt once and continues both replies from its cache, several pairs a pass
+    (prompts left-padded, replies right-padded, sliding windows included): every block's mean over the reply,
+    and the reply's token norms, are what the sequence alone through plain transformers gives."""
+    from engine.steering import _encode, response_activations
+
+    _, _, lm = alm
+    pairs = list(tiny_pairs)[:4]
+    items = [_encode(lm, p.prompt, p.chosen, p.rejected, 40, 24) for p in pairs]
+    vecs, norms = response_activations(lm, items, batch_size=3)
+    for i, (prompt, *replies) in enumerate(items):
+        for side, reply in enumerate(replies):
+            with torch.no_grad():
+                hs = lm.model(torch.tensor([prompt + reply]), output_hidden_states=True).hidden_states
+            for layer in range(lm.n_layers - 1):  # the last hidden state is after the final norm
+                r = hs[layer + 1][0, len(prompt):].double()
+                torch.testing.assert_close(vecs[2 * i + side, layer].double(), r.mean(0), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(norms[2 * i + side, layer].double(), r.norm(dim=-1).mean(), atol=1e-4,
+                                           rtol=1e-4)
+
+
 def test_steerability_is_what_the_models_own_logits_say(alm, arch_vector, tiny_pairs):
     from engine.dpo import completion_sums, token_logps
     from engine.steering import steerability

@@ -26,14 +26,51 @@ def _manual_vector(lm, pairs: PairSet, layer: int, aggregate: str) -> torch.Tens
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "last"])
-@pytest.mark.parametrize("padding_side,batch_size", [("right", 5), ("left", 5), ("right", 1)])
-def test_vector_is_difference_of_response_means(tiny_lm, tiny_pairs, aggregate, padding_side, batch_size):
+@pytest.mark.parametrize("batch_size", [5, 1])
+def test_vector_is_difference_of_response_means(tiny_lm, tiny_pairs, aggregate, batch_size):
+    """The prompt read once per pair (its cache shared by both replies, prompts of a batch padded on the left)
+    gives what each whole sequence alone gives."""
     pairs = tiny_pairs.limit(8)
-    sv = extract(tiny_lm, pairs, aggregate=aggregate, padding_side=padding_side, batch_size=batch_size,
+    sv = extract(tiny_lm, pairs, aggregate=aggregate, batch_size=batch_size, activation_dtype="model",
                  val_fraction=0.0, max_response_tokens=48, max_prompt_tokens=48)
     for layer in range(tiny_lm.n_layers - 1):  # the last hidden_states entry is after the final norm
         expected = _manual_vector(tiny_lm, pairs, layer, aggregate)
         torch.testing.assert_close(sv.vectors[layer], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_activation_pass_is_close_and_leaves_the_model_as_it_was(tiny_lm, tiny_pairs, monkeypatch):
+    """On a CPU with bfloat16 matrix units "auto" reads the activations through a bfloat16 copy of the decoder
+    (elsewhere through the model itself); the vectors stay close to float32's and the model is not touched."""
+    import engine.steering as steering
+
+    pairs = tiny_pairs.limit(8)
+    before = {n: p.detach().clone() for n, p in tiny_lm.model.named_parameters()}
+    kw = dict(val_fraction=0.0, max_response_tokens=48, max_prompt_tokens=48)
+    exact = extract(tiny_lm, pairs, activation_dtype="model", **kw)
+    monkeypatch.setattr(steering, "_cpu_runs_bfloat16_matmuls", lambda: False)
+    plain = extract(tiny_lm, pairs, activation_dtype="auto", **kw)
+    monkeypatch.setattr(steering, "_cpu_runs_bfloat16_matmuls", lambda: True)
+    fast = extract(tiny_lm, pairs, activation_dtype="auto", **kw)
+    assert plain.meta["method"]["activation_dtype"] == "float32" and torch.equal(plain.vectors, exact.vectors)
+    assert fast.meta["method"]["activation_dtype"] == "bfloat16" and fast.vectors.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(fast.vectors.double(), exact.vectors.double(), dim=-1)
+    assert float(cos.min()) > 0.99, cos
+    assert not torch.equal(fast.vectors, exact.vectors)  # it did run in bfloat16
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in tiny_lm.model.named_parameters())
+    with pytest.raises(DirectionError, match="activation dtype"):
+        extract(tiny_lm, pairs, activation_dtype="fp8")
+
+    # Stop is looked at before every block of the copy too (one block's wait, not one pass's)
+    calls, phases = [0], []
+
+    def should_stop():
+        calls[0] += phases[-1] == "forward passes" if phases else 0
+        return False
+
+    extract(tiny_lm, pairs, activation_dtype="bfloat16", batch_size=8, progress=lambda p: phases.append(p.phase),
+            should_stop=should_stop, **kw)
+    passes = 1 + -(-16 // 4)  # the 8 prompts' pass, then 16 replies 4 a pass
+    assert calls[0] >= passes * tiny_lm.n_layers
 
 
 def test_extracted_vector_metadata(tiny_lm, tiny_pairs, tiny_vector):
