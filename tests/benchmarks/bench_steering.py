@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
+from bench_extract import measure_extraction  # noqa: E402
 from common import DATA, machine, median, pct, record, timed  # noqa: E402
 
 from engine.data import load_pairs  # noqa: E402
@@ -16,7 +15,7 @@ from engine.generation import Column, SamplingParams, compare, decode  # noqa: E
 from engine.mixer import Mixer  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.plane import Axis, PreferencePlane  # noqa: E402
-from engine.steering import SteeringVector, extract  # noqa: E402
+from engine.steering import SteeringVector  # noqa: E402
 
 
 def main() -> dict:
@@ -27,30 +26,8 @@ def main() -> dict:
     # 1. Extraction vs an ordinary DPO run on the same pairs (one epoch, batch 4, the same token caps).
     n_pairs = int(__import__("os").environ.get("BENCH_PAIRS", 100))
     pairs = load_pairs(DATA / "ultrafeedback_helpfulness_400.jsonl", objective="verbosity", limit=n_pairs)
-    # "auto" (a bfloat16 copy of the decoder for the activation pass where the CPU has bfloat16 matrix units) and
-    # the model's own float32, so the figure says what the dtype buys and what the rest of the pass does.
-    for label, dtype in (("", "auto"), ("_float32", "model")):
-        started: dict[str, float] = {}  # phase -> when it began
-        t0 = time.perf_counter()
-        sv = extract(lm, pairs, batch_size=8, activation_dtype=dtype,
-                     progress=lambda p: started.setdefault(p.phase, time.perf_counter()))
-        t = time.perf_counter() - t0
-        marks = list(started.values()) + [t0 + t]
-        phases = {k: round(b - a, 2) for k, a, b in zip(started, marks, marks[1:])}
-        results[f"extract{label}_s"] = round(t, 2)
-        results[f"extract{label}_phases_s"] = phases
-        results[f"extract{label}_activation_dtype"] = sv.meta["method"]["activation_dtype"]
-        print(f"extraction, {len(pairs)} pairs, layer choice included, activations in "
-              f"{sv.meta['method']['activation_dtype']}: {t:.1f} s (goal <= 60 s; "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
-              + f"), layer {sv.layers[0]} chosen, measured exactly: {sv.meta['steerability_measured']}")
-        if dtype == "auto":
-            verb = sv
+    verb = measure_extraction(lm, pairs, results)
     t_extract = results["extract_s"]
-    results["extract_pairs"] = len(pairs)
-    cos = torch.nn.functional.cosine_similarity(verb.vectors.double(), sv.vectors.double(), dim=-1)
-    results["extract_auto_vs_float32_min_cosine"] = round(float(cos.min()), 6)
-    print(f"every layer's vector, auto vs float32: cosine >= {float(cos.min()):.6f}")
     from engine.train import TrainConfig, train_direction
 
     cfg = TrainConfig(method="scalarized", param="full", batch_size=4, steps=-(-len(pairs) // 4), val_fraction=0.0,

@@ -54,6 +54,7 @@ def main() -> int:
         if value is not None:
             print(f"{value:>10.4g}  {what}")
     absolute = [("steering", "extract_s", "s, steering extraction of 100 pairs, layer choice included (goal <= 60)"),
+                ("steering", "extract_float32_s", "s, the same with the activation pass in float32"),
                 ("steering", "apply_latency_median_ms", "ms, steering mix-apply latency (median)"),
                 ("tangent", "apply_latency", "ms, weight-space mix-apply latency full / low-rank (median)"),
                 ("steering", "tokens_per_s_base", "tokens/s, base model"),
