@@ -315,11 +315,12 @@ class LoadedModel:
         return {"fingerprint": self.fingerprint, "model_name": self.name, "model_type": self.model_type,
                 "n_layers": self.n_layers, "hidden_size": self.hidden_size}
 
-    def decoder_layers(self) -> torch.nn.ModuleList:
-        """The model's list of decoder blocks (the residual stream lives between them)."""
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.ModuleList) and len(module) == self.n_layers:
-                return module
+    def decoder_layers(self, module: Optional[torch.nn.Module] = None) -> torch.nn.ModuleList:
+        """The model's list of decoder blocks (the residual stream lives between them); ``module``: find them in a
+        copy of the model or of its decoder instead."""
+        for m in (self.model if module is None else module).modules():
+            if isinstance(m, torch.nn.ModuleList) and len(m) == self.n_layers:
+                return m
         raise ModelLoadError(f"Could not find the {self.n_layers} decoder layers of this {self.model_type} model.")
 
     def decoder_prefix(self) -> str:

@@ -181,10 +181,6 @@ class _Collector:
             h.remove()
 
 
-def _decoder_layers(decoder: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
-    return next(m for m in decoder.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers)
-
-
 def _cpu_runs_bfloat16_matmuls() -> bool:
     """Whether this CPU has matrix units for bfloat16 (Intel AMX-BF16), where a bfloat16 matmul is several times a
     float32 one (4.2x at the embedded model's sizes on the 2-core Xeon of docs/benchmarks.md)."""
@@ -250,7 +246,7 @@ def response_activations(lm: LoadedModel, items: list[tuple[list[int], list[int]
     order = sorted(range(n), key=lambda i: len(items[i][0]))  # similar prompt lengths share a pass
     pad, dev = lm.pad_id, lm.device
     per_pass = max(2, batch_size // 2)  # reply rows per pass: 8 pairs' 16 replies in 4 passes of 4
-    collector = _Collector(_decoder_layers(decoder, L), aggregate)
+    collector = _Collector(lm.decoder_layers(decoder), aggregate)
     try:
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
@@ -459,8 +455,6 @@ def extract(lm: LoadedModel, pairs: PairSet, *, aggregate: str = "mean", batch_s
                              f"{MIN_PAIRS} (100 or more give a steadier vector).")
     if layers is not None and any(not 0 <= l < lm.n_layers for l in layers):
         raise DirectionError(f"Steered layers must be between 0 and {lm.n_layers - 1}; got {layers}.")
-    if activation_dtype not in ACTIVATION_DTYPES:
-        raise DirectionError(f"The activation dtype is one of {', '.join(ACTIVATION_DTYPES)}, not {activation_dtype!r}.")
     if estimator not in ESTIMATORS:
         raise DirectionError(f"The estimator is one of {', '.join(ESTIMATORS)}, not {estimator!r}.")
     if not 1 <= band <= lm.n_layers:
@@ -517,7 +511,7 @@ def _extract(lm, pairs, aggregate, batch_size, val_fraction, seed, max_prompt_to
         tokenizing.update(i + 1)
     forward = Phase(progress, "forward passes", len(items))
     copied, pass_dtype = decoder
-    watch = _decoder_layers(copied, lm.n_layers) if copied is not None else None  # a copy's blocks watch Stop too
+    watch = lm.decoder_layers(copied) if copied is not None else None  # a copy's blocks watch Stop too
     with abort_on_cancel(lm, should_stop, "steering-vector extraction", blocks=watch):
         acts, norms = response_activations(lm, items, aggregate=aggregate, batch_size=batch_size, decoder=copied,
                                            progress=forward, should_stop=should_stop)
