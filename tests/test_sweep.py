@@ -167,6 +167,11 @@ def test_margins_match_a_direct_dpo_computation_and_the_prediction_is_exact_for_
     point = next(e for e in result["methods"]["tangent"]["points"] if (e["x"], e["y"]) == (1, 0))
     assert point["helpfulness/margin"] == pytest.approx(float(margins.mean()), rel=1e-4, abs=1e-6)
     assert point["helpfulness/accuracy"] == pytest.approx(float((margins > 0).double().mean()))
+    # Without the gap measured, no point claims one (the origin used to say 0) and the report says it was not measured.
+    assert all("lin_gap" not in e for e in result["methods"]["tangent"]["points"])
+    from engine.sweep.report import report
+    row = next(line for line in report(result).splitlines() if line.startswith("| tangent"))
+    assert row.split("|")[7].strip() == "-"
 
     g = margin_gradients(lm, pairs, {"x": tx, "y": ty}, beta=0.1, max_tokens=32)
     # First order: the derivative of the margins along 0.7 tau_x - 0.4 tau_y, by finite differences in float64.

@@ -454,7 +454,7 @@ class Sweep:
                         if rec is None:
                             continue
                         e = {"x": x, "y": y, **{k: v for k, v in rec.items() if k != "logps"}}
-                        if m.kind == "tangent" and x == 0 and y == 0:
+                        if m.kind == "tangent" and x == 0 and y == 0 and cfg.linearization_gap:
                             e["lin_gap"] = 0.0
                         e["disentanglement"] = 0.0 if x == 0 and y == 0 else self._disentanglement(m, x, y)
                         entries.append(e)
