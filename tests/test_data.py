@@ -34,6 +34,19 @@ def test_demo_hh_rlhf_split_at_last_assistant_turn(demo_data):
     assert any(len(p.prompt) > 1 for p in ps.pairs)
 
 
+@pytest.mark.parametrize("name, fmt, rows", [("ultrafeedback_length_matched_1.25.jsonl", "ultrafeedback", 184),
+                                             ("hh_rlhf_harmless_length_matched_1.25.jsonl", "hh-rlhf", 251)])
+def test_shipped_length_matched_subsets_are_what_their_name_says(demo_data, name, fmt, rows):
+    """The demo helpfulness and harmlessness directions train on these: every pair within 25% in length, neither
+    the longer nor the shorter reply preferred in most pairs, and the filter keeps all of them."""
+    ps = load_pairs(demo_data / name)
+    assert (ps.format, len(ps), len(ps.problems)) == (fmt, rows, 0)
+    assert all(max(len(p.chosen), len(p.rejected)) <= 1.25 * min(len(p.chosen), len(p.rejected)) for p in ps.pairs)
+    assert len(load_pairs(demo_data / name, length_matched=1.25)) == rows
+    shorter = sum(len(p.chosen) < len(p.rejected) for p in ps.pairs) / rows
+    assert 0.35 < shorter < 0.65
+
+
 def test_trl_strings_and_messages(tmp_path):
     f = _jsonl(tmp_path / "p.jsonl", [
         {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
