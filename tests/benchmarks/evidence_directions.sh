@@ -26,7 +26,7 @@ fi
   --max-prompt-tokens 96 --max-response-tokens 96 \
   --data verbosity=assets/data/ultrafeedback_helpfulness_400.jsonl \
   --data helpfulness=assets/data/ultrafeedback_length_matched_1.25.jsonl \
-  --data harmlessness=assets/data/hh_rlhf_harmless_600.jsonl \
+  --data harmlessness=assets/data/hh_rlhf_harmless_length_matched_1.25.jsonl \
   $directions --out "$out/effects.json" 2>"$out/effects.log"
 if [ -n "${LENGTHS:-}" ]; then
   for v in verbosity.steer verbosity.tsdpo; do
