@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     w.max_tokens.setValue(160)
     w.compare.choose(["Base model", "Mix at the point", "Pinned: helpful, shorter"])
     w.generate_button.click()
-    wait(lambda: w.last_result is not None)
+    wait(lambda: w.last_result is not None, seconds=900)
     w.compare.columns[1].scores["helpfulness"].setValue(4)
     w.compare.note.setText("more complete")
     w.compare.rate_buttons[1].click()
