@@ -64,6 +64,23 @@ class _Group:
         return torch.tensor([[w for w in row for _ in range(rank)] for row in weights], dtype=like.dtype, device=like.device)
 
 
+class _Branch:
+    """One group's adapter on one linear layer, with what its hook reuses from pass to pass."""
+
+    __slots__ = ("A", "Bt", "group", "folded", "epoch", "Bt_batch", "batch")
+
+    def __init__(self, A: torch.Tensor, Bt: torch.Tensor, group: int):
+        self.A, self.Bt, self.group = A, Bt, group  # A_rep [in, K r], B^T [K r, out]
+        self.folded: Optional[torch.Tensor] = None  # A_rep times the one row's weights, for the apply ``epoch``
+        self.epoch = -1
+        self.Bt_batch, self.batch = Bt[None], 1  # B^T seen as a batch of ``batch`` (a view), for ``baddbmm_``
+
+    def Bt_for(self, batch: int) -> torch.Tensor:
+        if batch != self.batch:
+            self.Bt_batch, self.batch = self.Bt.expand(batch, -1, -1), batch
+        return self.Bt_batch
+
+
 class LowRankAdapters:
     """Forward hooks on the linear layers that low-rank directions change, adding [B_1 ... B_K] (alpha (x) A0 x)."""
 
@@ -73,11 +90,11 @@ class LowRankAdapters:
         self.like = next(model.parameters())
         self.groups: list[_Group] = []
         self.directions: dict[str, Direction] = {}
-        self._branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}  # module -> [(A_rep, B^T, group)]
+        self._branches: dict[str, list[_Branch]] = {}  # module -> its branches in the applied layout
         self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> ([rows, 1, K r], [K r])
         self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._folded: dict[tuple, torch.Tensor] = {}
+        self._epoch = 0  # counts the applies: a branch's folded A_rep belongs to one
         # What the branches cost, measured inside the hooks: batch rows -> [seconds, forward passes]
         self._spent: dict[int, list] = {}
         self._account: list = [0.0, 0]  # the entry of ``_spent`` for the rows now applied
@@ -121,11 +138,11 @@ class LowRankAdapters:
                 scales[i] = scale
         key = tuple(scales)
         if key not in self._layouts:
-            layout: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+            layout: dict[str, list[_Branch]] = {}
             for i in key:
                 g = self.groups[i]
                 for w in g.A:
-                    layout.setdefault(w[: -len(".weight")], []).append((g.A_rep[w], g.Bt[w], i))
+                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A_rep[w], g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
@@ -133,7 +150,7 @@ class LowRankAdapters:
         # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and a [K r] shared one
         self._branches = branches
         self._scales = {i: (sc[:, None, :], sc[0]) for i, sc in scales.items()}
-        self._folded = {}  # (module, group) -> A_rep times the one row's weights
+        self._epoch += 1  # every branch's folded A_rep is now stale: made again on first use
         self._account = self._spent.setdefault(len(rows), [0.0, 0])
         self._first = next(iter(branches), None)
         for module in branches:
@@ -143,33 +160,40 @@ class LowRankAdapters:
     def clear(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
-        self._hooks, self._branches, self._scales, self._folded = {}, {}, {}, {}
+        self._hooks, self._branches, self._scales = {}, {}, {}
 
     @property
     def active(self) -> bool:
         return bool(self._hooks)
 
     def _hook(self, module: str):
+        # The hot path of every pass: two or three torch calls a branch and as little Python as will do (on a
+        # small model at decode time the interpreter, not the arithmetic, is most of what the adapter costs).
+        matmul, perf_counter, grad_enabled = torch.matmul, time.perf_counter, torch.is_grad_enabled
+
         def hook(mod, args, out):
-            t0 = time.perf_counter()
+            t0 = perf_counter()
             x = args[0]
-            for A_rep, Bt, group in self._branches.get(module, ()):
-                per_row, shared = self._scales[group]
-                if x.dim() == 3 and x.shape[0] == per_row.shape[0] and per_row.shape[0] > 1:
-                    h = (x @ A_rep).mul_(per_row)  # [..., K r]: A0 x once per member, scaled per row
-                elif per_row.shape[0] == 1:  # one mix: its weights folded into A0, once per apply, on first use
-                    folded = self._folded.get((module, group))
-                    if folded is None:
-                        folded = self._folded[(module, group)] = A_rep * shared
-                    h = x @ folded
+            scales = self._scales
+            in_place = out.is_contiguous() and not grad_enabled()
+            for br in self._branches.get(module, ()):
+                per_row, shared = scales[br.group]
+                if per_row.shape[0] == 1:  # one mix: its weights folded into A0, once per apply, on first use
+                    if br.epoch != self._epoch:
+                        br.folded, br.epoch = br.A * shared, self._epoch
+                    h = matmul(x, br.folded)
+                elif x.dim() == 3 and x.shape[0] == per_row.shape[0]:
+                    h = matmul(x, br.A).mul_(per_row)  # A0 x once per member, scaled per row
                 else:
                     raise DirectionError(f"The mix has {per_row.shape[0]} rows of weights but the batch has {x.shape[0]}.")
-                if torch.is_grad_enabled() or not out.is_contiguous():
-                    out = out + h @ Bt
-                else:  # the layer's own fresh output, added to in place: one call instead of two
-                    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), Bt)
+                if not in_place:
+                    out = out + matmul(h, br.Bt)
+                elif out.dim() == 3:  # the layer's own fresh output, added to in place: one call
+                    out.baddbmm_(h, br.Bt_for(out.shape[0]))
+                else:
+                    out.addmm_(h.reshape(-1, h.shape[-1]), br.Bt) if out.dim() == 2 else out.add_(matmul(h, br.Bt))
             account = self._account
-            account[0] += time.perf_counter() - t0
+            account[0] += perf_counter() - t0
             if module == self._first:
                 account[1] += 1
             return out

@@ -155,3 +155,31 @@ def test_merging_a_long_single_mix_is_chosen_by_measured_costs(tiny_lm):
     assert mixer.rows == [{"a": 0.2}] and not mixer.merged
     mixer.clear()
     assert all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())
+
+
+
+def test_every_pass_and_every_apply_is_the_merged_model(tiny_lm):
+    """What the hooks keep from pass to pass (one mix folded into A0, B^T seen as a batch) must be that of the
+    mix applied now: passes after passes, one mix after another, one mix over a batch of several rows, per-row
+    mixes, two groups of A0, and with gradients on (out of place)."""
+    mixer = Mixer(tiny_lm)
+    mixer.add(random_tangent(tiny_lm, "a", seed=1, scale=0.3), name="a")
+    mixer.add(random_tangent(tiny_lm, "b", seed=2, scale=0.3), name="b")
+    mixer.add(random_tangent(tiny_lm, "c", seed=3, scale=0.3, a0_seed=5), name="c")  # a second group
+    p, q = {"a": 0.7, "b": -0.4, "c": 0.5}, {"a": -0.5, "c": -0.9}
+    expected = {}
+    for name, row in (("p", p), ("q", q), ("0", {})):
+        with mixer.applied([row], merge=True):
+            expected[name] = logits(tiny_lm)[0]
+    plan = [([p], "p", 1), ([q], "q", 1), ([p], "p", 2), ([{}, p, q], "0pq", 3), ([q], "q", 1), ([q, p], "qp", 2)]
+    for rows, names, batch in plan:
+        with mixer.applied(rows):
+            for _ in range(3):
+                got = logits(tiny_lm, IDS.repeat(batch, 1))
+                for i in range(batch):
+                    want = expected[names[i] if len(names) > 1 else names]
+                    assert float((got[i] - want).abs().max()) <= 1e-5, (rows, i)
+    with mixer.applied([p]), torch.enable_grad():
+        got = tiny_lm.model(IDS).logits
+        assert float((got[0] - expected["p"]).abs().max()) <= 1e-5  # the out-of-place path
+    assert not mixer.active

@@ -4,7 +4,8 @@
 - point -> mix applied: the adapter path vs merging (the in-place path every weight-space mix took before);
 - tokens/s with the mix as an adapter vs merged, and which of the two the mixer picks (``prefer_merged``);
 - three columns (base, the point, a pinned point; tangent and steering directions both in the mix) in one batch
-  vs one after another (each column alone as the mixer picks: adapter, or merged where measured faster).
+  vs one after another (each column alone as the mixer picks: adapter, or merged where measured faster);
+- three base rows in one batch vs one after another, nothing mixed in: what batching alone buys here.
 """
 
 from __future__ import annotations
@@ -118,6 +119,24 @@ def main() -> dict:
     results["sequential_vs_batched"] = round(median(t_seq) / median(t_batched), 3)
     print(f"3 columns x 64 tokens (tangent + steering): batched {median(t_batched):.2f} s, one after another "
           f"{median(t_seq):.2f} s -> batched is {median(t_seq) / median(t_batched):.2f}x faster")
+
+    # 4. The same with nothing mixed in: three base rows in one batch vs three single rows. No adapter, hook or
+    # merge, so this is what batching alone buys on this machine: the ceiling of 3.
+    ids = lm.prompt_ids(prompt)
+    b_batched, b_seq = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        decode(lm, ids, 3, p64)
+        b_batched.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            decode(lm, ids, 1, p64)
+        b_seq.append(time.perf_counter() - t0)
+    results["three_base_rows_batched_s"] = round(median(b_batched), 2)
+    results["three_base_rows_sequential_s"] = round(median(b_seq), 2)
+    results["base_rows_sequential_vs_batched"] = round(median(b_seq) / median(b_batched), 3)
+    print(f"3 base rows x 64 tokens, nothing mixed in: batched {median(b_batched):.2f} s, one after another "
+          f"{median(b_seq):.2f} s -> batched is {median(b_seq) / median(b_batched):.2f}x faster (what batching alone buys)")
     return results
 
 

@@ -29,6 +29,7 @@ SUMMARY = [
     ("adapters", "merged_vs_adapter_apply", "low-rank mix-apply latency, merged into the weights / as an adapter"),
     ("adapters", "adapter_vs_merged_tokens_per_s", "tokens/s with a low-rank mix, adapter / merged (goal >= 0.85)"),
     ("adapters", "sequential_vs_batched", "3 tangent + steering columns one after another / in one batch (goal >= 2.5)"),
+    ("adapters", "base_rows_sequential_vs_batched", "3 base rows, nothing mixed in, one after another / in one batch (the ceiling)"),
     ("steering", "sequential_vs_batched", "3 columns one after another / in one batch (time)"),
     ("studio", "launch_vs_model_load", "launch to usable plane / bare model load"),
     ("export", "export_vs_save_pretrained: hf, 2 tangent directions + check",
