@@ -37,6 +37,7 @@ class _Group:
     Bt: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [K r, out]: member k's B^T in block k (zeros
     #                                                             where it does not change the weight)
     A_rep: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [in, K r]: A0^T side by side K times
+    A0T: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> A0^T [in, r]
 
     def accepts(self, d: Direction) -> bool:
         return all(torch.equal(self.A[w].float().cpu(), d.low_rank(w)[1].float()) for w in d.weight_names() if w in self.A)
@@ -52,6 +53,7 @@ class _Group:
                      for m in self.members]
             self.Bt[w] = torch.cat(parts).to(device=like.device, dtype=like.dtype).contiguous()
             self.A_rep[w] = A.repeat(len(self.members), 1).T.contiguous()  # [in, K r]: x @ A_rep is h repeated K times
+            self.A0T[w] = A.T.contiguous()
 
     def scale(self, rows: Sequence[dict[str, float]], like: torch.Tensor) -> Optional[torch.Tensor]:
         """[rows, K r]: block k of each row holds that row's weight of member k; None when every weight is 0."""
@@ -67,11 +69,12 @@ class _Group:
 class _Branch:
     """One group's adapter on one linear layer, with what its hook reuses from pass to pass."""
 
-    __slots__ = ("A", "Bt", "group", "folded", "epoch", "Bt_batch", "batch")
+    __slots__ = ("A", "A0", "Bt", "group", "folded", "epoch", "Bt_batch", "batch")
 
-    def __init__(self, A: torch.Tensor, Bt: torch.Tensor, group: int):
-        self.A, self.Bt, self.group = A, Bt, group  # A_rep [in, K r], B^T [K r, out]
-        self.folded: Optional[torch.Tensor] = None  # A_rep times the one row's weights, for the apply ``epoch``
+    def __init__(self, A: torch.Tensor, A0: torch.Tensor, Bt: torch.Tensor, group: int):
+        self.A, self.A0, self.Bt, self.group = A, A0, Bt, group  # A_rep [in, K r], A0^T [in, r], B^T [K r, out]
+        # One mix: sum_k alpha_k B_k^T [r, out], for the apply ``epoch`` (half the bytes a pass reads for K = 2)
+        self.folded: Optional[torch.Tensor] = None
         self.epoch = -1
         self.Bt_batch, self.batch = Bt[None], 1  # B^T seen as a batch of ``batch`` (a view), for ``baddbmm_``
 
@@ -79,6 +82,13 @@ class _Branch:
         if batch != self.batch:
             self.Bt_batch, self.batch = self.Bt.expand(batch, -1, -1), batch
         return self.Bt_batch
+
+    def fold(self, alphas: torch.Tensor, epoch: int) -> torch.Tensor:
+        """B^T of the one mix [r, out], from the members' weights [1, K]; [1, r, out] for ``baddbmm_``."""
+        if self.epoch != epoch:
+            K, r = alphas.shape[1], self.A0.shape[1]
+            self.folded, self.epoch = torch.mm(alphas, self.Bt.view(K, -1)).view(1, r, -1), epoch
+        return self.folded
 
 
 class LowRankAdapters:
@@ -142,14 +152,16 @@ class LowRankAdapters:
             for i in key:
                 g = self.groups[i]
                 for w in g.A:
-                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A_rep[w], g.Bt[w], i))
+                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A_rep[w], g.A0T[w], g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
             self._hooks.pop(module).remove()
-        # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and a [K r] shared one
+        # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and, for one mix, the
+        # members' weights [1, K]
         self._branches = branches
-        self._scales = {i: (sc[:, None, :], sc[0]) for i, sc in scales.items()}
+        self._scales = {i: (sc[:, None, :], sc[:1, ::next(iter(self.groups[i].A.values())).shape[0]])
+                        for i, sc in scales.items()}
         self._epoch += 1  # every branch's folded A_rep is now stale: made again on first use
         self._account = self._spent.setdefault(len(rows), [0.0, 0])
         self._first = next(iter(branches), None)
@@ -177,21 +189,22 @@ class LowRankAdapters:
             scales = self._scales
             in_place = out.is_contiguous() and not grad_enabled()
             for br in self._branches.get(module, ()):
-                per_row, shared = scales[br.group]
-                if per_row.shape[0] == 1:  # one mix: its weights folded into A0, once per apply, on first use
-                    if br.epoch != self._epoch:
-                        br.folded, br.epoch = br.A * shared, self._epoch
-                    h = matmul(x, br.folded)
-                elif x.dim() == 3 and x.shape[0] == per_row.shape[0]:
-                    h = matmul(x, br.A).mul_(per_row)  # A0 x once per member, scaled per row
-                else:
+                per_row, alphas = scales[br.group]
+                if per_row.shape[0] == 1:  # one mix: A0 x, then its B's summed once per apply, on first use
+                    Bt = br.fold(alphas, self._epoch)
+                    h = matmul(x, br.A0)
+                    if out.dim() == 3 and in_place and out.shape[0] == 1:
+                        out.baddbmm_(h, Bt)  # the layer's own fresh output, added to in place: one call
+                    else:
+                        out = out + matmul(h, Bt[0]) if not in_place else out.add_(matmul(h, Bt[0]))
+                    continue
+                if x.dim() != 3 or x.shape[0] != per_row.shape[0]:
                     raise DirectionError(f"The mix has {per_row.shape[0]} rows of weights but the batch has {x.shape[0]}.")
-                if not in_place:
-                    out = out + matmul(h, br.Bt)
-                elif out.dim() == 3:  # the layer's own fresh output, added to in place: one call
+                h = matmul(x, br.A).mul_(per_row)  # A0 x once per member, scaled per row
+                if in_place:
                     out.baddbmm_(h, br.Bt_for(out.shape[0]))
                 else:
-                    out.addmm_(h.reshape(-1, h.shape[-1]), br.Bt) if out.dim() == 2 else out.add_(matmul(h, br.Bt))
+                    out = out + matmul(h, br.Bt)
             account = self._account
             account[0] += perf_counter() - t0
             if module == self._first:
