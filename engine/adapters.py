@@ -3,13 +3,13 @@
 A low-rank direction is tau_k = B_k A0 per weight matrix, with A0 shared by the directions trained with the
 same seed and rank. A mix sum_k alpha_k tau_k is then (sum_k alpha_k B_k) A0, and a linear layer computes
 
-    W x + sum_k alpha_k B_k (A0 x) = W x + [B_1 ... B_K] (alpha (x) A0 x)
+    W x + (sum_k alpha_k B_k) (A0 x)
 
-with the K directions' B's side by side, [out, K r], and the rank-r activations h = A0 x repeated K times,
-block k scaled by alpha_k. Applying a new point only replaces the [rows, K] weights: nothing of the size of a
-weight is computed, and each batch row carries its own weights, so columns at different points of the plane
-run as one batch (per-row adapters, as in S-LoRA / punica). The forward pays a second product of inner size
-K r instead of r.
+Applying a new point only replaces a [rows, K] tensor of weights: nothing of the size of a weight is computed
+then. Each layer sums its B's for the rows on its first pass after the apply (one small product: [rows, K] times
+the K B's), and every pass pays A0 x at rank r and one batched product with the rows' summed B's. Each batch row
+carries its own weights, so columns at different points of the plane run as one batch (per-row adapters, as in
+S-LoRA / punica).
 
 Directions whose A0 differ (another seed or rank) go in separate groups, each its own branch. With every
 weight of a group at zero its hooks are removed: the base model runs with no hook at all.
@@ -36,7 +36,6 @@ class _Group:
     bound: list[float] = field(default_factory=list)  # per member: its largest |B| entry
     Bt: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [K r, out]: member k's B^T in block k (zeros
     #                                                             where it does not change the weight)
-    A_rep: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [in, K r]: A0^T side by side K times
     A0T: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> A0^T [in, r]
 
     def accepts(self, d: Direction) -> bool:
@@ -52,43 +51,42 @@ class _Group:
             parts = [blocks[m].low_rank(w)[0].T if blocks[m].changes(w) else torch.zeros(A.shape[0], out)
                      for m in self.members]
             self.Bt[w] = torch.cat(parts).to(device=like.device, dtype=like.dtype).contiguous()
-            self.A_rep[w] = A.repeat(len(self.members), 1).T.contiguous()  # [in, K r]: x @ A_rep is h repeated K times
             self.A0T[w] = A.T.contiguous()
 
     def scale(self, rows: Sequence[dict[str, float]], like: torch.Tensor) -> Optional[torch.Tensor]:
-        """[rows, K r]: block k of each row holds that row's weight of member k; None when every weight is 0."""
+        """[rows, K]: each row's weight of each member; None when every weight is 0."""
         weights = [[float(r.get(m, 0.0)) for m in self.members] for r in rows]
         if not any(w for row in weights for w in row):
             return None
-        rank = next(iter(self.A.values())).shape[0]
         # one torch call, made from Python numbers: every call that releases the GIL may then wait for the GUI
         # thread to hand it back (up to the interpreter's switch interval)
-        return torch.tensor([[w for w in row for _ in range(rank)] for row in weights], dtype=like.dtype, device=like.device)
+        return torch.tensor(weights, dtype=like.dtype, device=like.device)
 
 
 class _Branch:
-    """One group's adapter on one linear layer, with what its hook reuses from pass to pass."""
+    """One group's adapter on one linear layer, with the rows' summed B's of the apply now in force."""
 
-    __slots__ = ("A", "A0", "Bt", "group", "folded", "epoch", "Bt_batch", "batch")
+    __slots__ = ("A0", "Bt", "group", "folded", "epoch", "wide", "batch")
 
-    def __init__(self, A: torch.Tensor, A0: torch.Tensor, Bt: torch.Tensor, group: int):
-        self.A, self.A0, self.Bt, self.group = A, A0, Bt, group  # A_rep [in, K r], A0^T [in, r], B^T [K r, out]
-        # One mix: sum_k alpha_k B_k^T [r, out], for the apply ``epoch`` (half the bytes a pass reads for K = 2)
-        self.folded: Optional[torch.Tensor] = None
+    def __init__(self, A0: torch.Tensor, Bt: torch.Tensor, group: int):
+        self.A0, self.Bt, self.group = A0, Bt, group  # A0^T [in, r], the members' B^T stacked [K r, out]
+        self.folded: Optional[torch.Tensor] = None  # [rows, r, out]: sum_k alpha_k B_k^T per row, for apply ``epoch``
         self.epoch = -1
-        self.Bt_batch, self.batch = Bt[None], 1  # B^T seen as a batch of ``batch`` (a view), for ``baddbmm_``
+        self.wide, self.batch = None, 0  # one mix's folded B^T seen as a batch of ``batch`` rows (a view)
 
-    def Bt_for(self, batch: int) -> torch.Tensor:
-        if batch != self.batch:
-            self.Bt_batch, self.batch = self.Bt.expand(batch, -1, -1), batch
-        return self.Bt_batch
-
-    def fold(self, alphas: torch.Tensor, epoch: int) -> torch.Tensor:
-        """B^T of the one mix [r, out], from the members' weights [1, K]; [1, r, out] for ``baddbmm_``."""
-        if self.epoch != epoch:
-            K, r = alphas.shape[1], self.A0.shape[1]
-            self.folded, self.epoch = torch.mm(alphas, self.Bt.view(K, -1)).view(1, r, -1), epoch
+    def fold(self, alphas: torch.Tensor, epoch: int, tracked: bool = False) -> torch.Tensor:
+        """The rows' summed B's; ``tracked``: for a pass autograd may record, which cannot use what an
+        inference-mode pass (generation) made."""
+        if self.epoch != epoch or (tracked and self.folded.is_inference() and not torch.is_inference_mode_enabled()):
+            rows, K = alphas.shape
+            self.folded = torch.mm(alphas, self.Bt.view(K, -1)).view(rows, self.A0.shape[1], -1)
+            self.epoch, self.batch = epoch, 0
         return self.folded
+
+    def for_batch(self, batch: int) -> torch.Tensor:
+        if batch != self.batch:
+            self.wide, self.batch = self.folded.expand(batch, -1, -1), batch
+        return self.wide
 
 
 class LowRankAdapters:
@@ -101,10 +99,10 @@ class LowRankAdapters:
         self.groups: list[_Group] = []
         self.directions: dict[str, Direction] = {}
         self._branches: dict[str, list[_Branch]] = {}  # module -> its branches in the applied layout
-        self._scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # group -> ([rows, 1, K r], [K r])
+        self._scales: dict[int, torch.Tensor] = {}  # group -> the rows' weights of its members [rows, K]
         self._layouts: dict[tuple, dict] = {}  # the groups in use -> the branches
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._epoch = 0  # counts the applies: a branch's folded A_rep belongs to one
+        self._epoch = 0  # counts the applies: a branch's folded B's belong to one
         # What the branches cost, measured inside the hooks: batch rows -> [seconds, forward passes]
         self._spent: dict[int, list] = {}
         self._account: list = [0.0, 0]  # the entry of ``_spent`` for the rows now applied
@@ -152,17 +150,14 @@ class LowRankAdapters:
             for i in key:
                 g = self.groups[i]
                 for w in g.A:
-                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A_rep[w], g.A0T[w], g.Bt[w], i))
+                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A0T[w], g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
             self._hooks.pop(module).remove()
-        # the shapes the hook multiplies by, made here once: a [rows, 1, K r] per-row scale and, for one mix, the
-        # members' weights [1, K]
         self._branches = branches
-        self._scales = {i: (sc[:, None, :], sc[:1, ::next(iter(self.groups[i].A.values())).shape[0]])
-                        for i, sc in scales.items()}
-        self._epoch += 1  # every branch's folded A_rep is now stale: made again on first use
+        self._scales = scales
+        self._epoch += 1  # every branch's folded B's are now stale: summed again on first use
         self._account = self._spent.setdefault(len(rows), [0.0, 0])
         self._first = next(iter(branches), None)
         for module in branches:
@@ -189,22 +184,17 @@ class LowRankAdapters:
             scales = self._scales
             in_place = out.is_contiguous() and not grad_enabled()
             for br in self._branches.get(module, ()):
-                per_row, alphas = scales[br.group]
-                if per_row.shape[0] == 1:  # one mix: A0 x, then its B's summed once per apply, on first use
-                    Bt = br.fold(alphas, self._epoch)
-                    h = matmul(x, br.A0)
-                    if out.dim() == 3 and in_place and out.shape[0] == 1:
-                        out.baddbmm_(h, Bt)  # the layer's own fresh output, added to in place: one call
-                    else:
-                        out = out + matmul(h, Bt[0]) if not in_place else out.add_(matmul(h, Bt[0]))
-                    continue
-                if x.dim() != 3 or x.shape[0] != per_row.shape[0]:
-                    raise DirectionError(f"The mix has {per_row.shape[0]} rows of weights but the batch has {x.shape[0]}.")
-                h = matmul(x, br.A).mul_(per_row)  # A0 x once per member, scaled per row
-                if in_place:
-                    out.baddbmm_(h, br.Bt_for(out.shape[0]))
+                Bt = br.fold(scales[br.group], self._epoch, not in_place)  # [rows, r, out]
+                rows = Bt.shape[0]
+                if rows > 1 and (x.dim() != 3 or x.shape[0] != rows):
+                    raise DirectionError(f"The mix has {rows} rows of weights but the batch has {x.shape[0]}.")
+                h = matmul(x, br.A0)  # A0 x [..., r]
+                if in_place and out.dim() == 3:  # the layer's own fresh output, added to in place: one call
+                    out.baddbmm_(h, Bt if out.shape[0] == rows else br.for_batch(out.shape[0]))
+                elif in_place and out.dim() == 2 and rows == 1:
+                    out.addmm_(h, Bt[0])
                 else:
-                    out = out + matmul(h, br.Bt)
+                    out = out + matmul(h, Bt if rows > 1 else Bt[0])
             account = self._account
             account[0] += perf_counter() - t0
             if module == self._first:

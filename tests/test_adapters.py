@@ -179,7 +179,12 @@ def test_every_pass_and_every_apply_is_the_merged_model(tiny_lm):
                 for i in range(batch):
                     want = expected[names[i] if len(names) > 1 else names]
                     assert float((got[i] - want).abs().max()) <= 1e-5, (rows, i)
-    with mixer.applied([p]), torch.enable_grad():
-        got = tiny_lm.model(IDS).logits
-        assert float((got[0] - expected["p"]).abs().max()) <= 1e-5  # the out-of-place path
+    with mixer.applied([p]):
+        with torch.inference_mode():  # generation's passes: what they cache is made of inference tensors ...
+            logits(tiny_lm)
+        embeds = tiny_lm.model.get_input_embeddings()(IDS).detach().requires_grad_()
+        got = tiny_lm.model(inputs_embeds=embeds).logits  # ... and a pass with gradients must not trip on them
+        assert float((got[0].detach() - expected["p"]).abs().max()) <= 1e-5  # the out-of-place path
+        got.sum().backward()
+        assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
     assert not mixer.active
