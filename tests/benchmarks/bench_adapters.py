@@ -105,38 +105,33 @@ def main() -> dict:
     point, pinned = plane.weights(0.6, -0.4), plane.weights(-0.5, 0.7)
     cols = [Column("base"), Column("point", {**point, "steer verbosity": 0.5}), Column("pinned", pinned)]
     p64 = SamplingParams(max_new_tokens=64)
-    t_batched, t_seq = [], []
-    for _ in range(5):  # interleaved, as above
-        t0 = time.perf_counter()
-        comp = compare(lm, prompt, cols, p64, mixer=mixer)
-        t_batched.append(time.perf_counter() - t0)
-        assert comp.batched
-        t0 = time.perf_counter()
-        compare(lm, prompt, cols, p64, mixer=mixer, batched=False)
-        t_seq.append(time.perf_counter() - t0)
-    results["three_columns_batched_s"] = round(median(t_batched), 2)
-    results["three_columns_sequential_s"] = round(median(t_seq), 2)
-    results["sequential_vs_batched"] = round(median(t_seq) / median(t_batched), 3)
-    print(f"3 columns x 64 tokens (tangent + steering): batched {median(t_batched):.2f} s, one after another "
-          f"{median(t_seq):.2f} s -> batched is {median(t_seq) / median(t_batched):.2f}x faster")
+    def batched_vs_one_by_one(key: str, what: str, batched, one_by_one) -> None:
+        t_batched, t_seq = [], []
+        for _ in range(5):  # interleaved, as above
+            t0 = time.perf_counter()
+            batched()
+            t_batched.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            one_by_one()
+            t_seq.append(time.perf_counter() - t0)
+        results[f"{key}_batched_s"] = round(median(t_batched), 2)
+        results[f"{key}_sequential_s"] = round(median(t_seq), 2)
+        print(f"{what}: batched {median(t_batched):.2f} s, one after another {median(t_seq):.2f} s -> batched is "
+              f"{median(t_seq) / median(t_batched):.2f}x faster")
+        return round(median(t_seq) / median(t_batched), 3)
+
+    def together():
+        assert compare(lm, prompt, cols, p64, mixer=mixer).batched
+
+    results["sequential_vs_batched"] = batched_vs_one_by_one(
+        "three_columns", "3 columns x 64 tokens (tangent + steering)", together,
+        lambda: compare(lm, prompt, cols, p64, mixer=mixer, batched=False))
 
     # 4. The same with nothing mixed in: three base rows in one batch vs three single rows. No adapter, hook or
-    # merge, so this is what batching alone buys on this machine: the ceiling of 3.
-    ids = lm.prompt_ids(prompt)
-    b_batched, b_seq = [], []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        decode(lm, ids, 3, p64)
-        b_batched.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            decode(lm, ids, 1, p64)
-        b_seq.append(time.perf_counter() - t0)
-    results["three_base_rows_batched_s"] = round(median(b_batched), 2)
-    results["three_base_rows_sequential_s"] = round(median(b_seq), 2)
-    results["base_rows_sequential_vs_batched"] = round(median(b_seq) / median(b_batched), 3)
-    print(f"3 base rows x 64 tokens, nothing mixed in: batched {median(b_batched):.2f} s, one after another "
-          f"{median(b_seq):.2f} s -> batched is {median(b_seq) / median(b_batched):.2f}x faster (what batching alone buys)")
+    # merge, so this is what batching alone buys on this machine: the ceiling of the figure above.
+    results["base_rows_sequential_vs_batched"] = batched_vs_one_by_one(
+        "three_base_rows", "3 base rows x 64 tokens, nothing mixed in (what batching alone buys)",
+        lambda: decode(lm, ids, 3, p64), lambda: [decode(lm, ids, 1, p64) for _ in range(3)])
     return results
 
 
