@@ -36,7 +36,6 @@ class _Group:
     bound: list[float] = field(default_factory=list)  # per member: its largest |B| entry
     Bt: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> [K r, out]: member k's B^T in block k (zeros
     #                                                             where it does not change the weight)
-    A0T: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> A0^T [in, r]
 
     def accepts(self, d: Direction) -> bool:
         return all(torch.equal(self.A[w].float().cpu(), d.low_rank(w)[1].float()) for w in d.weight_names() if w in self.A)
@@ -51,7 +50,6 @@ class _Group:
             parts = [blocks[m].low_rank(w)[0].T if blocks[m].changes(w) else torch.zeros(A.shape[0], out)
                      for m in self.members]
             self.Bt[w] = torch.cat(parts).to(device=like.device, dtype=like.dtype).contiguous()
-            self.A0T[w] = A.T.contiguous()
 
     def scale(self, rows: Sequence[dict[str, float]], like: torch.Tensor) -> Optional[torch.Tensor]:
         """[rows, K]: each row's weight of each member; None when every weight is 0."""
@@ -69,12 +67,12 @@ class _Branch:
     __slots__ = ("A0", "Bt", "group", "folded", "epoch", "wide", "batch")
 
     def __init__(self, A0: torch.Tensor, Bt: torch.Tensor, group: int):
-        self.A0, self.Bt, self.group = A0, Bt, group  # A0^T [in, r], the members' B^T stacked [K r, out]
+        self.A0, self.Bt, self.group = A0, Bt, group  # A0^T [in, r] (a view), the members' B^T stacked [K r, out]
         self.folded: Optional[torch.Tensor] = None  # [rows, r, out]: sum_k alpha_k B_k^T per row, for apply ``epoch``
         self.epoch = -1
         self.wide, self.batch = None, 0  # one mix's folded B^T seen as a batch of ``batch`` rows (a view)
 
-    def fold(self, alphas: torch.Tensor, epoch: int, tracked: bool = False) -> torch.Tensor:
+    def fold(self, alphas: torch.Tensor, epoch: int, tracked: bool) -> torch.Tensor:
         """The rows' summed B's; ``tracked``: for a pass autograd may record, which cannot use what an
         inference-mode pass (generation) made."""
         if self.epoch != epoch or (tracked and self.folded.is_inference() and not torch.is_inference_mode_enabled()):
@@ -150,7 +148,7 @@ class LowRankAdapters:
             for i in key:
                 g = self.groups[i]
                 for w in g.A:
-                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A0T[w], g.Bt[w], i))
+                    layout.setdefault(w[: -len(".weight")], []).append(_Branch(g.A[w].T, g.Bt[w], i))
             self._layouts[key] = layout
         branches = self._layouts[key]
         for module in [m for m in self._hooks if m not in branches]:
@@ -174,7 +172,7 @@ class LowRankAdapters:
         return bool(self._hooks)
 
     def _hook(self, module: str):
-        # The hot path of every pass: two or three torch calls a branch and as little Python as will do (on a
+        # The hot path of every pass: two torch calls a branch and as little Python as will do (on a
         # small model at decode time the interpreter, not the arithmetic, is most of what the adapter costs).
         matmul, perf_counter, grad_enabled = torch.matmul, time.perf_counter, torch.is_grad_enabled
 

@@ -157,9 +157,8 @@ def test_merging_a_long_single_mix_is_chosen_by_measured_costs(tiny_lm):
     assert all(torch.equal(p, base[n]) for n, p in tiny_lm.model.named_parameters())
 
 
-
 def test_every_pass_and_every_apply_is_the_merged_model(tiny_lm):
-    """What the hooks keep from pass to pass (one mix folded into A0, B^T seen as a batch) must be that of the
+    """What the hooks keep from pass to pass (the rows' summed B's, seen as a batch) must be that of the
     mix applied now: passes after passes, one mix after another, one mix over a batch of several rows, per-row
     mixes, two groups of A0, and with gradients on (out of place)."""
     mixer = Mixer(tiny_lm)

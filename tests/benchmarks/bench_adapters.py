@@ -105,7 +105,8 @@ def main() -> dict:
     point, pinned = plane.weights(0.6, -0.4), plane.weights(-0.5, 0.7)
     cols = [Column("base"), Column("point", {**point, "steer verbosity": 0.5}), Column("pinned", pinned)]
     p64 = SamplingParams(max_new_tokens=64)
-    def batched_vs_one_by_one(key: str, what: str, batched, one_by_one) -> None:
+
+    def batched_vs_one_by_one(key: str, what: str, batched, one_by_one) -> float:
         t_batched, t_seq = [], []
         for _ in range(5):  # interleaved, as above
             t0 = time.perf_counter()
