@@ -15,10 +15,12 @@ Objectives without labels are built from length: ``verbosity`` prefers the longe
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import itertools
 import json
+import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -399,6 +401,7 @@ def load_pairs(
     attribute: Optional[str] = None,
     min_length_ratio: float = 1.1,
     length_matched: Optional[float] = None,
+    length_balanced: Optional[float] = None,
 ) -> PairSet:
     """Read preference pairs from a file or a `datasets` name.
 
@@ -407,12 +410,18 @@ def load_pairs(
     ``min_length_ratio`` are dropped as uninformative). For HelpSteer rows ``attribute`` picks the score
     (default: the objective if it is an attribute, else helpfulness). ``length_matched`` (e.g. 1.2) keeps only
     pairs whose two responses are within that length ratio of each other, so that a direction trained on them
-    cannot be a length direction in disguise (``length_matched_pairs``).
+    cannot be a length direction in disguise (``length_matched_pairs``). ``length_balanced`` (e.g. 2) keeps, of the
+    pairs within that ratio, as many with the longer reply preferred as with the shorter one, matched by how much
+    longer, so that length says nothing about the label and more pairs stay (``length_balanced_pairs``).
     """
-    if length_matched is not None and not length_matched >= 1:
-        raise DataError(f"A length-matched ratio is 1 or more (1.2: within 20%), not {length_matched}.")
-    if length_matched is not None and objective in LENGTH_OBJECTIVES:
-        raise DataError(f"{objective} pairs are made from length differences; they cannot also be length-matched.")
+    for flag, ratio in (("length-matched", length_matched), ("length-balanced", length_balanced)):
+        if ratio is not None and not ratio >= 1:
+            raise DataError(f"A {flag} ratio is 1 or more (1.2: within 20%), not {ratio}.")
+        if ratio is not None and objective in LENGTH_OBJECTIVES:
+            raise DataError(f"{objective} pairs are made from length differences; they cannot also be {flag}.")
+    if length_matched is not None and length_balanced is not None:
+        raise DataError("Use --length-matched or --length-balanced, not both (balanced pairs are already within "
+                        "their ratio).")
     if format is not None and format not in FORMATS:
         raise DataError(f"Unknown format {format!r}: use one of {', '.join(FORMATS)}.")
     source = str(source)
@@ -454,6 +463,12 @@ def load_pairs(
         if not result.pairs:
             raise DataError(f"None of the {before} pairs in {source} has responses within a length ratio of "
                             f"{length_matched:g}; use a larger ratio.")
+    if length_balanced is not None:
+        before = len(result.pairs)
+        result = length_balanced_pairs(result, length_balanced)
+        if not result.pairs:
+            raise DataError(f"None of the {before} pairs in {source} is left when balanced within a length ratio of "
+                            f"{length_balanced:g} (one side has no pair in it); use a larger ratio.")
     if not result.pairs:
         shown = "; ".join(str(p) for p in problems[:3])
         raise DataError(
@@ -473,6 +488,39 @@ def length_matched_pairs(pairs: PairSet, max_ratio: float) -> PairSet:
     kept = [p for p in pairs.pairs if max(_lengths(p)) <= max_ratio * max(min(_lengths(p)), 1)]
     return replace(pairs, pairs=kept, source=f"{pairs.source} (length-matched within {max_ratio:g}x: "
                                              f"{len(kept)} of {len(pairs.pairs)} pairs)")
+
+
+def length_balanced_pairs(pairs: PairSet, max_ratio: float) -> PairSet:
+    """Of the pairs within ``max_ratio`` in length, as many whose preferred reply is the longer one as the shorter
+    one, each of the smaller side matched to the unused pair of the other side nearest to it in |log length ratio|
+    (pairs of equal length all stay). In what is kept the label cannot be told from the lengths, neither from which
+    reply is longer nor from by how much, yet several times more pairs stay than length matching within a tight
+    ratio keeps. The kept pairs keep their order."""
+    sides: dict[bool, list[tuple[float, int]]] = {True: [], False: []}
+    kept = []
+    for i, p in enumerate(pairs.pairs):
+        a, b = (max(n, 1) for n in _lengths(p))
+        if max(a, b) > max_ratio * min(a, b):
+            continue
+        if a == b:
+            kept.append(i)
+        else:
+            sides[a > b].append((abs(math.log(a / b)), i))
+    few, many = sorted((sorted(sides[True]), sorted(sides[False])), key=len)
+    kept += [i for _, i in few]
+    free = [r for r, _ in many]  # sorted; a matched entry is removed
+    idx = [i for _, i in many]
+    for r, _ in few:
+        j = bisect.bisect_left(free, r)
+        if j == len(free) or (j > 0 and r - free[j - 1] <= free[j] - r):
+            j -= 1
+        kept.append(idx.pop(j))
+        free.pop(j)
+    kept.sort()
+    longer = sum(1 for i in kept if _lengths(pairs.pairs[i])[0] > _lengths(pairs.pairs[i])[1])
+    return replace(pairs, pairs=[pairs.pairs[i] for i in kept],
+                   source=f"{pairs.source} (length-balanced within {max_ratio:g}x: {len(kept)} of {len(pairs.pairs)} "
+                          f"pairs, the longer reply preferred in {longer})")
 
 
 def length_pairs(pairs: PairSet, longer: bool = True, min_ratio: float = 1.1) -> PairSet:

@@ -23,7 +23,8 @@ def cmd_steer_extract(args) -> int:
 
     layers = int_list(args.layers, "--layers")
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit,
-                       attribute=args.attribute, length_matched=args.length_matched)
+                       attribute=args.attribute, length_matched=args.length_matched,
+                       length_balanced=args.length_balanced)
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
     out = new_output(args.out, args.overwrite)
     store = None if args.no_store else open_store(args)  # a database that cannot open says so before minutes of work
@@ -113,7 +114,7 @@ def cmd_train(args) -> int:
     from engine.data import load_pairs
 
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit, attribute=args.attribute,
-                       length_matched=args.length_matched)
+                       length_matched=args.length_matched, length_balanced=args.length_balanced)
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
     return run_training(args, pairs, train_config(args, "tangent"), "tangent", args.name)
 
@@ -131,7 +132,7 @@ def cmd_train_scalarized(args) -> int:
         if not sep:
             raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
         ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
-                        length_matched=args.length_matched)
+                        length_matched=args.length_matched, length_balanced=args.length_balanced)
         sources.append((ps, w))
         print(f"  {len(ps)} {ps.objective} pairs from {path}, share {w:g}", file=sys.stderr)
     name = args.name or f"scalarized {sources[0][0].objective}={args.weight:g}"
@@ -229,6 +230,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--limit", type=int)
     p.add_argument("--length-matched", type=float, metavar="RATIO", help="as for train")
+    p.add_argument("--length-balanced", type=float, metavar="RATIO", help="as for train")
     p.set_defaults(func=cmd_train_scalarized)
 
     p = sub.add_parser("directions", help="list the directions stored in the database, or register a file (add)")

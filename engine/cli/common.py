@@ -52,6 +52,10 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-matched", type=float, metavar="RATIO",
                    help="keep only pairs whose two responses are within this length ratio (1.2: 20%%), so the "
                         "direction is not a length direction in disguise")
+    p.add_argument("--length-balanced", type=float, metavar="RATIO",
+                   help="of the pairs within this length ratio, keep as many with the longer reply preferred as with "
+                        "the shorter, matched by how much longer: length says nothing about the label, and more "
+                        "pairs stay than with --length-matched")
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:

@@ -1,17 +1,21 @@
-"""`tsdpo data inspect`: what a preference-data file holds, and which rows gave no pair."""
+"""`tsdpo data inspect`: what a preference-data file holds, and which rows gave no pair; `tsdpo data select`: the
+rows behind the pairs a selection keeps (--length-matched, --length-balanced), written as JSON lines in their
+original order and form, so a subset ships as a file any tool reads."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 from engine.data import FORMATS
+from engine.errors import TsdpoError
 
 
 def cmd_data_inspect(args) -> int:
     from engine.data import load_pairs
 
     ps = load_pairs(args.file, format=args.format, objective=args.objective, limit=args.limit, split=args.split,
-                    attribute=args.attribute)
+                    attribute=args.attribute, length_matched=args.length_matched, length_balanced=args.length_balanced)
     stats = ps.stats()
     if args.json:
         print(json.dumps({"format": ps.format, "objective": ps.objective, **stats,
@@ -34,6 +38,27 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_select(args) -> int:
+    from engine.cli.common import new_output
+    from engine.data import _read_rows, load_pairs
+    from engine.paths import atomic_write_text
+
+    if args.length_matched is None and args.length_balanced is None:
+        raise TsdpoError("Say what to keep: --length-matched RATIO or --length-balanced RATIO.")
+    out = new_output(args.out, args.overwrite)
+    ps = load_pairs(args.file, format=args.format, limit=args.limit, split=args.split,
+                    length_matched=args.length_matched, length_balanced=args.length_balanced)
+    if ps.format == "helpsteer":
+        raise TsdpoError("HelpSteer pairs are made from two rows each; select works on formats with a pair per row.")
+    keep = {p.line for p in ps.pairs}
+    rows, _ = _read_rows(args.file, args.split)
+    lines = [json.dumps(row, ensure_ascii=False) for n, row in rows if n in keep]
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+    print(f"{len(lines)} rows written to {out}", file=sys.stderr)
+    print(f"kept       {ps.source}")
+    return 0
+
+
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="read preference data").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("inspect", help="count pairs, show length statistics and malformed rows")
@@ -45,4 +70,24 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
     p.add_argument("--show", type=int, default=10, help="how many problem rows to list")
     p.add_argument("--json", action="store_true")
+    _selection(p)
     p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("select", help="write the rows behind the pairs a length selection keeps (JSON lines, "
+                                       "original order and form)")
+    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
+    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
+    p.add_argument("--limit", type=int, help="use the first N pairs")
+    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+    _selection(p)
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_data_select)
+
+
+def _selection(p) -> None:
+    p.add_argument("--length-matched", type=float, metavar="RATIO",
+                   help="keep only pairs whose two responses are within this length ratio (1.2: 20%%)")
+    p.add_argument("--length-balanced", type=float, metavar="RATIO",
+                   help="of the pairs within this ratio, as many with the longer reply preferred as with the "
+                        "shorter, matched by how much longer")
