@@ -50,6 +50,11 @@ class DataPicker(QWidget):
         self.length_matched.setSpecialValueText("off")
         self.length_matched.setToolTip("Keep only pairs whose two replies are within this length ratio (1.20: within "
                                        "20%), so the direction cannot be a length direction in disguise (off: all pairs)")
+        self.length_balanced = QDoubleSpinBox(minimum=1.0, maximum=10.0, singleStep=0.25, value=1.0, decimals=2)
+        self.length_balanced.setSpecialValueText("off")
+        self.length_balanced.setToolTip("Of the pairs within this length ratio, keep as many with the longer reply "
+                                        "preferred as with the shorter, matched by how much longer: length says "
+                                        "nothing about the label, and more pairs stay than when length-matched")
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.path, 1)
@@ -60,6 +65,7 @@ class DataPicker(QWidget):
         form.addRow("Format", self.format)
         form.addRow("Objective", self.objective)
         form.addRow("Length-matched within", self.length_matched)
+        form.addRow("Length-balanced within", self.length_balanced)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Preference data", "", "Preference pairs (*.jsonl *.json *.csv *.tsv *.parquet)")
@@ -68,9 +74,9 @@ class DataPicker(QWidget):
 
     def data(self, limit: Optional[int]) -> Data:
         fmt = self.format.currentText()
-        ratio = self.length_matched.value()
+        matched, balanced = (box.value() for box in (self.length_matched, self.length_balanced))
         return Data(self.path.text().strip(), None if fmt == AUTO else fmt, self.objective.text().strip() or None, limit,
-                    ratio if ratio > 1.0 else None)
+                    matched if matched > 1.0 else None, balanced if balanced > 1.0 else None)
 
 
 class JobDialog(QDialog):

@@ -45,12 +45,13 @@ class Data:
     objective: Optional[str] = None
     limit: Optional[int] = None
     length_matched: Optional[float] = None  # keep only pairs whose two replies are within this length ratio
+    length_balanced: Optional[float] = None  # within this ratio, as many longer-preferred pairs as shorter-preferred
 
     def load(self):
         from engine.data import load_pairs
 
         return load_pairs(self.path, format=self.format, objective=self.objective, limit=self.limit,
-                          length_matched=self.length_matched)
+                          length_matched=self.length_matched, length_balanced=self.length_balanced)
 
 
 BUILD_KINDS = ("extract", "train", "scalarized")  # a steering vector, a TS-DPO direction, the scalarized baseline

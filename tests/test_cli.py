@@ -42,6 +42,28 @@ def test_data_inspect_demo_files(capsys, demo_data):
     assert info["format"] == "hh-rlhf" and info["pairs"] + len(info["problems"]) == 600
 
 
+def test_data_select_writes_the_kept_rows_as_they_were(capsys, demo_data, tmp_path):
+    """The shipped length-matched and length-balanced files are `tsdpo data select` of the source rows: reading the
+    file back gives exactly the selection's pairs, and the rows are the source's own lines."""
+    from engine.data import load_pairs
+
+    hh = demo_data / "hh_rlhf_harmless_600.jsonl"
+    out = tmp_path / "hh_bal.jsonl"
+    code, stdout, _ = run(capsys, "data", "select", str(hh), "--length-balanced", "2", "--out", str(out))
+    assert code == 0 and "length-balanced within 2x" in stdout
+    picked = load_pairs(hh, length_balanced=2)
+    again = load_pairs(out)
+    assert [(p.prompt, p.chosen, p.rejected) for p in again] == [(p.prompt, p.chosen, p.rejected) for p in picked]
+    source_rows = [json.loads(line) for line in hh.read_text().splitlines()]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [source_rows[p.line - 1] for p in picked]
+    code, _, err = run(capsys, "data", "select", str(hh), "--length-balanced", "2", "--out", str(out))
+    assert code == 2 and "already exists" in err
+    code, _, err = run(capsys, "data", "select", str(hh), "--out", str(tmp_path / "other.jsonl"))
+    assert code == 2 and "--length-matched RATIO or --length-balanced RATIO" in err
+    code, stdout, _ = run(capsys, "data", "inspect", str(hh), "--length-balanced", "2")
+    assert code == 0 and f"pairs                    {len(picked)}" in stdout
+
+
 def test_data_inspect_names_a_broken_row(capsys, demo_data, tmp_path):
     lines = (demo_data / "ultrafeedback_helpfulness_400.jsonl").read_text().splitlines()[:50]
     lines[11] = lines[11][: len(lines[11]) // 2]  # line 12 cut in half

@@ -1,9 +1,10 @@
 import csv
 import json
+import math
 
 import pytest
 
-from engine.data import length_pairs, load_pairs
+from engine.data import length_balanced_pairs, length_pairs, load_pairs
 from engine.errors import DataError
 
 
@@ -45,6 +46,19 @@ def test_shipped_length_matched_subsets_are_what_their_name_says(demo_data, name
     assert len(load_pairs(demo_data / name, length_matched=1.25)) == rows
     shorter = sum(len(p.chosen) < len(p.rejected) for p in ps.pairs) / rows
     assert 0.35 < shorter < 0.65
+
+
+@pytest.mark.parametrize("name, fmt, rows", [("ultrafeedback_length_balanced_2.jsonl", "ultrafeedback", 354),
+                                             ("hh_rlhf_harmless_length_balanced_2.jsonl", "hh-rlhf", 728)])
+def test_shipped_length_balanced_subsets_are_what_their_name_says(demo_data, name, fmt, rows):
+    """The demo helpfulness and harmlessness directions train on these: within 2x in length, as many pairs with the
+    longer reply preferred as with the shorter, and balancing them again keeps every pair."""
+    ps = load_pairs(demo_data / name)
+    assert (ps.format, len(ps), len(ps.problems)) == (fmt, rows, 0)
+    longer = sum(len(p.chosen.strip()) > len(p.rejected.strip()) for p in ps.pairs)
+    shorter = sum(len(p.chosen.strip()) < len(p.rejected.strip()) for p in ps.pairs)
+    assert longer == shorter and rows - longer - shorter <= 10
+    assert len(load_pairs(demo_data / name, length_balanced=2)) == rows
 
 
 def test_trl_strings_and_messages(tmp_path):
@@ -215,3 +229,57 @@ def test_length_matched_pairs_keep_only_responses_of_similar_length(demo_data, t
     uneven.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello there, how are you today?"}) + "\n")
     with pytest.raises(DataError, match="None of the 1 pairs .* within a length ratio of 1.2; use a larger ratio"):
         load_pairs(uneven, length_matched=1.2)
+
+
+def _ratio(p):
+    a, b = max(len(p.chosen.strip()), 1), max(len(p.rejected.strip()), 1)
+    return max(a, b) / min(a, b)
+
+
+def test_length_balanced_pairs_leave_nothing_to_learn_from_length(demo_data, tmp_path):
+    """As many pairs with the longer reply preferred as with the shorter, each side's length differences alike,
+    every pair within the ratio, in file order; more pairs than a tight length match keeps."""
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    every = load_pairs(uf)
+    bal = load_pairs(uf, length_balanced=2)
+    longer = [p for p in bal if len(p.chosen.strip()) > len(p.rejected.strip())]
+    shorter = [p for p in bal if len(p.chosen.strip()) < len(p.rejected.strip())]
+    ties = [p for p in bal if len(p.chosen.strip()) == len(p.rejected.strip())]
+    assert len(longer) == len(shorter) > 0 and len(longer) + len(shorter) + len(ties) == len(bal)
+    assert all(_ratio(p) <= 2 for p in bal)
+    lines = [p.line for p in bal]
+    assert lines == sorted(lines) and set(lines) <= {p.line for p in every}
+    # the smaller side is kept whole; the larger side's picks are its nearest in size, so the two sides' sorted
+    # log ratios differ far less than a random pick of the larger side would
+    within = [p for p in every if _ratio(p) <= 2 and len(p.chosen.strip()) != len(p.rejected.strip())]
+    n_longer = sum(len(p.chosen.strip()) > len(p.rejected.strip()) for p in within)
+    assert n_longer != len(within) - n_longer  # the demo data is not balanced to begin with
+    gaps = [abs(math.log(_ratio(a)) - math.log(_ratio(b))) for a, b in
+            zip(sorted(longer, key=_ratio), sorted(shorter, key=_ratio))]
+    assert max(gaps) < 0.05
+    assert len(bal) > 1.5 * len(load_pairs(uf, length_matched=1.25))
+    assert "length-balanced within 2x" in bal.source and f"preferred in {len(longer)}" in bal.source
+    with pytest.raises(DataError, match="1 or more"):
+        load_pairs(uf, length_balanced=0.5)
+    with pytest.raises(DataError, match="cannot also be length-balanced"):
+        load_pairs(uf, objective="verbosity", length_balanced=2)
+    with pytest.raises(DataError, match="not both"):
+        load_pairs(uf, length_balanced=2, length_matched=1.2)
+    onesided = _jsonl(tmp_path / "onesided.jsonl", [{"prompt": "Hi", "chosen": "Hello there!", "rejected": "Hello"}])
+    with pytest.raises(DataError, match="None of the 1 pairs .* balanced within a length ratio of 3"):
+        load_pairs(onesided, length_balanced=3)
+
+
+def test_length_balanced_matching_picks_the_nearest_of_the_larger_side():
+    from engine.data import Pair, PairSet
+
+    def pair(chosen, rejected, line):
+        return Pair([{"role": "user", "content": "q"}], "x" * chosen, "x" * rejected, line)
+
+    # longer preferred: ratios 1.1, 1.5, 1.9, 1.3; shorter preferred: 1.5 and 1.2; a tie
+    ps = PairSet("helpfulness", [pair(110, 100, 1), pair(150, 100, 2), pair(190, 100, 3), pair(100, 150, 4),
+                                 pair(100, 100, 5), pair(130, 100, 6), pair(100, 120, 7), pair(500, 100, 8)])
+    kept = length_balanced_pairs(ps, 2.0)
+    # 1.2 takes 1.3 (as far as 1.1 in characters, nearer in log ratio), 1.5 takes 1.5; 1.1 and 1.9 are left over;
+    # the 5x pair is outside the ratio; the tie stays
+    assert [p.line for p in kept] == [2, 4, 5, 6, 7]

@@ -426,6 +426,18 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     job = train.job()
     assert job.lr_grid == [5e-4, 1e-3] and job.data.length_matched == 1.2
     assert len(job.data.load()) < len(Data(data, None, "helpfulness", 200).load())  # fewer pairs within 20%
+    train.data.length_matched.setValue(1.0)  # "off"
+    train.data.length_balanced.setValue(2.0)
+    job = train.job()
+    assert (job.data.length_matched, job.data.length_balanced) == (None, 2.0)
+    balanced = job.data.load()
+    assert "length-balanced within 2x" in balanced.source
+    assert (sum(len(p.chosen.strip()) > len(p.rejected.strip()) for p in balanced)
+            == sum(len(p.chosen.strip()) < len(p.rejected.strip()) for p in balanced))
+    train.data.length_matched.setValue(1.2)
+    with pytest.raises(TsdpoError, match="not both"):
+        train.job().data.load()
+    train.data.length_balanced.setValue(1.0)
     train.lr_grid.setText("fast")
     with pytest.raises(TsdpoError, match="not a list of numbers"):
         train.learning_rates()
