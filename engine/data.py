@@ -457,18 +457,15 @@ def load_pairs(
     result = PairSet(name, pairs, source=source, format=fmt, problems=problems)
     if length_pref is not None and fmt != "helpsteer":
         result = length_pairs(result, longer=length_pref, min_ratio=min_length_ratio)
-    if length_matched is not None:
-        before = len(result.pairs)
-        result = length_matched_pairs(result, length_matched)
-        if not result.pairs:
-            raise DataError(f"None of the {before} pairs in {source} has responses within a length ratio of "
-                            f"{length_matched:g}; use a larger ratio.")
-    if length_balanced is not None:
-        before = len(result.pairs)
-        result = length_balanced_pairs(result, length_balanced)
-        if not result.pairs:
-            raise DataError(f"None of the {before} pairs in {source} is left when balanced within a length ratio of "
-                            f"{length_balanced:g} (one side has no pair in it); use a larger ratio.")
+    for ratio, select, fails in ((length_matched, length_matched_pairs, "has responses within"),
+                                 (length_balanced, length_balanced_pairs,
+                                  "is left when balanced (one side has no pair in it) within")):
+        if ratio is not None:
+            before = len(result.pairs)
+            result = select(result, ratio)
+            if not result.pairs:
+                raise DataError(f"None of the {before} pairs in {source} {fails} a length ratio of {ratio:g}; use a "
+                                "larger ratio.")
     if not result.pairs:
         shown = "; ".join(str(p) for p in problems[:3])
         raise DataError(

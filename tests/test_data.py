@@ -266,7 +266,7 @@ def test_length_balanced_pairs_leave_nothing_to_learn_from_length(demo_data, tmp
     with pytest.raises(DataError, match="not both"):
         load_pairs(uf, length_balanced=2, length_matched=1.2)
     onesided = _jsonl(tmp_path / "onesided.jsonl", [{"prompt": "Hi", "chosen": "Hello there!", "rejected": "Hello"}])
-    with pytest.raises(DataError, match="None of the 1 pairs .* balanced within a length ratio of 3"):
+    with pytest.raises(DataError, match="None of the 1 pairs .* balanced .* within a length ratio of 3"):
         load_pairs(onesided, length_balanced=3)
 
 
