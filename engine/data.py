@@ -514,10 +514,9 @@ def length_balanced_pairs(pairs: PairSet, max_ratio: float) -> PairSet:
         kept.append(idx.pop(j))
         free.pop(j)
     kept.sort()
-    longer = sum(1 for i in kept if _lengths(pairs.pairs[i])[0] > _lengths(pairs.pairs[i])[1])
     return replace(pairs, pairs=[pairs.pairs[i] for i in kept],
                    source=f"{pairs.source} (length-balanced within {max_ratio:g}x: {len(kept)} of {len(pairs.pairs)} "
-                          f"pairs, the longer reply preferred in {longer})")
+                          f"pairs, the longer reply preferred in {len(few)})")
 
 
 def length_pairs(pairs: PairSet, longer: bool = True, min_ratio: float = 1.1) -> PairSet:

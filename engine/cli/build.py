@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Optional
 
-from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, float_list, int_list, load, new_output, open_store,
-                               register)
+from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, float_list, int_list, length_options, load,
+                               new_output, open_store, register)
 from engine.data import FORMATS
 from engine.dpo import LOSSES
 from engine.errors import TsdpoError
@@ -229,8 +229,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--weight", type=float, required=True, help="share of the first objective's pairs (0..1)")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--limit", type=int)
-    p.add_argument("--length-matched", type=float, metavar="RATIO", help="as for train")
-    p.add_argument("--length-balanced", type=float, metavar="RATIO", help="as for train")
+    length_options(p)
     p.set_defaults(func=cmd_train_scalarized)
 
     p = sub.add_parser("directions", help="list the directions stored in the database, or register a file (add)")

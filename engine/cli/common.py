@@ -49,6 +49,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
     p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
     p.add_argument("--limit", type=int, help="use the first N pairs")
+    length_options(p)
+
+
+def length_options(p: argparse.ArgumentParser) -> None:
+    """--length-matched / --length-balanced: which pairs stay, so that a direction is not a length direction in
+    disguise (`load_pairs`)."""
     p.add_argument("--length-matched", type=float, metavar="RATIO",
                    help="keep only pairs whose two responses are within this length ratio (1.2: 20%%), so the "
                         "direction is not a length direction in disguise")

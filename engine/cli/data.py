@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from engine.cli.common import length_options
 from engine.data import FORMATS
 from engine.errors import TsdpoError
 
@@ -70,7 +71,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
     p.add_argument("--show", type=int, default=10, help="how many problem rows to list")
     p.add_argument("--json", action="store_true")
-    _selection(p)
+    length_options(p)
     p.set_defaults(func=cmd_data_inspect)
 
     p = data.add_parser("select", help="write the rows behind the pairs a length selection keeps (JSON lines, "
@@ -79,15 +80,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
     p.add_argument("--limit", type=int, help="use the first N pairs")
     p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
-    _selection(p)
+    length_options(p)
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data_select)
 
-
-def _selection(p) -> None:
-    p.add_argument("--length-matched", type=float, metavar="RATIO",
-                   help="keep only pairs whose two responses are within this length ratio (1.2: 20%%)")
-    p.add_argument("--length-balanced", type=float, metavar="RATIO",
-                   help="of the pairs within this ratio, as many with the longer reply preferred as with the "
-                        "shorter, matched by how much longer")
