@@ -43,6 +43,7 @@ class Pair:
     chosen: str
     rejected: str
     line: int = 0
+    score_gap: Optional[float] = field(default=None, compare=False)  # chosen's score minus rejected's, where rated
 
     def key(self) -> str:
         return json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False, sort_keys=True)
@@ -117,6 +118,8 @@ class PairSet:
             "rejected_chars_median": statistics.median(lr),
             "chosen_longer_fraction": round(sum(c > r for c, r in zip(lc, lr)) / len(lc), 3),
             "multi_turn_prompts": sum(len(p.prompt) > 1 for p in self.pairs),
+            **({"score_gap_median": statistics.median(gaps), "score_gap_under_1": sum(g < 1 for g in gaps)}
+               if (gaps := [p.score_gap for p in self.pairs if p.score_gap is not None]) else {}),
         }
 
 
@@ -290,7 +293,10 @@ def _parse_ultrafeedback(row: dict, line: int) -> Pair:
     sr = row.get("score_rejected", meta.get("score_rejected"))
     if isinstance(sc, (int, float)) and isinstance(sr, (int, float)) and sc <= sr:
         raise _RowSkip(f"tie or inverted scores (chosen {sc}, rejected {sr})")
-    return _parse_trl(row, line)
+    pair = _parse_trl(row, line)
+    if isinstance(sc, (int, float)) and isinstance(sr, (int, float)):
+        pair.score_gap = float(sc - sr)
+    return pair
 
 
 _HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -356,15 +362,17 @@ def _helpsteer_pairs(rows: Iterable[tuple[int, Any]], attribute: Optional[str], 
     pairs = []
     for prompt, items in groups.items():
         for (la, a, sa), (lb, b, sb) in itertools.combinations(items, 2):
+            gap = None
             if longer is None:
                 if sa == sb:
                     continue
                 hi, lo = ((a, b) if sa > sb else (b, a))
+                gap = float(abs(sa - sb))
             else:
                 if len(a) == len(b) or a.strip() == b.strip():
                     continue
                 hi, lo = ((a, b) if (len(a) > len(b)) == longer else (b, a))
-            pairs.append(Pair([{"role": "user", "content": prompt}], hi, lo, min(la, lb)))
+            pairs.append(Pair([{"role": "user", "content": prompt}], hi, lo, min(la, lb), gap))
     return pairs
 
 
@@ -402,6 +410,7 @@ def load_pairs(
     min_length_ratio: float = 1.1,
     length_matched: Optional[float] = None,
     length_balanced: Optional[float] = None,
+    min_score_gap: Optional[float] = None,
 ) -> PairSet:
     """Read preference pairs from a file or a `datasets` name.
 
@@ -413,6 +422,9 @@ def load_pairs(
     cannot be a length direction in disguise (``length_matched_pairs``). ``length_balanced`` (e.g. 2) keeps, of the
     pairs within that ratio, as many with the longer reply preferred as with the shorter one, matched by how much
     longer, so that length says nothing about the label and more pairs stay (``length_balanced_pairs``).
+    ``min_score_gap`` keeps only pairs whose chosen reply was rated at least that much above the rejected one
+    (UltraFeedback's ``score_chosen - score_rejected``, HelpSteer's attribute scores), so that near-ties, whose labels
+    are closest to noise, do not dilute the signal; it applies before the length selections.
     """
     for flag, ratio in (("length-matched", length_matched), ("length-balanced", length_balanced)):
         if ratio is not None and not ratio >= 1:
@@ -422,6 +434,10 @@ def load_pairs(
     if length_matched is not None and length_balanced is not None:
         raise DataError("Use --length-matched or --length-balanced, not both (balanced pairs are already within "
                         "their ratio).")
+    if min_score_gap is not None and not min_score_gap > 0:
+        raise DataError(f"A minimum score gap is above 0 (ties are never pairs), not {min_score_gap}.")
+    if min_score_gap is not None and objective in LENGTH_OBJECTIVES:
+        raise DataError(f"{objective} pairs are made from length differences and carry no scores; drop --min-score-gap.")
     if format is not None and format not in FORMATS:
         raise DataError(f"Unknown format {format!r}: use one of {', '.join(FORMATS)}.")
     source = str(source)
@@ -457,6 +473,8 @@ def load_pairs(
     result = PairSet(name, pairs, source=source, format=fmt, problems=problems)
     if length_pref is not None and fmt != "helpsteer":
         result = length_pairs(result, longer=length_pref, min_ratio=min_length_ratio)
+    if min_score_gap is not None:
+        result = score_gap_pairs(result, min_score_gap)
     for ratio, select, fails in ((length_matched, length_matched_pairs, "has responses within"),
                                  (length_balanced, length_balanced_pairs,
                                   "is left when balanced (one side has no pair in it) within")):
@@ -477,6 +495,21 @@ def load_pairs(
 
 def _lengths(p: Pair) -> tuple[int, int]:
     return len(p.chosen.strip()), len(p.rejected.strip())
+
+
+def score_gap_pairs(pairs: PairSet, min_gap: float) -> PairSet:
+    """The pairs whose chosen reply was rated at least ``min_gap`` above the rejected one. Data without scores, or
+    with none that far apart, is an error: a filter that silently keeps everything, or nothing, is a wrong answer."""
+    gaps = [p.score_gap for p in pairs.pairs if p.score_gap is not None]
+    if not gaps:
+        raise DataError(f"{pairs.source} carries no scores ({pairs.format} rows): --min-score-gap works on rated data "
+                        "(UltraFeedback's score_chosen / score_rejected, HelpSteer's attributes). Drop it for this file.")
+    kept = [p for p in pairs.pairs if p.score_gap is not None and p.score_gap >= min_gap]
+    if not kept:
+        raise DataError(f"None of the {len(pairs.pairs)} pairs in {pairs.source} has a score gap of {min_gap:g} or more "
+                        f"(the largest is {max(gaps):g}); use a smaller --min-score-gap.")
+    return replace(pairs, pairs=kept, source=f"{pairs.source} (score gap {min_gap:g} or more: {len(kept)} of "
+                                             f"{len(pairs.pairs)} pairs)")
 
 
 def length_matched_pairs(pairs: PairSet, max_ratio: float) -> PairSet:

@@ -55,6 +55,11 @@ class DataPicker(QWidget):
         self.length_balanced.setToolTip("Of the pairs within this length ratio, keep as many with the longer reply "
                                         "preferred as with the shorter, matched by how much longer: length says "
                                         "nothing about the label, and more pairs stay than when length-matched")
+        self.min_score_gap = QDoubleSpinBox(minimum=0.0, maximum=100.0, singleStep=0.5, value=0.0, decimals=1)
+        self.min_score_gap.setSpecialValueText("off")
+        self.min_score_gap.setToolTip("Rated data (UltraFeedback, HelpSteer): keep only pairs whose chosen reply was "
+                                      "scored at least this much above the rejected one, so near-ties do not dilute "
+                                      "the labels (off: every pair)")
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.path, 1)
@@ -66,6 +71,7 @@ class DataPicker(QWidget):
         form.addRow("Objective", self.objective)
         form.addRow("Length-matched within", self.length_matched)
         form.addRow("Length-balanced within", self.length_balanced)
+        form.addRow("Score gap at least", self.min_score_gap)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Preference data", "", "Preference pairs (*.jsonl *.json *.csv *.tsv *.parquet)")
@@ -75,8 +81,9 @@ class DataPicker(QWidget):
     def data(self, limit: Optional[int]) -> Data:
         fmt = self.format.currentText()
         matched, balanced = (box.value() for box in (self.length_matched, self.length_balanced))
+        gap = self.min_score_gap.value()
         return Data(self.path.text().strip(), None if fmt == AUTO else fmt, self.objective.text().strip() or None, limit,
-                    matched if matched > 1.0 else None, balanced if balanced > 1.0 else None)
+                    matched if matched > 1.0 else None, balanced if balanced > 1.0 else None, gap if gap > 0 else None)
 
 
 class JobDialog(QDialog):

@@ -46,12 +46,14 @@ class Data:
     limit: Optional[int] = None
     length_matched: Optional[float] = None  # keep only pairs whose two replies are within this length ratio
     length_balanced: Optional[float] = None  # within this ratio, as many longer-preferred pairs as shorter-preferred
+    min_score_gap: Optional[float] = None  # rated data: keep pairs whose chosen reply scored at least this much higher
 
     def load(self):
         from engine.data import load_pairs
 
         return load_pairs(self.path, format=self.format, objective=self.objective, limit=self.limit,
-                          length_matched=self.length_matched, length_balanced=self.length_balanced)
+                          length_matched=self.length_matched, length_balanced=self.length_balanced,
+                          min_score_gap=self.min_score_gap)
 
 
 BUILD_KINDS = ("extract", "train", "scalarized")  # a steering vector, a TS-DPO direction, the scalarized baseline

@@ -64,6 +64,28 @@ def test_data_select_writes_the_kept_rows_as_they_were(capsys, demo_data, tmp_pa
     assert code == 0 and f"pairs                    {len(picked)}" in stdout
 
 
+def test_data_select_by_score_gap(capsys, demo_data, tmp_path):
+    """--min-score-gap alone is a selection; with a length option the clear pairs are then balanced; data inspect
+    reports the gaps; unrated data is an error that writes nothing."""
+    from engine.data import load_pairs
+
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    out = tmp_path / "uf_clear.jsonl"
+    code, stdout, err = run(capsys, "data", "select", str(uf), "--min-score-gap", "2", "--length-balanced", "2",
+                            "--out", str(out))
+    assert code == 0 and "score gap 2 or more" in stdout and "length-balanced within 2x" in stdout
+    picked = load_pairs(uf, min_score_gap=2, length_balanced=2)
+    assert [p.line for p in load_pairs(out)] == list(range(1, len(picked) + 1))
+    assert [(p.chosen, p.score_gap) for p in load_pairs(out)] == [(p.chosen, p.score_gap) for p in picked]
+    assert f"{len(picked)} rows written" in err
+    code, stdout, _ = run(capsys, "data", "inspect", str(uf), "--min-score-gap", "3", "--json")
+    stats = json.loads(stdout)
+    assert code == 0 and stats["pairs"] == len(load_pairs(uf, min_score_gap=3)) and stats["score_gap_median"] >= 3
+    code, _, err = run(capsys, "data", "select", str(demo_data / "hh_rlhf_harmless_600.jsonl"), "--min-score-gap", "1",
+                       "--out", str(tmp_path / "hh.jsonl"))
+    assert code == 2 and "carries no scores" in err and not (tmp_path / "hh.jsonl").exists()
+
+
 def test_data_inspect_names_a_broken_row(capsys, demo_data, tmp_path):
     lines = (demo_data / "ultrafeedback_helpfulness_400.jsonl").read_text().splitlines()[:50]
     lines[11] = lines[11][: len(lines[11]) // 2]  # line 12 cut in half

@@ -283,3 +283,49 @@ def test_length_balanced_matching_picks_the_nearest_of_the_larger_side():
     # 1.2 takes 1.3 (as far as 1.1 in characters, nearer in log ratio), 1.5 takes 1.5; 1.1 and 1.9 are left over;
     # the 5x pair is outside the ratio; the tie stays
     assert [p.line for p in kept] == [2, 4, 5, 6, 7]
+
+
+def test_min_score_gap_keeps_the_clearly_rated_pairs_before_the_length_selection(demo_data, tmp_path):
+    """UltraFeedback pairs carry score_chosen - score_rejected; --min-score-gap keeps those rated at least that far
+    apart, in file order, and the length selections then work on what is left."""
+    uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    rows = {n: json.loads(line) for n, line in enumerate(uf.open(), 1)}
+    gap = {n: r["metadata"]["score_chosen"] - r["metadata"]["score_rejected"] for n, r in rows.items()}
+    every = load_pairs(uf)
+    assert all(p.score_gap == gap[p.line] for p in every)
+    clear = load_pairs(uf, min_score_gap=2)
+    assert [p.line for p in clear] == [p.line for p in every if gap[p.line] >= 2]
+    assert 0 < len(clear) < len(every) and "score gap 2 or more" in clear.source
+    assert clear.stats()["score_gap_median"] >= 2
+    # balancing works on the clear pairs: what it keeps is clear, and balanced
+    both = load_pairs(uf, min_score_gap=2, length_balanced=2)
+    assert all(gap[p.line] >= 2 for p in both)
+    assert set(p.line for p in both) == set(p.line for p in length_balanced_pairs(clear, 2))
+    n_longer = sum(len(p.chosen.strip()) > len(p.rejected.strip()) for p in both)
+    assert n_longer == sum(len(p.chosen.strip()) < len(p.rejected.strip()) for p in both) > 0
+    # the filter never changes which side of the split a pair falls on
+    assert {p.line for p in clear.split(0.35, 0)[1]} == {p.line for p in every.split(0.35, 0)[1] if gap[p.line] >= 2}
+
+    with pytest.raises(DataError, match="above 0"):
+        load_pairs(uf, min_score_gap=0)
+    with pytest.raises(DataError, match="carry no scores; drop --min-score-gap"):
+        load_pairs(uf, objective="verbosity", min_score_gap=1)
+    with pytest.raises(DataError, match=r"has a score gap of 9 or more \(the largest is [0-8]"):
+        load_pairs(uf, min_score_gap=9)
+    with pytest.raises(DataError, match="carries no scores .*hh-rlhf"):
+        load_pairs(demo_data / "hh_rlhf_harmless_600.jsonl", min_score_gap=1)
+    unrated = _jsonl(tmp_path / "trl.jsonl", [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+    with pytest.raises(DataError, match="carries no scores"):
+        load_pairs(unrated, min_score_gap=1)
+
+
+def test_helpsteer_pairs_carry_their_score_gap(tmp_path):
+    rows = [{"prompt": "Explain tides.", "response": r, "helpfulness": h, "correctness": 2, "coherence": 4,
+             "complexity": 1, "verbosity": 1} for r, h in (("The moon.", 1), ("Gravity of moon and sun.", 4),
+                                                           ("Water.", 0))]
+    f = _jsonl(tmp_path / "hs.jsonl", rows)
+    gaps = {(p.chosen, p.rejected): p.score_gap for p in load_pairs(f)}
+    assert gaps == {("Gravity of moon and sun.", "The moon."): 3, ("Gravity of moon and sun.", "Water."): 4,
+                    ("The moon.", "Water."): 1}
+    assert [(p.chosen, p.rejected) for p in load_pairs(f, min_score_gap=3)] == [
+        ("Gravity of moon and sun.", "The moon."), ("Gravity of moon and sun.", "Water.")]

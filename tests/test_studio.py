@@ -438,6 +438,13 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     with pytest.raises(TsdpoError, match="not both"):
         train.job().data.load()
     train.data.length_balanced.setValue(1.0)
+    assert train.job().data.min_score_gap is None  # "off"
+    train.data.length_matched.setValue(1.0)
+    train.data.min_score_gap.setValue(3.0)
+    job = train.job()
+    assert job.data.min_score_gap == 3.0
+    assert all(p.score_gap >= 3 for p in job.data.load()) and "score gap 3 or more" in job.data.load().source
+    train.data.min_score_gap.setValue(0.0)
     train.lr_grid.setText("fast")
     with pytest.raises(TsdpoError, match="not a list of numbers"):
         train.learning_rates()

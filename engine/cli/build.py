@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Optional
 
-from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, float_list, int_list, length_options, load,
-                               new_output, open_store, register)
+from engine.cli.common import (DATA, MODEL_AND_STORE, PhaseBars, float_list, int_list, load,
+                               new_output, open_store, register, selection, selection_options)
 from engine.data import FORMATS
 from engine.dpo import LOSSES
 from engine.errors import TsdpoError
@@ -23,8 +23,7 @@ def cmd_steer_extract(args) -> int:
 
     layers = int_list(args.layers, "--layers")
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit,
-                       attribute=args.attribute, length_matched=args.length_matched,
-                       length_balanced=args.length_balanced)
+                       attribute=args.attribute, **selection(args))
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
     out = new_output(args.out, args.overwrite)
     store = None if args.no_store else open_store(args)  # a database that cannot open says so before minutes of work
@@ -114,7 +113,7 @@ def cmd_train(args) -> int:
     from engine.data import load_pairs
 
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit, attribute=args.attribute,
-                       length_matched=args.length_matched, length_balanced=args.length_balanced)
+                       **selection(args))
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
     return run_training(args, pairs, train_config(args, "tangent"), "tangent", args.name)
 
@@ -131,8 +130,7 @@ def cmd_train_scalarized(args) -> int:
         objective, sep, path = spec.partition("=")
         if not sep:
             raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
-        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
-                        length_matched=args.length_matched, length_balanced=args.length_balanced)
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit, **selection(args))
         sources.append((ps, w))
         print(f"  {len(ps)} {ps.objective} pairs from {path}, share {w:g}", file=sys.stderr)
     name = args.name or f"scalarized {sources[0][0].objective}={args.weight:g}"
@@ -229,7 +227,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--weight", type=float, required=True, help="share of the first objective's pairs (0..1)")
     p.add_argument("--format", choices=FORMATS)
     p.add_argument("--limit", type=int)
-    length_options(p)
+    selection_options(p)
     p.set_defaults(func=cmd_train_scalarized)
 
     p = sub.add_parser("directions", help="list the directions stored in the database, or register a file (add)")

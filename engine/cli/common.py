@@ -49,12 +49,15 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
     p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
     p.add_argument("--limit", type=int, help="use the first N pairs")
-    length_options(p)
+    selection_options(p)
 
 
-def length_options(p: argparse.ArgumentParser) -> None:
-    """--length-matched / --length-balanced: which pairs stay, so that a direction is not a length direction in
-    disguise (`load_pairs`)."""
+def selection_options(p: argparse.ArgumentParser) -> None:
+    """--min-score-gap / --length-matched / --length-balanced: which pairs stay, so that near-ties do not dilute the
+    labels and a direction is not a length direction in disguise (`load_pairs`)."""
+    p.add_argument("--min-score-gap", type=float, metavar="GAP",
+                   help="keep only pairs whose chosen reply was rated at least GAP above the rejected one (rated data: "
+                        "UltraFeedback, HelpSteer); applies before the length options")
     p.add_argument("--length-matched", type=float, metavar="RATIO",
                    help="keep only pairs whose two responses are within this length ratio (1.2: 20%%), so the "
                         "direction is not a length direction in disguise")
@@ -62,6 +65,12 @@ def length_options(p: argparse.ArgumentParser) -> None:
                    help="of the pairs within this length ratio, keep as many with the longer reply preferred as with "
                         "the shorter, matched by how much longer: length says nothing about the label, and more "
                         "pairs stay than with --length-matched")
+
+
+def selection(args) -> dict:
+    """The `load_pairs` keywords of `selection_options`."""
+    return {"min_score_gap": args.min_score_gap, "length_matched": args.length_matched,
+            "length_balanced": args.length_balanced}
 
 
 def _force_option(p: argparse.ArgumentParser) -> None:

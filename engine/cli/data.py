@@ -1,5 +1,5 @@
 """`tsdpo data inspect`: what a preference-data file holds, and which rows gave no pair; `tsdpo data select`: the
-rows behind the pairs a selection keeps (--length-matched, --length-balanced), written as JSON lines in their
+rows behind the pairs a selection keeps (--min-score-gap, --length-matched, --length-balanced), written as JSON lines in their
 original order and form, so a subset ships as a file any tool reads."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.common import length_options
+from engine.cli.common import selection, selection_options
 from engine.data import FORMATS
 from engine.errors import TsdpoError
 
@@ -16,7 +16,7 @@ def cmd_data_inspect(args) -> int:
     from engine.data import load_pairs
 
     ps = load_pairs(args.file, format=args.format, objective=args.objective, limit=args.limit, split=args.split,
-                    attribute=args.attribute, length_matched=args.length_matched, length_balanced=args.length_balanced)
+                    attribute=args.attribute, **selection(args))
     stats = ps.stats()
     if args.json:
         print(json.dumps({"format": ps.format, "objective": ps.objective, **stats,
@@ -44,11 +44,10 @@ def cmd_data_select(args) -> int:
     from engine.data import _read_rows, load_pairs
     from engine.paths import atomic_write_text
 
-    if args.length_matched is None and args.length_balanced is None:
-        raise TsdpoError("Say what to keep: --length-matched RATIO or --length-balanced RATIO.")
+    if all(v is None for v in selection(args).values()):
+        raise TsdpoError("Say what to keep: --min-score-gap GAP, --length-matched RATIO or --length-balanced RATIO.")
     out = new_output(args.out, args.overwrite)
-    ps = load_pairs(args.file, format=args.format, limit=args.limit, split=args.split,
-                    length_matched=args.length_matched, length_balanced=args.length_balanced)
+    ps = load_pairs(args.file, format=args.format, limit=args.limit, split=args.split, **selection(args))
     if ps.format == "helpsteer":
         raise TsdpoError("HelpSteer pairs are made from two rows each; select works on formats with a pair per row.")
     keep = {p.line for p in ps.pairs}
@@ -71,16 +70,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
     p.add_argument("--show", type=int, default=10, help="how many problem rows to list")
     p.add_argument("--json", action="store_true")
-    length_options(p)
+    selection_options(p)
     p.set_defaults(func=cmd_data_inspect)
 
-    p = data.add_parser("select", help="write the rows behind the pairs a length selection keeps (JSON lines, "
+    p = data.add_parser("select", help="write the rows behind the pairs a selection keeps (JSON lines, "
                                        "original order and form)")
     p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
     p.add_argument("--limit", type=int, help="use the first N pairs")
     p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
-    length_options(p)
+    selection_options(p)
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data_select)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli.common import MODEL_AND_STORE, PhaseBars, float_list, load, open_store, parse_point, read_prompts
+from engine.cli.common import (MODEL_AND_STORE, PhaseBars, float_list, load, open_store, parse_point, read_prompts,
+                               selection, selection_options)
 from engine.errors import TsdpoError
 from engine.sweep import METRICS
 
 
 def heldout_data(args) -> dict:
-    """Each --data OBJECTIVE=FILE's held-out split, cut as in training (--limit, --length-matched, --val-fraction,
+    """Each --data OBJECTIVE=FILE's held-out split, cut as in training (--limit, the pair selection, --val-fraction,
     --seed)."""
     from engine.data import load_pairs
 
@@ -20,8 +21,7 @@ def heldout_data(args) -> dict:
         objective, sep, path = spec.partition("=")
         if not sep:
             raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
-        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit,
-                        length_matched=args.length_matched)
+        ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit, **selection(args))
         data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
         print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
     return data
@@ -54,7 +54,7 @@ def cmd_effects(args) -> int:
         result = axis_effects(lm, directions, data, cfg, progress=bars)
     result["model"] = {"name": lm.name, "fingerprint": lm.fingerprint}
     result["sources"] = {"directions": list(args.direction), "data": list(args.data), "val_fraction": args.val_fraction,
-                         "seed": args.seed, "limit": args.limit, "length_matched": args.length_matched}
+                         "seed": args.seed, "limit": args.limit, **selection(args)}
     atomic_write_text(out, json.dumps(result, indent=1))
     table = effects_markdown(result)
     atomic_write_text(out.with_suffix(".md"), table)
@@ -102,7 +102,7 @@ def _heldout_options(p) -> None:
                    help="held-out pairs per objective: the same file and --limit as in training, so the held-out split matches")
     p.add_argument("--format", default=None)
     p.add_argument("--limit", type=int, help="as in training")
-    p.add_argument("--length-matched", type=float, metavar="RATIO", help="as in training")
+    selection_options(p)  # as in training
     p.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
     p.add_argument("--seed", type=int, default=0, help="as in training")
 
