@@ -291,11 +291,11 @@ def _parse_ultrafeedback(row: dict, line: int) -> Pair:
     meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     sc = row.get("score_chosen", meta.get("score_chosen"))
     sr = row.get("score_rejected", meta.get("score_rejected"))
-    if isinstance(sc, (int, float)) and isinstance(sr, (int, float)) and sc <= sr:
+    rated = isinstance(sc, (int, float)) and isinstance(sr, (int, float))
+    if rated and sc <= sr:
         raise _RowSkip(f"tie or inverted scores (chosen {sc}, rejected {sr})")
     pair = _parse_trl(row, line)
-    if isinstance(sc, (int, float)) and isinstance(sr, (int, float)):
-        pair.score_gap = float(sc - sr)
+    pair.score_gap = float(sc - sr) if rated else None
     return pair
 
 
