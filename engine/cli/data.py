@@ -1,13 +1,14 @@
 """`tsdpo data inspect`: what a preference-data file holds, and which rows gave no pair; `tsdpo data select`: the
 rows behind the pairs a selection keeps (--min-score-gap, --length-matched, --length-balanced), written as JSON lines in their
-original order and form, so a subset ships as a file any tool reads."""
+original order and form, so a subset ships as a file any tool reads; `tsdpo data signal`: whether the pairs carry a
+preference this model can learn, before training on them (`engine.signal`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from engine.cli.common import selection, selection_options
+from engine.cli.common import MODEL, SOURCE, PhaseBars, load, selection, selection_options
 from engine.data import FORMATS
 from engine.errors import TsdpoError
 
@@ -59,6 +60,25 @@ def cmd_data_select(args) -> int:
     return 0
 
 
+def cmd_data_signal(args) -> int:
+    from engine.data import load_pairs
+    from engine.signal import SignalConfig, data_signal, signal_text, split_for_signal
+
+    ps = load_pairs(args.file, format=args.format, objective=args.objective, limit=args.limit, split=args.split,
+                    attribute=args.attribute, **selection(args))
+    cfg = SignalConfig(rank=args.rank, seed=args.seed, val_fraction=args.val_fraction, heldout=args.heldout,
+                       beta=args.beta, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                       max_response_tokens=args.max_response_tokens)
+    train, val = split_for_signal(ps, cfg)  # before the model loads: a split too small is said at once
+    print(f"  {len(ps)} pairs ({ps.objective}) from {ps.source} ({ps.format}): {len(train)} to train on, "
+          f"{min(len(val), cfg.heldout)} of {len(val)} held out measured", file=sys.stderr)
+    lm = load(args, args.model)
+    with PhaseBars() as progress:
+        result = data_signal(lm, ps, cfg, progress=progress)
+    print(json.dumps(result, indent=2) if args.json else signal_text(result))
+    return 0
+
+
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="read preference data").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("inspect", help="count pairs, show length statistics and malformed rows")
@@ -83,4 +103,25 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_data_select)
+
+    p = data.add_parser("signal", parents=[SOURCE, MODEL],
+                        help="before training: does a first DPO step on the training pairs move the held-out pairs? "
+                             "(per-pair margin gradients at the base model)")
+    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
+    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
+    p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
+    p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
+    p.add_argument("--limit", type=int, help="use the first N pairs")
+    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+    selection_options(p)
+    p.add_argument("--val-fraction", type=float, default=0.35, help="share held out, as in training (default 0.35)")
+    p.add_argument("--seed", type=int, default=0, help="the split's and A0's seed, as in training")
+    p.add_argument("--heldout", type=int, default=64, help="held-out pairs to measure (default 64)")
+    p.add_argument("--rank", type=int, default=8, help="rank of the low-rank factors, as in training")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-prompt-tokens", type=int, default=128)
+    p.add_argument("--max-response-tokens", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_signal)
 
