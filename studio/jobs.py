@@ -17,12 +17,13 @@ from engine.data import FORMATS
 from engine.errors import TsdpoError
 from engine.progress import Progress
 from engine.steering import ESTIMATORS
-from studio.messages import BuildJob, Data, ExportJob, Job, JobResult
+from studio.messages import BuildJob, Data, ExportJob, Job, JobResult, SignalJob
 
 AUTO = "detect"
 TITLES = {"extract": "Extract a steering vector", "train": "Train a TS-DPO direction",
           "scalarized": "Train a scalarized-DPO baseline", "export": "Export the mix",
-          "predict": "Predict margin maps", "gap": "Map the linearization gap", "promptset": "Run a prompt set"}
+          "predict": "Predict margin maps", "gap": "Map the linearization gap", "promptset": "Run a prompt set",
+          "signal": "Check preference data before training"}
 EXPORT_FORMATS = {
     "hf": "Hugging Face checkpoint (merged weights; steering can be baked in as a bias)",
     "peft": "PEFT LoRA adapter (low-rank TS-DPO directions only)",
@@ -93,6 +94,10 @@ class JobDialog(QDialog):
         self.out_dir = out_dir
         self.setWindowTitle(TITLES[kind])
         self.data = DataPicker(default_data, "verbosity" if kind == "extract" else "helpfulness")
+        if kind == "signal":
+            self.data.setToolTip("A first DPO step on the training split of these pairs (35% held out, seed 0, as in "
+                                 "training), and how far it moves the held-out pairs: whether training on them "
+                                 "can generalize")
         self.data_b = DataPicker(default_data, "verbosity") if kind == "scalarized" else None
         self.name = QLineEdit(placeholderText="default: the objective")
         self.name.setToolTip("The direction's name on the plane and in the database")
@@ -100,9 +105,18 @@ class JobDialog(QDialog):
         self.limit.setSpecialValueText("all pairs")
         self.limit.setToolTip("Use the first N pairs of the data (all pairs: every one)")
         form = QFormLayout()
-        form.addRow("Name", self.name)
+        if kind != "signal":
+            form.addRow("Name", self.name)
         form.addRow("Use the first", self.limit)
-        if kind == "extract":
+        if kind == "signal":
+            self.heldout = QSpinBox(minimum=2, maximum=100_000, value=64)
+            self.heldout.setToolTip("How many of the held-out pairs to measure (each costs about a training step's "
+                                    "forward and backward)")
+            form.addRow("Held-out pairs measured", self.heldout)
+            self.max_tokens = QSpinBox(minimum=16, maximum=4096, value=128)
+            self.max_tokens.setToolTip("Prompts and replies are cut to this many tokens, as for training")
+            form.addRow("Max prompt / response tokens", self.max_tokens)
+        elif kind == "extract":
             self.strength = QDoubleSpinBox(minimum=0.01, maximum=5.0, singleStep=0.05, value=0.1, decimals=2)
             self.strength.setToolTip("Weight 1 adds this fraction of the steered layer's typical activation norm (0.1 "
                                      "keeps the embedded model fluent; 0.5 and more make it repeat itself)")
@@ -156,7 +170,7 @@ class JobDialog(QDialog):
             lay.addWidget(QLabel("<b>Second objective</b>"))
             lay.addWidget(self.data_b)
         lay.addLayout(form)
-        if kind != "extract" and coverage:  # what the direction will change on this model, and what it leaves out
+        if kind in ("train", "scalarized") and coverage:  # what the direction will change on this model, and what it leaves out
             self.coverage = QLabel("<b>What the direction covers</b><br>" + "<br>".join(html.escape(c) for c in coverage))
             self.coverage.setWordWrap(True)
             self.coverage.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -184,9 +198,11 @@ class JobDialog(QDialog):
             return
         super().accept()
 
-    def job(self) -> BuildJob:
+    def job(self) -> BuildJob | SignalJob:
         limit = self.limit.value() or None
         data = self.data.data(limit)
+        if self.kind == "signal":
+            return SignalJob(data, max_tokens=self.max_tokens.value(), heldout=self.heldout.value())
         job = BuildJob(self.kind, "", "", data, second=self.data_b.data(limit) if self.data_b is not None else None)
         if self.kind == "scalarized":
             job.weight = self.weight.value()
@@ -313,7 +329,7 @@ class JobPanel(QWidget):
         self.steps, self.losses, self.accs = [], [], []
         self.loss_curve.setData([], [])
         self.acc_curve.setData([], [])
-        self.plot.setVisible(job.kind not in ("extract", "export", "predict", "gap", "promptset"))
+        self.plot.setVisible(job.kind not in ("extract", "export", "predict", "gap", "promptset", "signal"))
 
     def update_progress(self, p: Progress) -> None:
         self.bar.setRange(0, p.total)  # a total of 0: a stage with nothing to count, shown as busy

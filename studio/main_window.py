@@ -11,7 +11,7 @@ from typing import Optional
 
 import psutil
 from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
-from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
+from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QFontDatabase, QKeySequence
 from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
                                QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter, QTabWidget,
@@ -75,6 +75,7 @@ class MainWindow(QMainWindow):
         self.prediction: Optional[dict] = None  # margin gradients from the last prediction job
         self.system_prompt: Optional[str] = None  # the session's, in front of every prompt
         self.job_dialog = None  # the job dialog while it is open
+        self.signal_box = None  # the last data check's result, while it is shown
         self._dock_height = 0  # the bottom docks' height before the running job
         self.gap_maps: dict[str, dict] = {}  # linearization gap maps by plane-layout key (shipped and measured)
         self._shas: dict[tuple, str] = {}  # (path, mtime, size) -> the file's sha256, for the gap maps' keys
@@ -279,6 +280,7 @@ class MainWindow(QMainWindow):
             QAction("&Extract a steering vector...", self, triggered=lambda: self.open_job("extract")),
             QAction("&Train a TS-DPO direction...", self, triggered=lambda: self.open_job("train")),
             QAction("Train a &scalarized-DPO baseline...", self, triggered=lambda: self.open_job("scalarized")),
+            QAction("&Check preference data before training...", self, triggered=lambda: self.open_job("signal")),
         ]
         for a in self.job_actions:
             directions.addAction(a)
@@ -741,6 +743,18 @@ class MainWindow(QMainWindow):
             self.gap_maps[result.gap_map["key"]] = result.gap_map
             self.refresh_heatmaps()
             self.plane_view.heat_combo.setCurrentText("linearization gap · share of the change")
+        if result.kind == "signal" and not result.cancelled:
+            from engine.signal import signal_text
+
+            box = QMessageBox(QMessageBox.Information, "Preference data check", signal_text(result.signal),
+                              QMessageBox.Ok, self)
+            box.setObjectName("signal_done")
+            box.setAttribute(Qt.WA_DeleteOnClose)
+            label = box.findChild(QLabel, "qt_msgbox_label")
+            if label is not None:  # the figures line up in a fixed-width font
+                label.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+            self.signal_box = box
+            box.open()
         if result.kind == "export" and not result.cancelled:
             self.progress_label.setText(result.summary)
             box = QMessageBox(QMessageBox.Information, "Export finished", result.summary, QMessageBox.Ok, self)

@@ -152,7 +152,25 @@ class PromptSetJob:
         return Path(self.path).name
 
 
-Job = BuildJob | ExportJob | PredictJob | GapJob | PromptSetJob
+@dataclass
+class SignalJob:
+    """Before training: does a first DPO step on the data's training pairs move its held-out pairs
+    (``engine.signal``)?"""
+
+    data: Data
+    max_tokens: int = 128  # prompts and replies cut to this many tokens, as for training
+    heldout: int = 64
+    session_id: Optional[int] = None
+    token: CancelToken = field(default_factory=CancelToken)
+
+    kind: ClassVar[str] = "signal"
+
+    @property
+    def name(self) -> str:
+        return self.data.objective or Path(self.data.path).name
+
+
+Job = BuildJob | ExportJob | PredictJob | GapJob | PromptSetJob | SignalJob
 
 # ---------------------------------------------------------------------------------------------- results
 
@@ -247,6 +265,7 @@ class JobResult:
     prediction: Optional[dict] = None  # predict: {"names": [...], "grads": {objective: [[...]]}}
     gap_map: Optional[dict] = None  # gap: what engine.sweep.plane_gap_map returns
     export: Optional[dict] = None  # export: ExportResult.to_json()
+    signal: Optional[dict] = None  # signal: what engine.signal.data_signal returns
 
 
 FAILURE_KINDS = ("no_model", "load", "direction", "apply", "generate", "not_saved", "not_registered", "job")

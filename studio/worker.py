@@ -30,7 +30,7 @@ from engine.generation import compare
 from engine.models import load_model
 from engine.progress import CancelToken, Progress
 from studio.messages import (BuildJob, ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, Job, JobResult,
-                             GapJob, LoadRequest, ModelInfo, PredictJob, PromptSetJob, Reply)
+                             GapJob, LoadRequest, ModelInfo, PredictJob, PromptSetJob, Reply, SignalJob)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class ModelWorker(QObject):
         self.busy.emit("Job")
         t0 = time.perf_counter()
         run = {"export": self._export, "predict": self._predict, "gap": self._gap,
-               "promptset": self._prompt_set}.get(job.kind, self._build)
+               "promptset": self._prompt_set, "signal": self._signal}.get(job.kind, self._build)
         try:
             run(job, t0)
         except Cancelled:
@@ -203,7 +203,7 @@ class ModelWorker(QObject):
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True))
         except BaseException as exc:  # noqa: BLE001
             self._fail("job", {"export": "The export failed", "predict": "The prediction failed",
-                               "gap": "The linearization gap map failed",
+                               "gap": "The linearization gap map failed", "signal": "The data check failed",
                                "promptset": "The prompt set stopped"}.get(job.kind, "The job failed"), exc)
             self.jobFinished.emit(JobResult(job.kind, time.perf_counter() - t0, cancelled=True, failed=True))
         finally:
@@ -259,6 +259,17 @@ class ModelWorker(QObject):
                                      f"{not_registered}\n\nNothing is lost: the direction is saved in {out} and loaded on "
                                      f"the plane. Once the database is free, register it with `tsdpo directions add {out}` "
                                      "(or add the file again with Directions > Add a direction file)."))
+
+    def _signal(self, job: SignalJob, t0: float) -> None:
+        """Per-pair margin gradients at the base model (the engine sets the plane's mix aside and puts it back)."""
+        from engine.signal import SignalConfig, data_signal
+
+        cfg = SignalConfig(heldout=job.heldout, max_prompt_tokens=job.max_tokens, max_response_tokens=job.max_tokens)
+        result = data_signal(self.lm, job.data.load(), cfg, progress=self.jobProgress.emit, should_stop=job.token)
+        seconds = time.perf_counter() - t0
+        self.jobFinished.emit(JobResult("signal", seconds, name=job.name, signal=result,
+                                        summary=f"{job.name}: {result['verdict']} ({result['train_pairs']} training, "
+                                                f"{result['heldout_pairs']} held-out pairs, {seconds:.0f} s)"))
 
     def _predict(self, job: PredictJob, t0: float) -> None:
         """One JVP per tangent direction per batch of held-out pairs: the gradients behind the predicted maps

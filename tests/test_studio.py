@@ -847,3 +847,26 @@ def test_a_session_system_prompt_goes_in_front_and_is_kept(qtbot, tmp_path, stor
     again = reopen(qtbot, tmp_path, store, sid)
     assert again.system_prompt == "Answer in one sentence."
     again.close()
+
+
+def test_check_preference_data_before_training(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    """Directions > Check preference data: the dialog makes the job, the worker measures the data at the base model,
+    and the verdict comes back in a box and on the status line."""
+    from studio.jobs import JobDialog
+
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir)
+    assert any(a.text().startswith("&Check preference data") for a in w.job_actions)
+    dialog = JobDialog("signal", tmp_path, str(demo_data / "ultrafeedback_helpfulness_400.jsonl"))
+    qtbot.addWidget(dialog)
+    dialog.limit.setValue(10)
+    dialog.max_tokens.setValue(16)
+    dialog.heldout.setValue(3)
+    job = dialog.job()
+    assert (job.kind, job.data.objective, job.data.limit, job.heldout, job.max_tokens) == ("signal", "helpfulness", 10, 3, 16)
+    w.start_job(job)
+    qtbot.waitUntil(lambda: w.signal_box is not None and not w.busy_with, timeout=60000)
+    text = w.signal_box.text()
+    assert "helpfulness: 6 training pairs, 3 held out" in text and "\nverdict: " in text
+    assert w.job_panel.eta.text().startswith("helpfulness: " + w.signal_box.text().split("verdict: ")[1].split(":")[0])
+    w.signal_box.close()
+    w.close()
