@@ -189,7 +189,8 @@ VERDICTS = {
 }
 
 
-def signal_text(r: dict) -> str:
+def signal_figures(r: dict) -> str:
+    """The measurement, a line per figure (fixed-width layout)."""
     ci = lambda v: f"[{v[0]:+.4f}, {v[1]:+.4f}]"  # noqa: E731
     return "\n".join([
         f"{r.get('objective', 'pairs')}: {r['train_pairs']} training pairs, {r['heldout_pairs']} held out "
@@ -200,5 +201,12 @@ def signal_text(r: dict) -> str:
         f"[{r['raised_interval'][0]:.3f}, {r['raised_interval'][1]:.3f}]",
         f"  alignment of held-out with training gradients (cosine)       {r['alignment']:+.4f} {ci(r['alignment_interval'])}",
         f"  alignment among training pairs (cosine)                      {r['train_alignment']:+.4f}",
-        f"verdict: {r['verdict']}: {VERDICTS[r['verdict']]}",
     ])
+
+
+def verdict_text(r: dict) -> str:
+    return f"verdict: {r['verdict']}: {VERDICTS[r['verdict']]}"
+
+
+def signal_text(r: dict) -> str:
+    return signal_figures(r) + "\n" + verdict_text(r)

@@ -221,6 +221,31 @@ class JobDialog(QDialog):
         return job
 
 
+class SignalResultDialog(QDialog):
+    """What a data check measured (a line per figure, fixed width) and its verdict."""
+
+    def __init__(self, result: dict, parent=None):
+        from PySide6.QtGui import QFontDatabase
+
+        from engine.signal import signal_figures, verdict_text
+
+        super().__init__(parent)
+        self.setWindowTitle("Preference data check")
+        self.setObjectName("signal_done")
+        self.figures = QLabel(signal_figures(result))
+        self.figures.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
+        self.figures.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.verdict = QLabel(verdict_text(result))
+        self.verdict.setWordWrap(True)
+        self.verdict.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok)
+        buttons.accepted.connect(self.accept)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.figures)
+        lay.addWidget(self.verdict)
+        lay.addWidget(buttons)
+
+
 class ExportDialog(QDialog):
     """Where and how to export the mix at the current point."""
 

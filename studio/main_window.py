@@ -11,7 +11,7 @@ from typing import Optional
 
 import psutil
 from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
-from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QFontDatabase, QKeySequence
+from PySide6.QtGui import QAction, QActionGroup, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (QApplication, QCheckBox, QDockWidget, QDoubleSpinBox, QFileDialog,
                                QGroupBox, QHBoxLayout, QInputDialog, QLabel, QListWidget, QMainWindow, QMessageBox,
                                QPlainTextEdit, QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter, QTabWidget,
@@ -25,7 +25,7 @@ from engine.plane import PreferencePlane
 from engine.promptsets import with_system
 from studio.compare_panel import ComparePanel, column_request
 from studio.history import HistoryView, display_prompt
-from studio.jobs import ExportDialog, JobDialog, JobPanel
+from studio.jobs import ExportDialog, JobDialog, JobPanel, SignalResultDialog
 from studio.messages import (ComparisonResult, CompareRequest, DirectionInfo, ExportJob, Failure, GapJob, Job, JobResult, ModelInfo,
                              PromptSetJob,
                              PredictJob)
@@ -744,15 +744,8 @@ class MainWindow(QMainWindow):
             self.refresh_heatmaps()
             self.plane_view.heat_combo.setCurrentText("linearization gap · share of the change")
         if result.kind == "signal" and not result.cancelled:
-            from engine.signal import signal_text
-
-            box = QMessageBox(QMessageBox.Information, "Preference data check", signal_text(result.signal),
-                              QMessageBox.Ok, self)
-            box.setObjectName("signal_done")
+            box = SignalResultDialog(result.signal, self)
             box.setAttribute(Qt.WA_DeleteOnClose)
-            label = box.findChild(QLabel, "qt_msgbox_label")
-            if label is not None:  # the figures line up in a fixed-width font
-                label.setFont(QFontDatabase.systemFont(QFontDatabase.FixedFont))
             self.signal_box = box
             box.open()
         if result.kind == "export" and not result.cancelled:

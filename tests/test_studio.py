@@ -865,8 +865,9 @@ def test_check_preference_data_before_training(qtbot, tmp_path, store, tiny_mode
     assert (job.kind, job.data.objective, job.data.limit, job.heldout, job.max_tokens) == ("signal", "helpfulness", 10, 3, 16)
     w.start_job(job)
     qtbot.waitUntil(lambda: w.signal_box is not None and not w.busy_with, timeout=60000)
-    text = w.signal_box.text()
-    assert "helpfulness: 6 training pairs, 3 held out" in text and "\nverdict: " in text
-    assert w.job_panel.eta.text().startswith("helpfulness: " + w.signal_box.text().split("verdict: ")[1].split(":")[0])
+    assert w.signal_box.figures.text().startswith("helpfulness: 6 training pairs, 3 held out")
+    verdict = w.signal_box.verdict.text()
+    assert verdict.startswith("verdict: ")
+    assert w.job_panel.eta.text().startswith("helpfulness: " + verdict.split(": ")[1])
     w.signal_box.close()
     w.close()
