@@ -10,7 +10,8 @@ ones where they were: it memorizes. Two readings per held-out pair:
 - ``effect``: the change of its margin along a unit step in the training pairs' mean gradient (the first step);
 - ``alignment``: the cosine of its gradient with the training pairs' mean unit gradient (scale-free).
 
-Means over the held-out pairs with bootstrap 95% intervals; the verdict is whether the effect's interval excludes 0.
+Means over the held-out pairs with bootstrap 95% intervals; the verdict (``verdict_of``) is whether the effect's
+interval excludes 0, and if not, whether most held-out pairs are still raised.
 The cost is one forward and backward per batch of pairs: each pair's gradient comes from one pass (each sequence
 carries its own B, so the gradients stay apart), a fraction of a training run.
 """
@@ -166,24 +167,38 @@ def signal_between(lm: LoadedModel, train: list[Pair], heldout: list[Pair], cfg:
     raised = (effect > 0).double()
     # Mean cosine between two different training pairs' gradients: from the unit gradients' sum alone.
     train_alignment = (float(unit_total @ unit_total) - n) / (n * (n - 1))
-    verdict = "signal" if effect_ci[0] > 0 else "reversed" if effect_ci[1] < 0 else "none"
+    raised_ci = _interval(raised, cfg.resamples, gen)
+    verdict = verdict_of(effect_ci, raised_ci)
     spread = float(effect.std()) / math.sqrt(len(effect))
     return {
         "train_pairs": n, "heldout_pairs": len(heldout),
         "effect": float(effect.mean()), "effect_interval": effect_ci,
         "effect_z": float(effect.mean()) / spread if spread > 0 else math.copysign(math.inf, float(effect.mean())),
-        "raised": float(raised.mean()), "raised_interval": _interval(raised, cfg.resamples, gen),
+        "raised": float(raised.mean()), "raised_interval": raised_ci,
         "alignment": float(alignment.mean()), "alignment_interval": _interval(alignment, cfg.resamples, gen),
         "train_alignment": train_alignment, "verdict": verdict, "weights": len(names),
         "seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg),
     }
 
 
+def verdict_of(effect_interval: list[float], raised_interval: list[float]) -> str:
+    """signal: the mean held-out effect's interval is above 0; reversed: below 0; weak: it includes 0 but more than
+    half of the held-out pairs are raised (interval above 1/2), so most pairs agree and a few disagree strongly;
+    none: neither."""
+    if effect_interval[0] > 0:
+        return "signal"
+    if effect_interval[1] < 0:
+        return "reversed"
+    return "weak" if raised_interval[0] > 0.5 else "none"
+
+
 VERDICTS = {
     "signal": "the held-out pairs move with the training pairs: training on them should generalize.",
     "none": "the held-out pairs do not move with the training pairs (the interval includes 0): training on these "
             "pairs would fit them and leave held-out pairs at chance. More pairs, or pairs with clearer labels "
-            "(--min-score-gap), are what would help; a longer run or another learning rate would not.",
+            "(--min-score-gap), are what would help; another learning rate or a longer run is unlikely to.",
+    "weak": "most held-out pairs move with the training pairs, but the mean change is not clearly above 0 (a few "
+            "pairs move strongly against them): training may generalize a little; more pairs would tell.",
     "reversed": "a step along the training pairs lowers the held-out margins: the two splits disagree, which points "
                 "at labels that contradict each other (check the data).",
 }

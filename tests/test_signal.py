@@ -10,7 +10,7 @@ from engine.data import Pair, PairSet
 from engine.dpo import encode_pairs
 from engine.errors import Cancelled
 from engine.mixer import Mixer
-from engine.signal import SignalConfig, SignalError, data_signal, pair_gradients, signal_between
+from engine.signal import SignalConfig, SignalError, data_signal, pair_gradients, signal_between, verdict_of
 from engine.tangent import completion_logps, linear_weights, shared_A0
 from tiny_model import random_tangent
 
@@ -50,6 +50,13 @@ def test_held_out_pairs_that_agree_are_signal_and_ones_that_contradict_are_rever
     flipped = signal_between(tiny_lm, _pairs(8), _pairs(6, chosen=BAD, rejected=GOOD, start=8), CFG)
     assert flipped["verdict"] == "reversed" and flipped["effect_interval"][1] < 0 and flipped["raised"] == 0.0
     assert flipped["effect"] == pytest.approx(-same["effect"], rel=0.2)
+
+
+def test_the_verdict_reads_the_mean_then_the_share_raised():
+    assert verdict_of([0.01, 0.2], [0.4, 0.7]) == "signal"
+    assert verdict_of([-0.2, -0.01], [0.3, 0.6]) == "reversed"
+    assert verdict_of([-0.03, 0.07], [0.53, 0.78]) == "weak"  # most pairs raised, a few strongly lowered
+    assert verdict_of([-0.04, 0.08], [0.36, 0.61]) == "none"
 
 
 def test_signal_runs_at_the_base_whatever_is_applied_and_stops(tiny_lm, tiny_pairs):
