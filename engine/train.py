@@ -32,6 +32,9 @@ from engine.tangent import DirectionModel, coverage, linear_weights
 from engine.weight_delta import LEGACY_METHODS, METHODS, PARAMS, WeightDelta
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass
 class TrainConfig:
     method: str = "tangent"  # tangent (TS-DPO) | scalarized (the scalarized-DPO baseline: ordinary DPO)
@@ -46,6 +49,7 @@ class TrainConfig:
     loss: str = "sigmoid"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (plain gradient steps: one full-batch step is the first-order direction)
     seed: int = 0
     layers: Optional[list[int]] = None
     modules: Optional[list[str]] = None
@@ -63,6 +67,8 @@ class TrainConfig:
             raise DirectionError(f"param must be one of {PARAMS}.")
         if self.loss not in LOSSES:
             raise DirectionError(f"loss must be one of {LOSSES}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise DirectionError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}.")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.rank < 1:
             raise DirectionError("steps, batch size, gradient accumulation and rank must be at least 1.")
         return self
@@ -146,7 +152,7 @@ def save_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim
         for name, value in state.items():
             if name == "step":
                 steps[k] = float(value)
-            else:
+            elif value is not None:
                 tensors[f"opt.{k}.{name}"] = value.detach().cpu().contiguous()
     st, js = _checkpoint_paths(folder)
     atomic_write_bytes(st, save(tensors))
@@ -160,7 +166,7 @@ def load_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim
     if not st.is_file() or not js.is_file():
         return 0, []
     info = json.loads(js.read_text())
-    saved = {k: v for k, v in info["config"].items() if k != "checkpoint_every"}
+    saved = {"optimizer": "adamw", **{k: v for k, v in info["config"].items() if k != "checkpoint_every"}}  # older: adamw
     mine = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}
     if saved != mine or info["data_hash"] != data_hash:
         raise DirectionError(f"The checkpoint in {folder} was made with other settings or data; "
@@ -262,7 +268,8 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
     names = linear_weights(lm, cfg.layers, cfg.modules)
     module = DirectionModel(lm, names, cfg.param, cfg.rank, cfg.method, cfg.seed)
     lr = cfg.default_lr()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = (torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
+                 else torch.optim.SGD(module.parameters(), lr=lr, weight_decay=cfg.weight_decay))
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     start, history = (load_checkpoint(folder, module, optimizer, cfg, data_hash) if folder else (0, []))
     # The learning rate is a pure function of the step (set before each optimizer step), so a resumed run and

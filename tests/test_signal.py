@@ -104,3 +104,26 @@ def test_cli_data_signal(capsys, tiny_model_dir, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("tsdpo: error: 2 pairs give 1 to train on") and "at least 2 of each" in err
     assert err.count("\n") == 1  # said before the model loads
+
+
+def test_one_sgd_step_over_every_training_pair_is_the_direction_the_check_measures(tiny_lm, tiny_pairs):
+    """`tsdpo train --optimizer sgd --steps 1 --batch-size N` (no clipping) gives B = lr * beta/2 * mean grad of the
+    margins, that is lr/2 times the mean of `pair_gradients` over the training split: the step `data signal` scores."""
+    from engine.directions import DirectionError
+    from engine.train import TrainConfig, train_direction
+
+    ps = PairSet("helpfulness", tiny_pairs.pairs[:10])
+    train, _ = ps.split(0.3, 0)
+    cfg = TrainConfig(param="lowrank", rank=4, steps=1, batch_size=len(train), lr=0.5, optimizer="sgd",
+                      max_grad_norm=0.0, val_fraction=0.3, max_prompt_tokens=24, max_response_tokens=24)
+    direction = train_direction(tiny_lm, ps, cfg).direction
+    names = linear_weights(tiny_lm)
+    params = dict(tiny_lm.model.named_parameters())
+    A = {n: shared_A0(n, 4, params[n].shape[1], 0) for n in names}
+    for n in names:
+        assert torch.equal(direction.tensors[n + ":A"], A[n])
+    trained = torch.cat([direction.tensors[n + ":B"].reshape(-1) for n in names])
+    expected = 0.5 * cfg.lr * pair_gradients(tiny_lm, train.pairs, names, A, CFG).mean(0)
+    assert torch.allclose(trained, expected, rtol=1e-3, atol=1e-7)
+    with pytest.raises(DirectionError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lion").validate()

@@ -60,7 +60,7 @@ def train_config(args, method: str):
                        layers=int_list(args.layers, "--layers"),
                        modules=args.modules.split(",") if args.modules else None,
                        max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
-                       val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every)
+                       val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, optimizer=args.optimizer)
 
 
 def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -> int:
@@ -176,6 +176,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step, over all processes")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw (default), or sgd: plain gradient steps; one step over every training pair "
+                        "(--steps 1 --batch-size N) is the first-order direction `tsdpo data signal` measures")
     p.add_argument("--lr", type=float, default=0.0, help="default: 2e-3 low-rank, 1e-4 full")
     p.add_argument("--lr-grid", metavar="LR,LR,...",
                    help="train once per learning rate and keep the direction with the lowest held-out DPO loss "
