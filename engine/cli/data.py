@@ -79,15 +79,21 @@ def cmd_data_signal(args) -> int:
     return 0
 
 
+def _file_options(p, objective: bool = True) -> None:
+    """The data file and how to read it; with ``objective``, which preference to make pairs for."""
+    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
+    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
+    if objective:
+        p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
+        p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
+    p.add_argument("--limit", type=int, help="use the first N pairs")
+    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+
+
 def add_parsers(sub) -> None:
     data = sub.add_parser("data", help="read preference data").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("inspect", help="count pairs, show length statistics and malformed rows")
-    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
-    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
-    p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
-    p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
-    p.add_argument("--limit", type=int, help="use the first N pairs")
-    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+    _file_options(p)
     p.add_argument("--show", type=int, default=10, help="how many problem rows to list")
     p.add_argument("--json", action="store_true")
     selection_options(p)
@@ -95,10 +101,7 @@ def add_parsers(sub) -> None:
 
     p = data.add_parser("select", help="write the rows behind the pairs a selection keeps (JSON lines, "
                                        "original order and form)")
-    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
-    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
-    p.add_argument("--limit", type=int, help="use the first N pairs")
-    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+    _file_options(p, objective=False)
     selection_options(p)
     p.add_argument("--out", required=True, help="the .jsonl file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -107,12 +110,7 @@ def add_parsers(sub) -> None:
     p = data.add_parser("signal", parents=[SOURCE, MODEL],
                         help="before training: does a first DPO step on the training pairs move the held-out pairs? "
                              "(per-pair margin gradients at the base model)")
-    p.add_argument("file", help="a .jsonl/.json/.csv/.tsv/.parquet file, a folder, or a `datasets` name")
-    p.add_argument("--format", choices=FORMATS, help="default: detected from the columns")
-    p.add_argument("--objective", help="objective name; verbosity/conciseness build pairs from response length")
-    p.add_argument("--attribute", help="HelpSteer attribute to make pairs from")
-    p.add_argument("--limit", type=int, help="use the first N pairs")
-    p.add_argument("--split", default="train", help="dataset split, for `datasets` names")
+    _file_options(p)
     selection_options(p)
     p.add_argument("--val-fraction", type=float, default=0.35, help="share held out, as in training (default 0.35)")
     p.add_argument("--seed", type=int, default=0, help="the split's and A0's seed, as in training")
