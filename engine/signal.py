@@ -97,6 +97,12 @@ def _interval(values: torch.Tensor, resamples: int, generator: torch.Generator) 
     return [float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))]
 
 
+def _check_finite(values: torch.Tensor) -> None:
+    if not torch.isfinite(values).all():
+        raise SignalError("The margin gradients are not finite: the model gives some of these replies a probability of "
+                          "0 (check the data and the model's dtype).")
+
+
 def split_for_signal(pairs: PairSet, cfg: SignalConfig) -> tuple[PairSet, PairSet]:
     """The training split's (train, held out), or a clear error when either has fewer than 2 pairs."""
     train, val = pairs.split(cfg.val_fraction, cfg.seed)
@@ -151,9 +157,7 @@ def signal_between(lm: LoadedModel, train: list[Pair], heldout: list[Pair], cfg:
     for g in batches(train):
         s, u = g.sum(0), units(g).sum(0)
         total, unit_total = (s, u) if total is None else (total + s, unit_total + u)
-    if not torch.isfinite(total).all():
-        raise SignalError("The margin gradients are not finite: the model gives some of these replies a probability of "
-                          "0 (check the data and the model's dtype).")
+    _check_finite(total)
     n = len(train)
     step = total / total.norm().clamp_min(1e-30)  # a unit step along the training pairs' mean gradient
     unit_mean = unit_total / n
@@ -162,6 +166,7 @@ def signal_between(lm: LoadedModel, train: list[Pair], heldout: list[Pair], cfg:
         effect.append(g @ step)
         alignment.append(units(g) @ unit_mean)
     effect, alignment = torch.cat(effect), torch.cat(alignment)
+    _check_finite(effect)
     gen = torch.Generator().manual_seed(cfg.seed)
     effect_ci = _interval(effect, cfg.resamples, gen)
     raised = (effect > 0).double()
