@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.data import load_pairs
+from engine.data import Pair, PairSet, load_pairs
 from engine.dpo import encode_pairs
 from engine.mixer import Mixer
 from engine.models import load_model
 from engine.sweep import SweepError, monotonicity
-from engine.sweep.effects import EffectsConfig, axis_effects, effects_markdown
+from engine.sweep.effects import EffectsConfig, axis_effects, effects_markdown, training_prompts
 from engine.tangent import completion_logps
 from tiny_model import random_tangent
 
@@ -92,6 +92,38 @@ def test_effects_run_at_the_base_and_put_back_what_a_caller_left_applied(setup):
                 second["directions"][name]["objectives"][o]["margin"], abs=1e-6)
 
 
+def test_pairs_whose_prompt_a_direction_was_trained_on_are_left_out_of_its_figures(setup, demo_data):
+    """Files built from the same prompts (UltraFeedback's verbosity and helpfulness pairs) put a direction's own
+    training prompts among another objective's held-out pairs; there the margin reads what it learned of that prompt."""
+    lm, directions, data, cfg = setup
+    cfg.linearization_gap = False
+    train, held = load_pairs(demo_data / "ultrafeedback_helpfulness_400.jsonl", limit=40).split(0.2)
+    # Verbosity pairs: 3 on prompts the helpfulness direction was trained on (responses swapped), then 5 unseen.
+    shared = [Pair(p.prompt, p.rejected, p.chosen) for p in train.pairs[:3]]
+    known = training_prompts(train)
+    unseen = [p for p in data["verbosity"].pairs if not training_prompts(PairSet("verbosity", [p])) & known][:5]
+    assert len(unseen) == 5
+    mixed = {"helpfulness": held, "verbosity": PairSet("verbosity", shared[:2] + unseen[:2] + shared[2:] + unseen[2:])}
+    cfg.pairs = 8
+    result = axis_effects(lm, directions, mixed, cfg, seen={"helpfulness": known})
+    clean = axis_effects(lm, directions, {"helpfulness": held, "verbosity": PairSet("verbosity", unseen)}, cfg)
+    tx = result["directions"]["helpfulness"]
+    assert tx["left_out"] == {"helpfulness": 0, "verbosity": 3}
+    assert tx["objectives"]["verbosity"]["pairs"] == 5
+    for o in ("helpfulness", "verbosity"):
+        for key in ("margin", "accuracy", "slope"):
+            assert tx["objectives"][o][key] == pytest.approx(clean["directions"]["helpfulness"]["objectives"][o][key], abs=1e-6)
+    assert tx["cross_effect"]["verbosity"] == pytest.approx(clean["directions"]["helpfulness"]["cross_effect"]["verbosity"])
+    # The verbosity vector was not trained on those prompts: it is measured on all 8.
+    steer = result["directions"]["verbosity-steer"]
+    assert steer["left_out"] == {"helpfulness": 0, "verbosity": 0} and steer["objectives"]["verbosity"]["pairs"] == 8
+    assert "left out because the direction was trained on their prompt: helpfulness: verbosity 3" in effects_markdown(result)
+    # Too few unseen pairs left: refused, saying what to do.
+    only_shared = {"helpfulness": held, "verbosity": PairSet("verbosity", shared + unseen[:1])}
+    with pytest.raises(SweepError, match="Only 1 of the 4 held-out verbosity pairs"):
+        axis_effects(lm, directions, only_shared, cfg, seen={"helpfulness": known})
+
+
 def test_effects_refuse_bad_weights_and_missing_data(setup):
     lm, directions, data, cfg = setup
     for weights in ([-1.0, 1.0], [-1.0, 0.5, 1.0], [1.0, 0.0, -1.0]):
@@ -105,9 +137,10 @@ def test_cli_effects(tiny_model_dir, demo_data, tmp_path, capsys):
     lm = load_model(tiny_model_dir)
     paths = [random_tangent(lm, o, s, scale=0.3).save(tmp_path / f"{o}.safetensors") for o, s in (("helpfulness", 1), ("verbosity", 2))]
     uf = demo_data / "ultrafeedback_helpfulness_400.jsonl"
+    hh = demo_data / "hh_rlhf_harmless_600.jsonl"
     out = tmp_path / "effects.json"
     args = ["effects", "--model", str(tiny_model_dir), "--direction", str(paths[0]), "--direction", str(paths[1]),
-            "--data", f"helpfulness={uf}", "--data", f"verbosity={uf}", "--limit", "40", "--pairs", "3",
+            "--data", f"helpfulness={uf}", "--data", f"verbosity={hh}", "--limit", "40", "--pairs", "3",
             "--weights", "-1,0,1", "--max-prompt-tokens", "32", "--max-response-tokens", "32", "--no-store", "--out", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -115,6 +148,11 @@ def test_cli_effects(tiny_model_dir, demo_data, tmp_path, capsys):
     assert set(result["directions"]) == {"helpfulness", "verbosity"} and result["config"]["weights"] == [-1, 0, 1]
     assert out.with_suffix(".md").read_text() in printed
     assert main(args) == 2 and "exists" in capsys.readouterr().err  # nothing overwritten unasked
+    # Verbosity pairs cut from the same UltraFeedback rows: the held-out ones all have prompts the helpfulness
+    # direction was trained on (the two objectives' splits differ), so nothing fair is left to measure.
+    shared = [a if a != f"verbosity={hh}" else f"verbosity={uf}" for a in args[:-1]] + [str(tmp_path / "d.json")]
+    assert main(shared) == 2
+    assert "Only 0 of the 3 held-out verbosity pairs have a prompt the helpfulness direction was not trained on" in capsys.readouterr().err
     assert main(args[:-2] + ["--out", str(tmp_path / "b.json"), "--weights", "0,1"]) == 2
     assert "at least 3" in capsys.readouterr().err
     same = args[:5] + ["--direction", str(paths[0])] + args[7:-1] + [str(tmp_path / "c.json")]

@@ -11,10 +11,11 @@ from engine.errors import TsdpoError
 from engine.sweep import METRICS
 
 
-def heldout_data(args) -> dict:
+def heldout_data(args, seen: dict | None = None) -> dict:
     """Each --data OBJECTIVE=FILE's held-out split, cut as in training (--limit, the pair selection, --val-fraction,
-    --seed)."""
+    --seed); ``seen``, where given, gets each objective's training prompts."""
     from engine.data import load_pairs
+    from engine.sweep.effects import training_prompts
 
     data = {}
     for spec in args.data:
@@ -22,7 +23,9 @@ def heldout_data(args) -> dict:
         if not sep:
             raise TsdpoError(f"--data takes OBJECTIVE=FILE, not {spec!r}.")
         ps = load_pairs(path, format=args.format, objective=objective, limit=args.limit, **selection(args))
-        data[ps.objective] = ps.split(args.val_fraction, args.seed)[1]
+        train, data[ps.objective] = ps.split(args.val_fraction, args.seed)
+        if seen is not None:
+            seen[ps.objective] = training_prompts(train)
         print(f"  {objective}: {len(data[ps.objective])} held-out pairs from {path}", file=sys.stderr)
     return data
 
@@ -42,7 +45,8 @@ def cmd_effects(args) -> int:
                         max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
                         linearization_gap=not args.no_lin_gap)
     cfg.check()
-    data = heldout_data(args)
+    seen: dict = {}
+    data = heldout_data(args, seen)
     lm = load(args, args.model)
     store = None if args.no_store else open_store(args)
     directions = [load_direction(ref, lm, store) for ref in args.direction]
@@ -51,7 +55,7 @@ def cmd_effects(args) -> int:
         raise TsdpoError(f"Two directions share a name ({', '.join(names)}); give each its own (tsdpo directions add --name).")
     bars = PhaseBars()
     with bars:
-        result = axis_effects(lm, directions, data, cfg, progress=bars)
+        result = axis_effects(lm, directions, data, cfg, progress=bars, seen=seen)
     result["model"] = {"name": lm.name, "fingerprint": lm.fingerprint}
     result["sources"] = {"directions": list(args.direction), "data": list(args.data), "val_fraction": args.val_fraction,
                          "seed": args.seed, "limit": args.limit, **selection(args)}
@@ -207,7 +211,8 @@ def add_parsers(sub) -> None:
 
     q = sub.add_parser("effects", parents=MODEL_AND_STORE,
                        help="each direction alone at a few weights: every objective's held-out margin, its monotonicity "
-                            "and slope with 95%% intervals, and the cross-effects")
+                            "and slope with 95%% intervals, and the cross-effects (held-out pairs whose prompt is among "
+                            "the training pairs of the direction's own objective are left out of its figures)")
     q.add_argument("--direction", action="append", default=[], required=True,
                    help="a direction file or stored name (repeatable)")
     _heldout_options(q)

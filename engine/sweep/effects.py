@@ -4,11 +4,16 @@ objective: Kendall's tau of the mean margin over the weights (does it move monot
 slope (how much per unit weight), both with bootstrap 95% intervals over the held-out pairs, and the
 cross-effect: the slope on another objective as a share of the slope on the direction's own objective.
 
+A held-out pair whose prompt the direction was trained on (``seen``: each objective's training prompts; another
+objective's file can share prompts with it, as UltraFeedback-derived sets do) is left out of that direction's
+figures: its margin there would read what the direction learned of that very prompt, not its effect along the axis.
+
 Cheaper than a grid sweep (one point per direction and weight, not per plane point) and not limited to two
 objectives, so a set of shipped directions is checked against every objective it might disturb."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -91,11 +96,22 @@ def summarize_objective(weights: list[float], per_pair: torch.Tensor, accuracy: 
             "slope": _slope(weights, means), "slope_interval": _interval(slopes)}
 
 
+def prompt_key(pair) -> str:
+    return json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True)
+
+
+def training_prompts(train: PairSet) -> set[str]:
+    """The prompts of a training split, as ``axis_effects`` takes them in ``seen``."""
+    return {prompt_key(p) for p in train.pairs}
+
+
 def axis_effects(lm: LoadedModel, directions: list, data: dict[str, PairSet], cfg: EffectsConfig,
-                 progress: Optional[ProgressFn] = None, should_stop: Callable[[], bool] = lambda: False) -> dict:
+                 progress: Optional[ProgressFn] = None, should_stop: Callable[[], bool] = lambda: False,
+                 seen: Optional[dict[str, set[str]]] = None) -> dict:
     """Measure every direction alone at every weight of ``cfg.weights`` on the first ``cfg.pairs`` held-out pairs of
     every objective in ``data``, starting from the exact base model whatever a caller left applied (put back
-    afterwards)."""
+    afterwards). ``seen[o]``: the prompts directions of objective ``o`` were trained on; their held-out pairs with
+    one of those prompts are left out of those directions' figures (module docstring)."""
     cfg.check()
     own = {d.name: d.objective for d in directions}
     missing = sorted({o for o in own.values() if o not in data})
@@ -105,6 +121,15 @@ def axis_effects(lm: LoadedModel, directions: list, data: dict[str, PairSet], cf
     for o, p in pairs.items():
         if len(p) < 2:
             raise SweepError(f"The held-out data for {o} has {len(p)} pair(s); effects need at least 2.")
+    keep = {}  # direction name -> objective -> indices of the pairs its figures use
+    for d in directions:
+        known = (seen or {}).get(d.objective, set())
+        keep[d.name] = {o: [i for i, pr in enumerate(p) if prompt_key(pr) not in known] for o, p in pairs.items()}
+        for o, idx in keep[d.name].items():
+            if len(idx) < 2:
+                raise SweepError(f"Only {len(idx)} of the {len(pairs[o])} held-out {o} pairs have a prompt the "
+                                 f"{d.name} direction was not trained on; effects need at least 2. Give more {o} "
+                                 "pairs (--pairs) or data that shares fewer prompts.")
     batches = {o: [encode_pairs(lm, p[i:i + cfg.batch_size], cfg.max_prompt_tokens, cfg.max_response_tokens).to(lm.device)
                    for i in range(0, len(p), cfg.batch_size)] for o, p in pairs.items()}
     mixer = Mixer(lm)
@@ -141,20 +166,23 @@ def axis_effects(lm: LoadedModel, directions: list, data: dict[str, PairSet], cf
             phase.update(total, point="done")
     finally:
         lm.mixers.discard(mixer)
-    return _summary(directions, raw, {o: len(p) for o, p in pairs.items()}, cfg, time.perf_counter() - t0)
+    return _summary(directions, raw, {o: len(p) for o, p in pairs.items()}, cfg, time.perf_counter() - t0, keep)
 
 
-def _summary(directions: list, raw: dict, n_pairs: dict[str, int], cfg: EffectsConfig, seconds: float) -> dict:
+def _summary(directions: list, raw: dict, n_pairs: dict[str, int], cfg: EffectsConfig, seconds: float,
+             keep: dict[str, dict[str, list[int]]]) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     out = {"config": asdict(cfg), "pairs": n_pairs, "seconds": round(seconds, 1), "directions": {}}
     for d in directions:
         per_w = raw[d.name]
-        entry = {"kind": d.label, "objective": d.objective, "weights": cfg.weights, "objectives": {}}
+        entry = {"kind": d.label, "objective": d.objective, "weights": cfg.weights, "objectives": {},
+                 "left_out": {o: n_pairs[o] - len(idx) for o, idx in keep[d.name].items()}}
         for o in n_pairs:
-            rows = [[0.0] * n_pairs[o] if w == 0 else per_w[w]["margins"][o] for w in cfg.weights]
-            acc = [0.5 if w == 0 else sum(_won(m) for m in per_w[w]["margins"][o]) / n_pairs[o] for w in cfg.weights]
-            entry["objectives"][o] = summarize_objective(cfg.weights, torch.tensor(rows, dtype=torch.float64), acc,
-                                                         cfg.resamples, g)
+            idx = keep[d.name][o]
+            rows = [[0.0] * len(idx) if w == 0 else [per_w[w]["margins"][o][i] for i in idx] for w in cfg.weights]
+            acc = [0.5 if w == 0 else sum(_won(per_w[w]["margins"][o][i]) for i in idx) / len(idx) for w in cfg.weights]
+            entry["objectives"][o] = {**summarize_objective(cfg.weights, torch.tensor(rows, dtype=torch.float64), acc,
+                                                            cfg.resamples, g), "pairs": len(idx)}
         own = entry["objectives"][d.objective]["slope"]
         entry["cross_effect"] = {o: (abs(v["slope"]) / abs(own) if own else float("inf"))
                                  for o, v in entry["objectives"].items() if o != d.objective}
@@ -181,6 +209,10 @@ def effects_markdown(result: dict) -> str:
                          f"{' / '.join(f'{m:+.3f}' for m in v['margin'])} | {tau} | "
                          f"{v['slope']:+.3f} [{v['slope_interval'][0]:+.3f}, {v['slope_interval'][1]:+.3f}] | "
                          f"{'-' if own else format(e['cross_effect'][o], '.2f') + 'x'} |")
+    left = [f"{n}: " + ", ".join(f"{o} {k}" for o, k in e["left_out"].items() if k)
+            for n, e in result["directions"].items() if any(e.get("left_out", {}).values())]
+    if left:
+        lines += ["", "Held-out pairs left out because the direction was trained on their prompt: " + "; ".join(left) + "."]
     gaps = [(n, e["lin_gap"]) for n, e in result["directions"].items() if "lin_gap" in e]
     if gaps:
         lines += ["", "Linearization gap (mean |log pi_lin - log pi| per response token, first batch of the own objective):", "",
