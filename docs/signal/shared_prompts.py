@@ -1,3 +1,6 @@
+"""First-order effect of the one-step SGD helpfulness direction (0.25 x the mean helpfulness training gradient: lr 5,
+beta 0.1, the DPO gradient at tau = 0 being -beta/2 of it) on verbosity pairs, split by whether their prompt is among
+the helpfulness training prompts. Inputs from pair_grads_batched.py and pair_grads.py."""
 import sys, os, torch
 sys.path.insert(0, os.getcwd())
 from safetensors.torch import load_file
