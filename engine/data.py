@@ -48,6 +48,10 @@ class Pair:
     def key(self) -> str:
         return json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False, sort_keys=True)
 
+    def prompt_key(self) -> str:
+        """The prompt alone, as ``key`` writes it: pairs on the same prompt share it."""
+        return json.dumps(self.prompt, ensure_ascii=False, sort_keys=True)
+
 
 @dataclass
 class RowProblem:

@@ -13,7 +13,6 @@ objectives, so a set of shipped directions is checked against every objective it
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -96,13 +95,9 @@ def summarize_objective(weights: list[float], per_pair: torch.Tensor, accuracy: 
             "slope": _slope(weights, means), "slope_interval": _interval(slopes)}
 
 
-def prompt_key(pair) -> str:
-    return json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True)
-
-
 def training_prompts(train: PairSet) -> set[str]:
     """The prompts of a training split, as ``axis_effects`` takes them in ``seen``."""
-    return {prompt_key(p) for p in train.pairs}
+    return {p.prompt_key() for p in train.pairs}
 
 
 def axis_effects(lm: LoadedModel, directions: list, data: dict[str, PairSet], cfg: EffectsConfig,
@@ -124,7 +119,7 @@ def axis_effects(lm: LoadedModel, directions: list, data: dict[str, PairSet], cf
     keep = {}  # direction name -> objective -> indices of the pairs its figures use
     for d in directions:
         known = (seen or {}).get(d.objective, set())
-        keep[d.name] = {o: [i for i, pr in enumerate(p) if prompt_key(pr) not in known] for o, p in pairs.items()}
+        keep[d.name] = {o: [i for i, pr in enumerate(p) if pr.prompt_key() not in known] for o, p in pairs.items()}
         for o, idx in keep[d.name].items():
             if len(idx) < 2:
                 raise SweepError(f"Only {len(idx)} of the {len(pairs[o])} held-out {o} pairs have a prompt the "
