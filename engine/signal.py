@@ -29,7 +29,7 @@ import torch
 from engine.data import Pair, PairSet
 from engine.dpo import encode_pairs
 from engine.errors import Cancelled, TsdpoError
-from engine.hooks import completion_rows
+from engine.hooks import completion_rows, in_out, linear_layer
 from engine.models import LoadedModel, runs_at_base
 from engine.progress import Phase, ProgressFn
 from engine.tangent import _forward_kwargs, _sequence_logps, linear_weights, shared_A0
@@ -71,15 +71,21 @@ def _per_sequence_branches(model: torch.nn.Module, factors: dict[str, tuple[torc
             h.remove()
 
 
+def shared_factors(lm: LoadedModel, names: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """The A0 [rank, in] of each weight, as ``tsdpo train --param lowrank --seed`` starts from."""
+    modules = dict(lm.model.named_modules())
+    return {n: shared_A0(n, rank, in_out(linear_layer(modules, n))[0], seed).to(lm.device, lm.dtype) for n in names}
+
+
 def pair_gradients(lm: LoadedModel, pairs: list[Pair], names: list[str], A: dict[str, torch.Tensor],
                    cfg: SignalConfig) -> torch.Tensor:
     """[pairs, D] float32: each pair's margin gradient with respect to the B factors of ``names`` at B = 0 (D: their
-    sizes summed, in ``names`` order, each B [out, r] row-major)."""
+    sizes summed, in ``names`` order, each B [out, r] row-major, as ``DirectionModel`` holds them)."""
     batch = encode_pairs(lm, pairs, cfg.max_prompt_tokens, cfg.max_response_tokens).to(lm.device)
     rows = batch.input_ids.shape[0]
-    params = dict(lm.model.named_parameters())
-    B = {n: torch.zeros(rows, params[n].shape[0], cfg.rank, device=lm.device, dtype=lm.dtype, requires_grad=True)
-         for n in names}
+    modules = dict(lm.model.named_modules())
+    B = {n: torch.zeros(rows, in_out(linear_layer(modules, n))[1], cfg.rank, device=lm.device, dtype=lm.dtype,
+                        requires_grad=True) for n in names}
     mask = batch.target_mask.bool()
     with torch.enable_grad(), completion_rows(lm.model, mask), \
             _per_sequence_branches(lm.model, {n: (B[n], A[n]) for n in names}):
@@ -134,8 +140,7 @@ def signal_between(lm: LoadedModel, train: list[Pair], heldout: list[Pair], cfg:
         raise SignalError(f"{len(train)} training and {len(heldout)} held-out pairs: the measurement needs at least 2 "
                           "of each.")
     names = linear_weights(lm)
-    params = dict(lm.model.named_parameters())
-    A = {n: shared_A0(n, cfg.rank, params[n].shape[1], cfg.seed).to(lm.device, lm.dtype) for n in names}
+    A = shared_factors(lm, names, cfg.rank, cfg.seed)
     t0 = time.perf_counter()
     n_batches = math.ceil(len(train) / cfg.batch_size) + math.ceil(len(heldout) / cfg.batch_size)
     phase, done = Phase(progress, "pair gradients", n_batches), 0

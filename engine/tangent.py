@@ -166,6 +166,10 @@ class DirectionModel(nn.Module):
     def A0(self, name: str) -> torch.Tensor:
         return getattr(self, f"A0__{self.keys[name]}")
 
+    def factor_dict(self) -> dict[str, torch.Tensor]:
+        """Weight name -> its trained tensor (the full delta, or B), in ``names`` order."""
+        return {n: self.tau[self.keys[n]] for n in self.names}
+
     def deltas(self) -> dict[str, torch.Tensor]:
         return _materialized(self.factors(), set(self.transposed))
 

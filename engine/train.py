@@ -25,6 +25,7 @@ from engine.data import Pair, PairSet
 from engine.directions import DirectionError
 from engine.dpo import LOSSES, encode_pairs
 from engine.errors import Cancelled
+from engine.keep import MAX_REMOVED_SHARE, KeptMargins, first_order_share
 from engine.models import LoadedModel, runs_at_base
 from engine.paths import atomic_write_bytes, atomic_write_text
 from engine.progress import Phase, Progress, ProgressFn, abort_on_cancel
@@ -202,23 +203,42 @@ def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: Tr
 def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
                     progress: Optional[ProgressFn] = None,
                     should_stop: Optional[Callable[[], bool]] = None,
-                    checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None) -> TrainResult:
+                    checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None,
+                    keep: Optional[PairSet | KeptMargins] = None) -> TrainResult:
     """Train one direction. ``data`` is one PairSet, or (PairSet, weight) sources for the scalarized baseline.
 
     It trains at the exact base model whatever mix a caller left applied (that mix is applied again
     afterwards), on the eager kernels forward-mode AD needs. ``progress`` gets one ``Progress`` per step, its
-    metrics the step's record; a cancel takes effect within one decoder block."""
+    metrics the step's record; a cancel takes effect within one decoder block. ``keep``: pairs of another
+    objective whose margins the direction must leave unchanged, to first order (``engine.keep``; low-rank only)."""
     cfg.validate()
     applied = lm.applied()  # [] here: at_base set the caller's mix aside; recorded as provenance
+    kept = kept_margins(lm, keep, cfg, progress, should_stop) if isinstance(keep, PairSet) else keep
     kernels = lm.forward_ad_kernels() if cfg.method == "tangent" else nullcontext()
     with kernels, abort_on_cancel(lm, should_stop, "training"):
-        return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied)
+        return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept)
+
+
+@runs_at_base
+def kept_margins(lm: LoadedModel, keep: PairSet, cfg: TrainConfig, progress: Optional[ProgressFn] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> KeptMargins:
+    """The basis a training run with ``cfg`` projects onto the complement of: the margin gradients of the training
+    split of ``keep`` (split as ``cfg`` splits), over the factors that run trains. Call it at the base model."""
+    cfg.validate()
+    if cfg.param != "lowrank":
+        raise DirectionError("Keeping another objective unchanged needs a low-rank direction (--param lowrank): a "
+                             "full-rank one would hold a copy of the model's weights per kept pair.")
+    with abort_on_cancel(lm, should_stop, "the kept pairs' gradients"):
+        return KeptMargins.build(lm, keep, linear_weights(lm, cfg.layers, cfg.modules), cfg.rank, cfg.seed,
+                                 cfg.val_fraction, cfg.beta, cfg.max_prompt_tokens, cfg.max_response_tokens,
+                                 progress=progress, should_stop=should_stop or (lambda: False))
 
 
 def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
                          grid: list[float], progress: Optional[ProgressFn] = None,
                          should_stop: Optional[Callable[[], bool]] = None,
-                         checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None) -> TrainResult:
+                         checkpoint_dir: Optional[str | Path] = None, objective: Optional[str] = None,
+                         keep: Optional[PairSet] = None) -> TrainResult:
     """Train once per learning rate in ``grid`` (everything else as ``cfg`` says: steps, batch, data plan, beta,
     seed) and keep the direction with the lowest held-out DPO loss; every run's held-out metrics go into its
     meta (``lr_search``). The same care for TS-DPO and the scalarized baseline, so a comparison is fair."""
@@ -226,13 +246,15 @@ def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, fl
         raise DirectionError(f"A learning-rate grid takes two or more positive rates, not {grid}.")
     if not cfg.val_fraction > 0:
         raise DirectionError("Picking the learning rate needs held-out pairs: set a validation fraction above 0.")
+    if keep is not None:  # one basis for every rate: it depends on the base model and the split only
+        keep = kept_margins(lm, keep, cfg, progress, should_stop)
     runs, best, best_loss = [], None, math.inf
     for i, lr in enumerate(grid):
         label = f"training at lr {lr:g} ({i + 1} of {len(grid)})"
         report = (lambda p, label=label: progress(replace(p, phase=label))) if progress else None
         folder = Path(checkpoint_dir) / f"lr-{lr:g}" if checkpoint_dir else None
         result = train_direction(lm, data, replace(cfg, lr=lr), progress=report, should_stop=should_stop,
-                                 checkpoint_dir=folder, objective=objective)
+                                 checkpoint_dir=folder, objective=objective, keep=keep)
         val = result.val_metrics
         loss = float(val.get("loss", math.nan))
         runs.append({"lr": lr, "val_loss": loss, "val_accuracy": val.get("rewards/accuracies"),
@@ -248,7 +270,7 @@ def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, fl
     return best
 
 
-def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied) -> TrainResult:
+def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept) -> TrainResult:
     from accelerate import Accelerator
 
     sources = [(data, 1.0)] if isinstance(data, PairSet) else list(data)
@@ -256,6 +278,8 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
     train_sources = [(tr.pairs, w) for (tr, _), w in splits]
     val_pairs = [p for (_, va), w in splits if w > 0 for p in va.pairs]
     data_hash = "+".join(f"{ps.data_hash()[:16]}*{w:g}" for ps, w in sources)
+    if kept is not None:  # a checkpoint made without (or with other) kept pairs is not resumed with these
+        data_hash += f"|keep {kept.info['data_hash'][:16]}"
     name = objective or ("+".join(f"{w:g}*{ps.objective}" for ps, w in sources) if len(sources) > 1 else sources[0][0].objective)
     cuda = lm.device.type == "cuda"
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not cuda,
@@ -301,13 +325,19 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                    if kept is not None and acc.sync_gradients:
+                        before = {n: t.detach().clone() for n, t in module.factor_dict().items()}
                     optimizer.step()
                     optimizer.zero_grad()
+                    if kept is not None and acc.sync_gradients:
+                        removed = kept.project(module.factor_dict(), before)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
             totals = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in totals.items()}
             done = step + 1
             elapsed = time.perf_counter() - t0
+            if kept is not None:
+                totals["kept/removed_share"] = removed  # the share of the step that lay in the kept span, taken out
             record = {"step": done, "lr": step_lr, **totals,
                       "eta_s": elapsed / (done - start) * (cfg.steps - done)}
             history.append(record)
@@ -322,12 +352,23 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
         if folder and acc.is_main_process:
             save_checkpoint(folder, module, optimizer, completed, cfg, data_hash, history)
         raise
+    if kept is not None and history:
+        removed = sum(h["kept/removed_share"] for h in history) / len(history)
+        if removed > MAX_REMOVED_SHARE:
+            raise DirectionError(
+                f"Keeping the {kept.info['objective']} pairs unchanged took out {100 * removed:.2f}% of every training "
+                f"step: their gradients span nearly all that training on these pairs changes, so what is left is "
+                f"rounding, not a direction. On this model the two objectives cannot be told apart to first order; "
+                f"keep fewer pairs, or train without keeping them.")
     val = evaluate(module, lm, val_pairs, cfg)
     meta = {"hyperparameters": {**asdict(cfg), "lr": lr}, "data_hash": data_hash, "objective_sources":
             [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
             "final_train": history[-1] if history else {}, "validation": val, "processes": world,
             "model": lm.identity(), "applied_while_built": applied,
             "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
+            **({"kept_unchanged": {**kept.describe(), "share_in_span": first_order_share(kept, module.factor_dict()),
+                                   "removed_share": sum(h["kept/removed_share"] for h in history) / len(history)}}
+               if kept is not None and history else {}),
             "seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     direction = module.to_direction(name, meta)

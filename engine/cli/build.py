@@ -63,7 +63,7 @@ def train_config(args, method: str):
                        val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every, optimizer=args.optimizer)
 
 
-def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) -> int:
+def run_training(args, data, cfg, kind: str, objective: Optional[str] = None, keep=None) -> int:
     import os
 
     from engine.train import train_direction, train_with_lr_search
@@ -81,10 +81,10 @@ def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) ->
     with PhaseBars() as progress:
         if grid:
             result = train_with_lr_search(lm, data, cfg, grid, progress=progress if main_process else None,
-                                          checkpoint_dir=args.checkpoint_dir, objective=objective)
+                                          checkpoint_dir=args.checkpoint_dir, objective=objective, keep=keep)
         else:
             result = train_direction(lm, data, cfg, progress=progress if main_process else None,
-                                     checkpoint_dir=args.checkpoint_dir, objective=objective)
+                                     checkpoint_dir=args.checkpoint_dir, objective=objective, keep=keep)
     if not main_process:
         return 0
     d = result.direction
@@ -97,6 +97,11 @@ def run_training(args, data, cfg, kind: str, objective: Optional[str] = None) ->
         line += (f" | held-out: accuracy {val['rewards/accuracies']:.3f} margin {val['rewards/margins']:.4f} "
                  f"loss {val['loss']:.4f}")
     print(line, flush=True)
+    kept = d.meta.get("kept_unchanged")
+    if kept:
+        print(f"kept unchanged: {kept['objective']} pairs from {kept['source']}: the margins of their {kept['pairs']} "
+              f"training pairs (a basis of {kept['basis']} gradients); share of the direction in their span "
+              f"{kept['share_in_span']:.2e}")
     search = d.meta.get("lr_search")
     if search:
         for run in search["runs"]:
@@ -115,7 +120,19 @@ def cmd_train(args) -> int:
     pairs = load_pairs(args.data, format=args.format, objective=args.objective, limit=args.limit, attribute=args.attribute,
                        **selection(args))
     print(f"  {len(pairs)} {pairs.objective} pairs from {pairs.source} ({pairs.format})", file=sys.stderr)
-    return run_training(args, pairs, train_config(args, "tangent"), "tangent", args.name)
+    keep = None
+    if args.keep_unchanged:
+        objective, sep, path = args.keep_unchanged.partition("=")
+        if not sep or not objective or not path:
+            raise TsdpoError(f"--keep-unchanged takes OBJECTIVE=FILE (e.g. verbosity=pairs.jsonl), not "
+                             f"{args.keep_unchanged!r}.")
+        if args.param != "lowrank":
+            raise TsdpoError("--keep-unchanged needs a low-rank direction (--param lowrank): a full-rank one would hold "
+                             "a copy of the model's weights per kept pair.")
+        keep = load_pairs(path, objective=objective)
+        print(f"  keeping the margins of {len(keep)} {keep.objective} pairs from {keep.source} unchanged (their "
+              f"training split at --val-fraction {args.val_fraction:g})", file=sys.stderr)
+    return run_training(args, pairs, train_config(args, "tangent"), "tangent", args.name, keep=keep)
 
 
 def cmd_train_scalarized(args) -> int:
@@ -222,6 +239,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", parents=[DATA, training, *MODEL_AND_STORE],
                        help="train a TS-DPO direction (a weight delta) for one objective")
+    p.add_argument("--keep-unchanged", metavar="OBJECTIVE=FILE",
+                   help="leave another objective's margins unchanged, to first order: the direction is trained "
+                        "orthogonal to the margin gradients of that file's training split (split as --val-fraction "
+                        "and --seed say, so its held-out pairs stay unseen); low-rank only")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-scalarized", parents=[training, *MODEL_AND_STORE],
