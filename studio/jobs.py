@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QMessageBox,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QMessageBox,
                                QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
@@ -34,7 +34,7 @@ EXPORT_FORMATS = {
 class DataPicker(QWidget):
     """A file (or a `datasets` name), its format and the objective."""
 
-    def __init__(self, default_file: str = "", default_objective: str = "", parent=None):
+    def __init__(self, default_file: str = "", default_objective: str = "", parent=None, selections: bool = True):
         super().__init__(parent)
         self.path = QLineEdit(default_file, placeholderText="a .jsonl/.csv/.parquet file or a datasets name")
         self.path.setToolTip("The preference pairs: a file, a folder, or a `datasets` name (with a network)")
@@ -70,9 +70,10 @@ class DataPicker(QWidget):
         form.addRow("Data", row)
         form.addRow("Format", self.format)
         form.addRow("Objective", self.objective)
-        form.addRow("Length-matched within", self.length_matched)
-        form.addRow("Length-balanced within", self.length_balanced)
-        form.addRow("Score gap at least", self.min_score_gap)
+        if selections:  # which pairs train the direction; pairs kept unchanged are taken whole
+            form.addRow("Length-matched within", self.length_matched)
+            form.addRow("Length-balanced within", self.length_balanced)
+            form.addRow("Score gap at least", self.min_score_gap)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Preference data", "", "Preference pairs (*.jsonl *.json *.csv *.tsv *.parquet)")
@@ -99,6 +100,16 @@ class JobDialog(QDialog):
                                  "training), and how far it moves the held-out pairs: whether training on them "
                                  "can generalize")
         self.data_b = DataPicker(default_data, "verbosity") if kind == "scalarized" else None
+        self.keep = None
+        if kind == "train":
+            self.keep = QGroupBox("Keep another objective unchanged")
+            self.keep.setCheckable(True)
+            self.keep.setChecked(False)
+            self.keep.setToolTip("Train the direction orthogonal to the margin gradients of these pairs (their training "
+                                 "split), so it leaves their margins where they are, to first order: e.g. train "
+                                 "helpfulness and keep verbosity. Low-rank only; costs about a training step per 4 pairs")
+            self.keep_data = DataPicker(default_data, "verbosity", selections=False)
+            QVBoxLayout(self.keep).addWidget(self.keep_data)
         self.name = QLineEdit(placeholderText="default: the objective")
         self.name.setToolTip("The direction's name on the plane and in the database")
         self.limit = QSpinBox(minimum=0, maximum=1_000_000, value=100 if kind == "extract" else 200)
@@ -143,12 +154,17 @@ class JobDialog(QDialog):
             self.lr_grid.setObjectName("lr_grid")
             self.lr_grid.setToolTip("Train once per learning rate and keep the direction with the lowest held-out DPO "
                                     "loss (every run's numbers are kept in the file)")
+            self.optimizer = QComboBox()
+            self.optimizer.addItems(["adamw", "sgd"])
+            self.optimizer.setToolTip("adamw, or sgd: plain gradient steps (one step over every training pair is the "
+                                      "first-order direction the data check measures)")
             self.beta = QDoubleSpinBox(minimum=0.001, maximum=10.0, decimals=3, singleStep=0.05, value=0.1)
             self.beta.setToolTip("DPO's beta: how strongly the implicit reward is tied to the base model")
             self.max_tokens = QSpinBox(minimum=16, maximum=4096, value=128)
             self.max_tokens.setToolTip("Prompts and replies are cut to this many tokens for training")
             form.addRow("Parameterization", self.param)
             form.addRow("Steps", self.steps)
+            form.addRow("Optimizer", self.optimizer)
             form.addRow("Learning rate", self.lr)
             form.addRow("Learning-rate grid", self.lr_grid)
             form.addRow("Beta", self.beta)
@@ -170,6 +186,8 @@ class JobDialog(QDialog):
             lay.addWidget(QLabel("<b>Second objective</b>"))
             lay.addWidget(self.data_b)
         lay.addLayout(form)
+        if self.keep is not None:
+            lay.addWidget(self.keep)
         if kind in ("train", "scalarized") and coverage:  # what the direction will change on this model, and what it leaves out
             self.coverage = QLabel("<b>What the direction covers</b><br>" + "<br>".join(html.escape(c) for c in coverage))
             self.coverage.setWordWrap(True)
@@ -212,6 +230,9 @@ class JobDialog(QDialog):
         else:
             job.param, job.steps, job.lr = self.param.currentText(), self.steps.value(), self.lr.value()
             job.lr_grid = self.learning_rates()
+            job.optimizer = self.optimizer.currentText()
+            if self.keep is not None and self.keep.isChecked():
+                job.keep = self.keep_data.data(None)
             job.beta, job.max_tokens = self.beta.value(), self.max_tokens.value()
         job.name = self.name.text().strip() or (f"scalarized {data.objective or 'a'}={job.weight:g}" if self.kind == "scalarized"
                                                 else (data.objective or Path(data.path).stem))

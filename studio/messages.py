@@ -76,6 +76,8 @@ class BuildJob:
     steps: int = 60
     lr: float = 0.0  # 0: the default for the parameterization
     lr_grid: list[float] = field(default_factory=list)  # train once per rate, keep the lowest held-out loss
+    optimizer: str = "adamw"  # adamw | sgd
+    keep: Optional[Data] = None  # train: another objective's pairs whose margins stay unchanged (to first order)
     beta: float = 0.1
     batch_size: int = 4
     max_tokens: int = 128  # for prompts and for responses

@@ -225,15 +225,16 @@ class ModelWorker(QObject):
 
             cfg = TrainConfig(method="tangent" if job.kind == "train" else "scalarized", param=job.param, steps=job.steps,
                               lr=job.lr, beta=job.beta, batch_size=job.batch_size, max_prompt_tokens=job.max_tokens,
-                              max_response_tokens=job.max_tokens)
+                              max_response_tokens=job.max_tokens, optimizer=job.optimizer)
             data = job.data.load() if job.kind == "train" else [(job.data.load(), job.weight),
                                                                  (job.second.load(), 1.0 - job.weight)]
+            keep = job.keep.load() if job.keep is not None else None
             if job.lr_grid:
                 direction = train_with_lr_search(self.lm, data, cfg, job.lr_grid, progress=self.jobProgress.emit,
-                                                 should_stop=job.token, objective=job.name).direction
+                                                 should_stop=job.token, objective=job.name, keep=keep).direction
             else:
                 direction = train_direction(self.lm, data, cfg, progress=self.jobProgress.emit, should_stop=job.token,
-                                            objective=job.name).direction
+                                            objective=job.name, keep=keep).direction
         if job.name:
             direction.name = job.name
         self.jobProgress.emit(Progress("saving", 0, 1))

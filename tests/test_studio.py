@@ -207,6 +207,22 @@ def test_cancel_a_training_job(qtbot, window, demo_data, tmp_path):
     assert not window.busy_with and window.generate_button.isEnabled()
 
 
+def test_a_training_job_that_keeps_another_objective_unchanged(qtbot, tmp_path, store, tiny_model_dir, demo_data):
+    w = make_window(qtbot, tmp_path, store, tiny_model_dir)
+    data = str(demo_data / "ultrafeedback_helpfulness_400.jsonl")
+    w.start_job(BuildJob("train", "helpful", str(tmp_path / "h.safetensors"), Data(data, objective="helpfulness", limit=12),
+                         steps=2, param="lowrank", max_tokens=24, lr=1e-2,
+                         keep=Data(data, objective="verbosity", limit=12)))
+    qtbot.waitUntil(lambda: "helpful" in w.directions and not w.busy_with, timeout=60000)
+    from engine.loading import open_direction
+
+    built = open_direction(tmp_path / "h.safetensors")
+    kept = built.meta["kept_unchanged"]
+    assert kept["objective"] == "verbosity" and kept["share_in_span"] < 1e-5
+    assert built.meta["hyperparameters"]["optimizer"] == "adamw" and 0 < kept["removed_share"] < 1
+    w.close()
+
+
 def test_finished_job_adds_a_bindable_direction(qtbot, tmp_path, store, tiny_model_dir, demo_data):
     w = make_window(qtbot, tmp_path, store, tiny_model_dir)
     w.start_job(BuildJob("extract", "verbosity", str(tmp_path / "v.safetensors"),
@@ -445,6 +461,13 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     assert job.data.min_score_gap == 3.0
     assert all(p.score_gap >= 3 for p in job.data.load()) and "score gap 3 or more" in job.data.load().source
     train.data.min_score_gap.setValue(0.0)
+    job = train.job()
+    assert job.keep is None and job.optimizer == "adamw"
+    train.keep.setChecked(True)  # train helpfulness, keep verbosity where it is
+    train.optimizer.setCurrentText("sgd")
+    job = train.job()
+    assert job.keep == Data(data, None, "verbosity", None) and job.optimizer == "sgd"
+    assert train.keep_data.length_matched.parent() is train.keep_data and not train.keep_data.length_matched.isVisibleTo(train)
     train.lr_grid.setText("fast")
     with pytest.raises(TsdpoError, match="not a list of numbers"):
         train.learning_rates()
