@@ -12,10 +12,9 @@ from engine.directions import DirectionError
 from engine.dpo import encode_pairs
 from engine.errors import Cancelled
 from engine.keep import orthonormal_rows
-from engine.mixer import Mixer
 from engine.tangent import completion_logp_derivative
 from engine.train import TrainConfig, kept_margins, train_direction
-from tiny_model import random_tangent
+from tiny_model import applied_full_mix
 
 from conftest import DEMO_DATA
 
@@ -80,12 +79,7 @@ def test_keeping_is_refused_for_full_rank_and_stops_at_once_leaving_the_model_as
     helpful, verbose = two_objectives
     with pytest.raises(DirectionError, match="low-rank direction"):
         train_direction(tiny_lm, helpful, replace(CFG, param="full"), keep=verbose)
-    mixer = Mixer(tiny_lm)
-    mixer.add(random_tangent(tiny_lm, "w", seed=3, param="full", scale=0.5), name="w")
-    mixer.set_weights({"w": 1.5})
-    ids = torch.tensor([[1, 5, 9, 14]])
-    with torch.no_grad():
-        mixed = tiny_lm.model(ids).logits.clone()
+    mixer, ids, mixed = applied_full_mix(tiny_lm)
     calls = iter(range(1000))
     with pytest.raises(Cancelled):
         kept_margins(tiny_lm, verbose, CFG, should_stop=lambda: next(calls) >= 2)

@@ -9,10 +9,9 @@ import torch
 from engine.data import Pair, PairSet
 from engine.dpo import encode_pairs
 from engine.errors import Cancelled
-from engine.mixer import Mixer
 from engine.signal import SignalConfig, SignalError, data_signal, pair_gradients, signal_between, verdict_of
 from engine.tangent import completion_logps, linear_weights, shared_A0
-from tiny_model import random_tangent
+from tiny_model import applied_full_mix
 
 CFG = SignalConfig(rank=4, max_prompt_tokens=24, max_response_tokens=24, resamples=200)
 GOOD = "Rinse the rice, add water, and simmer for fifteen minutes."
@@ -65,12 +64,7 @@ def test_signal_runs_at_the_base_whatever_is_applied_and_stops(tiny_lm, tiny_pai
     clean = data_signal(tiny_lm, ps, cfg)
     # 35% of 10 held out (4), of which --heldout 3 are measured
     assert (clean["train_pairs"], clean["heldout_pairs"], clean["objective"]) == (6, 3, "helpfulness")
-    mixer = Mixer(tiny_lm)
-    mixer.add(random_tangent(tiny_lm, "w", seed=3, param="full", scale=0.5), name="w")
-    mixer.set_weights({"w": 1.5})
-    ids = torch.tensor([[1, 5, 9, 14]])
-    with torch.no_grad():
-        mixed = tiny_lm.model(ids).logits.clone()
+    mixer, ids, mixed = applied_full_mix(tiny_lm)
     under_mix = data_signal(tiny_lm, ps, cfg)
     for k in ("effect", "alignment", "train_alignment", "effect_interval"):
         assert under_mix[k] == pytest.approx(clean[k], rel=1e-5, abs=1e-9), k

@@ -72,3 +72,19 @@ def random_tangent(lm, objective: str, seed: int, param: str = "lowrank", rank: 
             tensors[n + ":B"] = torch.randn(out_f, rank, generator=g) * scale
             tensors[n + ":A"] = shared_A0(n, rank, in_f, a0_seed)
     return WeightDelta(objective, param, tensors, lm.identity())
+
+
+def applied_full_mix(lm, weight: float = 1.5):
+    """A full-rank random mix applied at ``weight`` (what a job must find again when it ends, stopped or not): the
+    mixer, the ids to check the model on, and the logits the mix gives them."""
+    import torch
+
+    from engine.mixer import Mixer
+
+    mixer = Mixer(lm)
+    mixer.add(random_tangent(lm, "w", seed=3, param="full", scale=0.5), name="w")
+    mixer.set_weights({"w": weight})
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        logits = lm.model(ids).logits.clone()
+    return mixer, ids, logits
