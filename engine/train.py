@@ -352,8 +352,11 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
         if folder and acc.is_main_process:
             save_checkpoint(folder, module, optimizer, completed, cfg, data_hash, history)
         raise
+    kept_meta = {}
     if kept is not None and history:
         removed = sum(h["kept/removed_share"] for h in history) / len(history)
+        kept_meta = {"kept_unchanged": {**kept.describe(), "removed_share": removed,
+                                        "share_in_span": first_order_share(kept, module.factor_dict())}}
         if removed > MAX_REMOVED_SHARE:
             raise DirectionError(
                 f"Keeping the {kept.info['objective']} pairs unchanged took out {100 * removed:.2f}% of every training "
@@ -366,9 +369,7 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
             "final_train": history[-1] if history else {}, "validation": val, "processes": world,
             "model": lm.identity(), "applied_while_built": applied,
             "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
-            **({"kept_unchanged": {**kept.describe(), "share_in_span": first_order_share(kept, module.factor_dict()),
-                                   "removed_share": sum(h["kept/removed_share"] for h in history) / len(history)}}
-               if kept is not None and history else {}),
+            **kept_meta,
             "seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     direction = module.to_direction(name, meta)
