@@ -37,24 +37,27 @@ screenshots: $(STAMP)
 # Rebuild the demo directions shipped in assets/directions (see assets/directions/README.md): three low-rank
 # TS-DPO directions and their steering vectors, each from the shipped data with a fixed seed; 35% of each
 # objective's pairs are held out (the same split `tsdpo effects`/`sweep --val-fraction 0.35` score), and the
-# linearization-gap map the studio draws for the first launch's plane. About 65 minutes on 2 cores (each learning
-# rate of a grid is a training run of 5-9 minutes).
+# linearization-gap map the studio draws for the first launch's plane. About 80 minutes on 2 cores (each learning
+# rate of a grid is a training run of 5-9 minutes; helpfulness is one plain gradient step over its 230 training
+# pairs, 10 minutes, kept orthogonal to the 203 verbosity training pairs' margin gradients, 6 minutes).
 DEMO_SPLIT := --val-fraction 0.35 --seed 0
 DEMO_TRAIN := --param lowrank --rank 8 --steps 40 --batch-size 4 --max-prompt-tokens 96 --max-response-tokens 96 \
 	$(DEMO_SPLIT) --overwrite --no-store
 UF_400 := assets/data/ultrafeedback_helpfulness_400.jsonl
-UF_LM  := assets/data/ultrafeedback_length_matched_1.25.jsonl
+UF_BAL := assets/data/ultrafeedback_length_balanced_2.jsonl
 HH_LM  := assets/data/hh_rlhf_harmless_length_matched_1.25.jsonl
 demo-directions: $(STAMP)
 	$(BIN)/tsdpo steer extract --data $(UF_400) --objective verbosity --name verbosity-steer \
 		--limit 150 --out assets/directions/verbosity.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
-	$(BIN)/tsdpo steer extract --data $(UF_LM) --objective helpfulness --name helpfulness-steer $(DEMO_SPLIT) \
+	$(BIN)/tsdpo steer extract --data $(UF_BAL) --objective helpfulness --name helpfulness-steer $(DEMO_SPLIT) \
 		--out assets/directions/helpfulness.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
 	$(BIN)/tsdpo steer extract --data $(HH_LM) --objective harmlessness --name harmlessness-steer $(DEMO_SPLIT) \
 		--out assets/directions/harmlessness.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
 	$(BIN)/tsdpo train --data $(UF_400) --objective verbosity $(DEMO_TRAIN) --lr-grid 5e-4,1e-3 \
 		--out assets/directions/verbosity.tsdpo.safetensors $(DEMO_ARGS)
-	$(BIN)/tsdpo train --data $(UF_LM) --objective helpfulness $(DEMO_TRAIN) --lr-grid 5e-4,1e-3 \
+	$(BIN)/tsdpo train --data $(UF_BAL) --objective helpfulness --param lowrank --rank 8 --optimizer sgd --steps 1 \
+		--batch-size 230 --grad-accum 46 --lr 5 --max-prompt-tokens 96 --max-response-tokens 96 $(DEMO_SPLIT) \
+		--keep-unchanged verbosity=$(UF_400) --overwrite --no-store \
 		--out assets/directions/helpfulness.tsdpo.safetensors $(DEMO_ARGS)
 	$(BIN)/tsdpo train --data $(HH_LM) --objective harmlessness $(DEMO_TRAIN) --lr-grid 5e-4,1e-3,2e-3 \
 		--out assets/directions/harmlessness.tsdpo.safetensors $(DEMO_ARGS)

@@ -25,7 +25,7 @@ fi
 [ -f "$out/effects.json" ] || $T effects --no-store --pairs ${PAIRS:-64} --val-fraction 0.35 --seed 0 --no-lin-gap \
   --max-prompt-tokens 96 --max-response-tokens 96 \
   --data verbosity=assets/data/ultrafeedback_helpfulness_400.jsonl \
-  --data helpfulness=assets/data/ultrafeedback_length_matched_1.25.jsonl \
+  --data helpfulness=assets/data/ultrafeedback_length_balanced_2.jsonl \
   --data harmlessness=assets/data/hh_rlhf_harmless_length_matched_1.25.jsonl \
   $directions --out "$out/effects.json" 2>"$out/effects.log"
 if [ -n "${LENGTHS:-}" ]; then
