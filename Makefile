@@ -44,12 +44,15 @@ DEMO_SPLIT := --val-fraction 0.35 --seed 0
 DEMO_TRAIN := --param lowrank --rank 8 --steps 40 --batch-size 4 --max-prompt-tokens 96 --max-response-tokens 96 \
 	$(DEMO_SPLIT) --overwrite --no-store
 UF_400 := assets/data/ultrafeedback_helpfulness_400.jsonl
+UF_LM  := assets/data/ultrafeedback_length_matched_1.25.jsonl
 UF_BAL := assets/data/ultrafeedback_length_balanced_2.jsonl
 HH_LM  := assets/data/hh_rlhf_harmless_length_matched_1.25.jsonl
 demo-directions: $(STAMP)
 	$(BIN)/tsdpo steer extract --data $(UF_400) --objective verbosity --name verbosity-steer \
 		--limit 150 --out assets/directions/verbosity.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
-	$(BIN)/tsdpo steer extract --data $(UF_BAL) --objective helpfulness --name helpfulness-steer $(DEMO_SPLIT) \
+	@# The helpfulness steering vector stays on the length-matched pairs: from the balanced ones (the TS-DPO
+	@# direction's) it steers layer 21 and moves harmlessness, not helpfulness (docs/evidence.md, 2026-12-07).
+	$(BIN)/tsdpo steer extract --data $(UF_LM) --objective helpfulness --name helpfulness-steer $(DEMO_SPLIT) \
 		--out assets/directions/helpfulness.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
 	$(BIN)/tsdpo steer extract --data $(HH_LM) --objective harmlessness --name harmlessness-steer $(DEMO_SPLIT) \
 		--out assets/directions/harmlessness.steer.safetensors --overwrite --no-store $(DEMO_ARGS)
