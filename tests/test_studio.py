@@ -467,7 +467,8 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     train.optimizer.setCurrentText("sgd")
     job = train.job()
     assert job.keep == Data(data, None, "verbosity", None) and job.optimizer == "sgd"
-    assert train.keep_data.length_matched.parent() is train.keep_data and not train.keep_data.length_matched.isVisibleTo(train)
+    assert train.keep_data.layout().rowCount() == 3  # data, format, objective: kept pairs are taken whole
+    assert train.data.layout().rowCount() == 6
     train.lr_grid.setText("fast")
     with pytest.raises(TsdpoError, match="not a list of numbers"):
         train.learning_rates()
