@@ -195,6 +195,13 @@ class JobDialog(QDialog):
             lay.addWidget(self.coverage)
         lay.addWidget(buttons)
 
+    def showEvent(self, event) -> None:
+        # Never smaller than the rows need: Qt sizes a dialog with a word-wrapped label (the coverage) from the
+        # label's one-line minimum, which opened it short and squeezed every field.
+        self.setMinimumSize(self.sizeHint())
+        self.resize(self.size().expandedTo(self.sizeHint()))
+        super().showEvent(event)
+
     def learning_rates(self) -> list[float]:
         """The grid typed in, as numbers (empty: one run); refused with the reason when it is not a list of rates."""
         text = self.lr_grid.text().strip() if hasattr(self, "lr_grid") else ""

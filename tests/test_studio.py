@@ -481,6 +481,36 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     assert job.second == Data(data, None, "verbosity", 200)
 
 
+def test_no_field_of_a_job_dialog_is_squeezed(qtbot, tmp_path):
+    """A dialog with the (word-wrapped) coverage text opened shorter than its rows need and squeezed every field;
+    seen in a real window. Each editable field gets at least its own minimum height."""
+    from PySide6.QtWidgets import QAbstractSpinBox, QComboBox, QLineEdit, QMainWindow, QWidget
+
+    from studio.jobs import JobDialog
+
+    coverage = ["A direction on this llama model covers 210 weight matrices, 106,168,320 of the decoder blocks' "
+                "106,202,880 parameters (100%): self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, "
+                "self_attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj in each of 30 blocks.",
+                "Skipped: norm weights and other vectors: 60 tensors, 34,560 parameters (only the weight matrices "
+                "of linear layers are directions; e.g. model.layers.0.input_layernorm.weight)."]
+    parent = QMainWindow()
+    qtbot.addWidget(parent)
+    parent.resize(1400, 900)
+    parent.show()
+    for kind in ("train", "scalarized", "extract"):
+        dialog = JobDialog(kind, tmp_path, "x.jsonl", parent, coverage=coverage)
+        qtbot.addWidget(dialog)
+        dialog.show()
+        qtbot.waitExposed(dialog)
+        fields = [w for w in dialog.findChildren(QWidget) if isinstance(w, (QAbstractSpinBox, QComboBox, QLineEdit))
+                  and not isinstance(w.parent(), (QAbstractSpinBox, QComboBox)) and w.isVisible()]
+        assert len(fields) > 8
+        squeezed = [(type(w).__name__, w.height(), w.minimumSizeHint().height()) for w in fields
+                    if w.height() < w.minimumSizeHint().height()]
+        assert not squeezed, (kind, squeezed)
+        dialog.close()
+
+
 def test_the_training_dialog_says_what_a_direction_covers_on_the_model_loaded(qtbot, tmp_path, store, demo_data):
     from architectures import build_architecture
     from studio.jobs import JobDialog
