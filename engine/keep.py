@@ -64,6 +64,7 @@ class KeptMargins:
             rows.append(pair_gradients(lm, train.pairs[i:i + batch_size], names, A, cfg))
             phase.update(b + 1)
         G = torch.cat(rows)
+        del rows
         if not torch.isfinite(G).all():
             raise DirectionError(f"The margin gradients of the {pairs.objective} pairs to keep are not finite: the model "
                                  "gives some of their replies a probability of 0 (check the data and the model's dtype).")
@@ -106,15 +107,20 @@ class KeptMargins:
         return dict(self.info)
 
 
-def orthonormal_rows(G: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Rows spanning the same space as the rows of ``G`` [m, D], orthonormal, float32 (from the m x m Gram matrix in
-    float64: m is small, D is not), and how many rows added nothing of their own."""
-    G64 = G.double()
-    gram = G64 @ G64.T
+def orthonormal_rows(G: torch.Tensor, chunk: int = 1 << 18) -> tuple[torch.Tensor, int]:
+    """Rows spanning the same space as the rows of ``G`` [m, D], orthonormal, float32, and how many rows added
+    nothing of their own. The m x m Gram matrix is summed in float64 a slice of columns at a time (m is small, D is
+    not: no float64 copy of G), and Q = (U diag(1/sqrt(lambda)))^T G."""
+    m = G.shape[0]
+    gram = torch.zeros(m, m, dtype=torch.float64)
+    for part in G.split(chunk, dim=1):
+        part = part.double()
+        gram += part @ part.T
     evals, evecs = torch.linalg.eigh(gram)
     keep = evals > RELATIVE_EIGENVALUE_FLOOR * evals.max().clamp_min(1e-300)
-    Q = (evecs[:, keep] / evals[keep].sqrt()).T @ G64
-    return Q.float(), int((~keep).sum())
+    coeff = (evecs[:, keep] / evals[keep].sqrt()).T
+    Q = torch.cat([(coeff @ part.double()).float() for part in G.split(chunk, dim=1)], dim=1)
+    return Q, int((~keep).sum())
 
 
 # Above this mean share of every step taken out, what is left is rounding, not a direction: refused, loudly.
