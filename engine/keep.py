@@ -30,6 +30,8 @@ from engine.progress import Phase, ProgressFn
 # Gradients whose share of the Gram matrix's largest eigenvalue is below this add no direction of their own
 # (duplicated pairs, a pair cut to nothing): they are dropped from the basis instead of amplifying rounding.
 RELATIVE_EIGENVALUE_FLOOR = 1e-8
+# Above this mean share of every step taken out, what is left is rounding, not a direction: refused, loudly.
+MAX_REMOVED_SHARE = 0.99
 
 
 class KeptMargins:
@@ -123,13 +125,8 @@ def orthonormal_rows(G: torch.Tensor, chunk: int = 1 << 18) -> tuple[torch.Tenso
     return Q, int((~keep).sum())
 
 
-# Above this mean share of every step taken out, what is left is rounding, not a direction: refused, loudly.
-MAX_REMOVED_SHARE = 0.99
-
-
 def first_order_share(kept: KeptMargins, tau: dict[str, torch.Tensor]) -> float:
     """|Q tau| / |tau|: the share of the direction that lies in the kept pairs' span (0: their margins stay, to
     first order)."""
     norm = math.sqrt(sum(float(B.detach().float().pow(2).sum()) for B in tau.values()))
     return float(kept.coefficients(tau).norm()) / norm if norm > 0 else 0.0
-
