@@ -34,6 +34,13 @@ RELATIVE_EIGENVALUE_FLOOR = 1e-8
 MAX_REMOVED_SHARE = 0.99
 
 
+def require_lowrank(param: str) -> None:
+    """Keeping pairs unchanged is for low-rank directions (module docstring): said before any work starts."""
+    if param != "lowrank":
+        raise DirectionError("Keeping another objective unchanged needs a low-rank direction (--param lowrank): a "
+                             "full-rank one would hold a copy of the model's weights per kept pair.")
+
+
 class KeptMargins:
     """An orthonormal basis ``Q`` [k, D] of the kept pairs' margin gradients over the B factors of ``names`` (each
     B [out, rank] row-major, in ``names`` order), and what it was made from (``describe``)."""
@@ -47,7 +54,8 @@ class KeptMargins:
               progress: Optional[ProgressFn] = None, should_stop: Callable[[], bool] = lambda: False) -> "KeptMargins":
         """The basis for the training split of ``pairs`` (``val_fraction``, ``seed``: the split training uses), from
         their margin gradients at the model as it is (the caller runs this at the base)."""
-        from engine.signal import SignalConfig, pair_gradients, shared_factors
+        from engine.signal import SignalConfig, pair_gradients
+        from engine.tangent import shared_factors
 
         train, _ = pairs.split(val_fraction, seed)
         if len(train) < 1:

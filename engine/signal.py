@@ -32,7 +32,7 @@ from engine.errors import Cancelled, TsdpoError
 from engine.hooks import completion_rows, in_out, linear_layer
 from engine.models import LoadedModel, runs_at_base
 from engine.progress import Phase, ProgressFn
-from engine.tangent import _forward_kwargs, _sequence_logps, linear_weights, shared_A0
+from engine.tangent import _forward_kwargs, _sequence_logps, linear_weights, shared_factors
 
 RESAMPLES = 1000
 
@@ -69,12 +69,6 @@ def _per_sequence_branches(model: torch.nn.Module, factors: dict[str, tuple[torc
     finally:
         for h in handles:
             h.remove()
-
-
-def shared_factors(lm: LoadedModel, names: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """The A0 [rank, in] of each weight, as ``tsdpo train --param lowrank --seed`` starts from."""
-    modules = dict(lm.model.named_modules())
-    return {n: shared_A0(n, rank, in_out(linear_layer(modules, n))[0], seed).to(lm.device, lm.dtype) for n in names}
 
 
 def pair_gradients(lm: LoadedModel, pairs: list[Pair], names: list[str], A: dict[str, torch.Tensor],

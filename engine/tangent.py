@@ -130,6 +130,12 @@ def shared_A0(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor
     return torch.randn(rank, in_features, generator=g) / math.sqrt(in_features)
 
 
+def shared_factors(lm: LoadedModel, names: list[str], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """The A0 [rank, in] of each weight, as ``tsdpo train --param lowrank --seed`` starts from."""
+    modules = dict(lm.model.named_modules())
+    return {n: shared_A0(n, rank, in_out(linear_layer(modules, n))[0], seed).to(lm.device, lm.dtype) for n in names}
+
+
 class DirectionModel(nn.Module):
     """The trainable tau (full deltas or B factors) and the loss of one batch under the chosen method.
 

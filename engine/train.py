@@ -25,7 +25,7 @@ from engine.data import Pair, PairSet
 from engine.directions import DirectionError
 from engine.dpo import LOSSES, encode_pairs
 from engine.errors import Cancelled
-from engine.keep import MAX_REMOVED_SHARE, KeptMargins, first_order_share
+from engine.keep import MAX_REMOVED_SHARE, KeptMargins, first_order_share, require_lowrank
 from engine.models import LoadedModel, runs_at_base
 from engine.paths import atomic_write_bytes, atomic_write_text
 from engine.progress import Phase, Progress, ProgressFn, abort_on_cancel
@@ -225,9 +225,7 @@ def kept_margins(lm: LoadedModel, keep: PairSet, cfg: TrainConfig, progress: Opt
     """The basis a training run with ``cfg`` projects onto the complement of: the margin gradients of the training
     split of ``keep`` (split as ``cfg`` splits), over the factors that run trains. Call it at the base model."""
     cfg.validate()
-    if cfg.param != "lowrank":
-        raise DirectionError("Keeping another objective unchanged needs a low-rank direction (--param lowrank): a "
-                             "full-rank one would hold a copy of the model's weights per kept pair.")
+    require_lowrank(cfg.param)
     with abort_on_cancel(lm, should_stop, "the kept pairs' gradients"):
         return KeptMargins.build(lm, keep, linear_weights(lm, cfg.layers, cfg.modules), cfg.rank, cfg.seed,
                                  cfg.val_fraction, cfg.beta, cfg.max_prompt_tokens, cfg.max_response_tokens,

@@ -126,9 +126,9 @@ def cmd_train(args) -> int:
         if not sep or not objective or not path:
             raise TsdpoError(f"--keep-unchanged takes OBJECTIVE=FILE (e.g. verbosity=pairs.jsonl), not "
                              f"{args.keep_unchanged!r}.")
-        if args.param != "lowrank":
-            raise TsdpoError("--keep-unchanged needs a low-rank direction (--param lowrank): a full-rank one would hold "
-                             "a copy of the model's weights per kept pair.")
+        from engine.keep import require_lowrank
+
+        require_lowrank(args.param)  # before the model loads
         keep = load_pairs(path, objective=objective)
         print(f"  keeping the margins of {len(keep)} {keep.objective} pairs from {keep.source} unchanged (their "
               f"training split at --val-fraction {args.val_fraction:g})", file=sys.stderr)
