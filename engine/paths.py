@@ -56,10 +56,35 @@ def atomic_path(path: str | os.PathLike, *, keep_existing: bool = False) -> Iter
         if keep_existing and path.exists():
             _remove(tmp)
         else:
+            with_default_modes(tmp)
             os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and put back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_default_modes(p: Path) -> None:
+    """Give ``p`` (a file, or a folder and all it holds) the permissions a plain ``open`` or ``mkdir`` would:
+    safetensors writes its files readable by their owner alone (0600), which leaves an export or a direction in
+    a shared folder unreadable to anyone else, such as a server run as another user."""
+    mask = current_umask()
+    paths = [p, *p.rglob("*")] if p.is_dir() and not p.is_symlink() else [p]
+    for q in paths:
+        if not q.is_symlink():
+            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
 
 
 def _remove(p: Path) -> None:

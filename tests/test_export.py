@@ -263,6 +263,38 @@ def test_control_vector_refuses_block_zero_and_weight_directions(lm, steer, tmp_
 
 # ------------------------------------------------------------------------------------------ safety
 
+def test_exports_and_direction_files_are_readable_as_plain_files_would_be(lm, steer, tmp_path):
+    """safetensors writes its files 0600; an export or a direction in a shared folder must be readable by whoever
+    the umask lets read a plain file (a server run as another user), as every other file of the export is."""
+    import os
+    import stat
+
+    from engine.paths import current_umask
+
+    old = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        tangent = random_tangent(lm, "helpfulness", 1)
+        mixer = _mixer(lm, tangent)
+        export_mix(lm, mixer, {"helpfulness": 1.0}, tmp_path / "hf")
+        export_mix(lm, mixer, {"helpfulness": 1.0}, tmp_path / "peft", format="peft")
+        export_mix(lm, _mixer(lm, steer), {steer.name: 1.0}, tmp_path / "cv", format="controlvector")
+        saved = tangent.save(tmp_path / "d.tsdpo.safetensors")
+        files = [saved, *(f for d in ("hf", "peft", "cv") for f in (tmp_path / d).rglob("*"))]
+        weights = [f for f in files if f.suffix == ".safetensors"]
+        assert len(weights) >= 4  # model, adapter, control-vector mix, direction
+        for f in files:
+            want = 0o755 if f.is_dir() else 0o644
+            assert stat.S_IMODE(f.stat().st_mode) == want, f
+        for d in ("hf", "peft", "cv"):
+            assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o755
+        os.umask(0o077)  # a user who wants private files still gets them
+        private = tangent.save(tmp_path / "private.tsdpo.safetensors")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_existing_folder_is_refused_unless_overwrite_and_replaced_whole(lm, tmp_path):
     mixer = _mixer(lm, random_tangent(lm, "helpfulness", 1))
     out = tmp_path / "e"

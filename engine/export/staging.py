@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from engine.export.base import ExportError
-from engine.paths import can_create_in, format_bytes
+from engine.paths import can_create_in, format_bytes, with_default_modes
 
 
 def check_target(out: Path, overwrite: bool) -> None:
@@ -92,6 +92,7 @@ class Staging:
                                   "nothing was left behind. Free some space, or export to another disk.") from exc
             return False
         check_target(self.out, self.overwrite)  # another process may have written there meanwhile
+        with_default_modes(self.tmp)
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.{HIDDEN_OLD}-{os.getpid()}"
