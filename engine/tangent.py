@@ -187,9 +187,31 @@ class DirectionModel(nn.Module):
     def forward(self, batch: PairBatch, beta: float = 0.1, loss_type: str = "sigmoid"):
         # Summed log-probs, as TRL computes its metrics; IPO averages per token inside its loss only.
         pol, ref = completion_logps(self.lm, batch, self.factors(), self.method)
-        b = batch.n_pairs
-        counts = batch.target_mask.sum(-1).clamp_min(1).float()
-        return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type, lengths=(counts[:b], counts[b:]))
+        return _pair_loss(batch, pol, ref, beta, loss_type)
+
+    @torch.no_grad()
+    def scaled_losses(self, batch: PairBatch, scales: list[float], beta: float = 0.1, loss_type: str = "sigmoid"):
+        """(loss, metrics) of ``batch`` with tau scaled by each of ``scales``. In the linearized model the policy's
+        logits are f(theta0) + s J tau, linear in s, so one forward-mode pass serves every scale; the ordinary
+        model (scalarized) runs a pass per scale."""
+        if self.method != "tangent":
+            saved = [p.detach().clone() for p in self.tau.values()]
+            try:
+                out = []
+                for s in scales:
+                    for p, p0 in zip(self.tau.values(), saved):
+                        p.copy_(p0 * s)
+                    out.append(self(batch, beta, loss_type))
+                return out
+            finally:
+                for p, p0 in zip(self.tau.values(), saved):
+                    p.copy_(p0)
+        pol_logits, ref_logits = completion_logits(self.lm, batch, self.factors(), self.method)
+        mask = batch.target_mask.bool()
+        ref = _sequence_logps(batch, mask, ref_logits)
+        d = pol_logits - ref_logits
+        return [_pair_loss(batch, _sequence_logps(batch, mask, pol_logits if s == 1 else ref_logits + s * d), ref,
+                           beta, loss_type) for s in scales]
 
     def to_direction(self, objective: str, meta: dict) -> WeightDelta:
         with torch.no_grad():
@@ -208,6 +230,13 @@ class DirectionModel(nn.Module):
 
 
 Tau = dict  # weight name -> a full delta, or -> (B, A0) low-rank factors
+
+
+def _pair_loss(batch: PairBatch, pol: torch.Tensor, ref: torch.Tensor, beta: float, loss_type: str):
+    """DPO loss and metrics from per-sequence log-probs of the batch's rows (chosen rows first)."""
+    b = batch.n_pairs
+    counts = batch.target_mask.sum(-1).clamp_min(1).float()
+    return dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta, loss_type, lengths=(counts[:b], counts[b:]))
 
 
 def _materialized(tau: Tau, transposed: set = frozenset()) -> dict[str, torch.Tensor]:

@@ -185,18 +185,20 @@ def load_checkpoint(folder: Path, module: DirectionModel, optimizer: torch.optim
 
 
 @torch.no_grad()
-def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: TrainConfig, batch_size: int = 4) -> dict:
-    """Held-out DPO metrics (implicit reward accuracy, margin) of the policy against the base model."""
+def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: TrainConfig, batch_size: int = 4,
+             scales: tuple[float, ...] = (1.0,)) -> list[dict]:
+    """Held-out DPO metrics (loss, implicit reward accuracy, margin) of the policy against the base model, one dict
+    per scale of the trained tau (``DirectionModel.scaled_losses``: one pass per batch serves every scale)."""
     if not pairs:
-        return {}
-    sums: dict[str, float] = {}
+        return [{} for _ in scales]
+    sums: list[dict[str, float]] = [{} for _ in scales]
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         batch = encode_pairs(lm, chunk, cfg.max_prompt_tokens, cfg.max_response_tokens).to(lm.device)
-        _, metrics = module(batch, cfg.beta, cfg.loss)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-    return {k: v / len(pairs) for k, v in sums.items()}
+        for total, (_, metrics) in zip(sums, module.scaled_losses(batch, list(scales), cfg.beta, cfg.loss)):
+            for k, v in metrics.items():
+                total[k] = total.get(k, 0.0) + float(v) * len(chunk)
+    return [{k: v / len(pairs) for k, v in total.items()} for total in sums]
 
 
 @runs_at_base
@@ -211,12 +213,24 @@ def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]]
     afterwards), on the eager kernels forward-mode AD needs. ``progress`` gets one ``Progress`` per step, its
     metrics the step's record; a cancel takes effect within one decoder block. ``keep``: pairs of another
     objective whose margins the direction must leave unchanged, to first order (``engine.keep``; low-rank only)."""
+    return _train_at_base(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, keep, (1.0,))[0]
+
+
+@runs_at_base
+def _train_at_base(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, keep, multiples) -> list[TrainResult]:
     cfg.validate()
     applied = lm.applied()  # [] here: at_base set the caller's mix aside; recorded as provenance
     kept = kept_margins(lm, keep, cfg, progress, should_stop) if isinstance(keep, PairSet) else keep
     kernels = lm.forward_ad_kernels() if cfg.method == "tangent" else nullcontext()
     with kernels, abort_on_cancel(lm, should_stop, "training"):
-        return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept)
+        return _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept, multiples)
+
+
+def is_one_plain_step(cfg: TrainConfig) -> bool:
+    """Whether the run is one plain gradient step from tau = 0, which is the learning rate times one vector
+    whatever the rate: clipping acts on the gradient, weight decay on tau = 0 (adding nothing) and keeping another
+    objective unchanged is a linear projection."""
+    return cfg.optimizer == "sgd" and cfg.steps == 1
 
 
 @runs_at_base
@@ -246,13 +260,23 @@ def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, fl
         raise DirectionError("Picking the learning rate needs held-out pairs: set a validation fraction above 0.")
     if keep is not None:  # one basis for every rate: it depends on the base model and the split only
         keep = kept_margins(lm, keep, cfg, progress, should_stop)
+    if is_one_plain_step(cfg):  # one run at the first rate; every rate's direction is a multiple of it
+        report = (lambda p: progress(replace(p, phase=f"one step for {len(grid)} learning rates"))) if progress else None
+        folder = Path(checkpoint_dir) / f"lr-{grid[0]:g}" if checkpoint_dir else None
+        results = _train_at_base(lm, data, replace(cfg, lr=grid[0]), report, should_stop, folder, objective, keep,
+                                 tuple(lr / grid[0] for lr in grid))
+    else:
+        results = None
     runs, best, best_loss = [], None, math.inf
     for i, lr in enumerate(grid):
-        label = f"training at lr {lr:g} ({i + 1} of {len(grid)})"
-        report = (lambda p, label=label: progress(replace(p, phase=label))) if progress else None
-        folder = Path(checkpoint_dir) / f"lr-{lr:g}" if checkpoint_dir else None
-        result = train_direction(lm, data, replace(cfg, lr=lr), progress=report, should_stop=should_stop,
-                                 checkpoint_dir=folder, objective=objective, keep=keep)
+        if results is not None:
+            result = results[i]
+        else:
+            label = f"training at lr {lr:g} ({i + 1} of {len(grid)})"
+            report = (lambda p, label=label: progress(replace(p, phase=label))) if progress else None
+            folder = Path(checkpoint_dir) / f"lr-{lr:g}" if checkpoint_dir else None
+            result = train_direction(lm, data, replace(cfg, lr=lr), progress=report, should_stop=should_stop,
+                                     checkpoint_dir=folder, objective=objective, keep=keep)
         val = result.val_metrics
         loss = float(val.get("loss", math.nan))
         runs.append({"lr": lr, "val_loss": loss, "val_accuracy": val.get("rewards/accuracies"),
@@ -268,7 +292,11 @@ def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, fl
     return best
 
 
-def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept) -> TrainResult:
+def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, applied, kept, multiples) -> list[TrainResult]:
+    """Train, then return the direction at each of ``multiples`` of the trained tau (only a run that
+    ``is_one_plain_step`` has more than 1: there a multiple is the direction another learning rate gives)."""
+    if tuple(multiples) != (1.0,) and not is_one_plain_step(cfg):
+        raise DirectionError("Only one plain gradient step scales with its learning rate.")
     from accelerate import Accelerator
 
     sources = [(data, 1.0)] if isinstance(data, PairSet) else list(data)
@@ -361,15 +389,23 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
                 f"step: their gradients span nearly all that training on these pairs changes, so what is left is "
                 f"rounding, not a direction. On this model the two objectives cannot be told apart to first order; "
                 f"keep fewer pairs, or train without keeping them.")
-    val = evaluate(module, lm, val_pairs, cfg)
-    meta = {"hyperparameters": {**asdict(cfg), "lr": lr}, "data_hash": data_hash, "objective_sources":
-            [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
-            "final_train": history[-1] if history else {}, "validation": val, "processes": world,
-            "model": lm.identity(), "applied_while_built": applied,
-            "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
-            **kept_meta,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    direction = module.to_direction(name, meta)
-    direction.method = cfg.method
-    return TrainResult(direction, history, val)
+    vals = evaluate(module, lm, val_pairs, cfg, scales=multiples)
+    seconds = round(time.perf_counter() - t0, 1)
+    results = []
+    with torch.no_grad():
+        trained = [p.detach().clone() for p in module.tau.values()]
+        for m, val in zip(multiples, vals):
+            for p, p0 in zip(module.tau.values(), trained):
+                p.copy_(p0 if m == 1 else p0 * m)
+            steps = [{**h, "lr": h["lr"] * m} for h in history]
+            meta = {"hyperparameters": {**asdict(cfg), "lr": lr * m}, "data_hash": data_hash, "objective_sources":
+                    [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
+                    "final_train": steps[-1] if steps else {}, "validation": val, "processes": world,
+                    "model": lm.identity(), "applied_while_built": applied,
+                    "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
+                    **kept_meta, "seconds": seconds,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            direction = module.to_direction(name, meta)
+            direction.method = cfg.method
+            results.append(TrainResult(direction, steps, val))
+    return results

@@ -243,3 +243,42 @@ def test_a_learning_rate_grid_keeps_the_lowest_held_out_loss(tiny_model_dir, dem
         assert torch.equal(d.weight_delta(n), plain.weight_delta(n)), n
     assert main([*common, "--lr-grid", "1e-3", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "two or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,param", [("tangent", "lowrank"), ("tangent", "full"), ("scalarized", "lowrank")])
+def test_one_plain_step_scores_every_learning_rate_from_one_run(tiny_lm, demo_data, monkeypatch, method, param):
+    """One SGD step from tau = 0 is the rate times one vector, so a grid trains once and scores each rate's multiple
+    (one forward-mode pass per batch for TS-DPO): the same held-out losses and the same kept direction as one
+    run per rate."""
+    from dataclasses import replace
+
+    from engine import train as train_module
+    from engine.data import load_pairs
+
+    pairs = load_pairs(demo_data / "ultrafeedback_helpfulness_400.jsonl", limit=16)
+    data = pairs if method == "tangent" else [(pairs, 1.0)]
+    cfg = TrainConfig(method=method, param=param, rank=4, steps=1, batch_size=11, grad_accum=1, optimizer="sgd",
+                      val_fraction=0.3, max_prompt_tokens=24, max_response_tokens=24, max_grad_norm=0.0)
+    grid = [0.3, 3.0, 30.0] if param == "lowrank" else [3e-3, 3e-2, 3e-1]
+    runs = []
+    original = train_module._train
+    monkeypatch.setattr(train_module, "_train", lambda *a: runs.append(a[-1]) or original(*a))
+    best = train_module.train_with_lr_search(tiny_lm, data, cfg, grid)
+    assert runs == [tuple(lr / grid[0] for lr in grid)]  # one training run, scored at every rate
+    search = best.direction.meta["lr_search"]
+    losses = {r["lr"]: r["val_loss"] for r in search["runs"]}
+    assert len({round(v, 6) for v in losses.values()}) == 3  # the rates are told apart
+    one_by_one = {lr: train_module.train_direction(tiny_lm, data, replace(cfg, lr=lr)) for lr in grid}
+    assert len(runs) == 1 + len(grid)
+    for lr, result in one_by_one.items():
+        assert losses[lr] == pytest.approx(result.val_metrics["loss"], rel=1e-5, abs=1e-6), lr
+    chosen = search["chosen"]
+    assert chosen == min(losses, key=losses.get) == best.direction.meta["hyperparameters"]["lr"]
+    assert best.direction.meta["final_train"]["lr"] == pytest.approx(chosen)
+    plain = one_by_one[chosen].direction
+    for n in plain.weight_names():
+        torch.testing.assert_close(best.direction.weight_delta(n), plain.weight_delta(n), rtol=1e-5, atol=1e-8)
+    # more than one step does not scale with the rate: one run per rate, as before
+    runs.clear()
+    train_module.train_with_lr_search(tiny_lm, data, replace(cfg, steps=2), grid[:2])
+    assert runs == [(1.0,), (1.0,)]

@@ -199,7 +199,9 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="default: 2e-3 low-rank, 1e-4 full")
     p.add_argument("--lr-grid", metavar="LR,LR,...",
                    help="train once per learning rate and keep the direction with the lowest held-out DPO loss "
-                        "(every run's metrics are kept in the file); replaces --lr")
+                        "(every run's metrics are kept in the file); replaces --lr. With --optimizer sgd --steps 1 "
+                        "it trains once: one plain step is the rate times the same vector, so each rate is scored on "
+                        "its multiple")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--loss", choices=LOSSES, default="sigmoid")
     p.add_argument("--seed", type=int, default=0)
