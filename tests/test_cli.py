@@ -166,6 +166,18 @@ def test_steer_lengths_reports_each_weight(capsys, tiny_vector, tiny_model_dir, 
     for r in saved["rows"]:  # the distinct-2 printed is that of the replies saved
         assert r["distinct2"] == round(distinct_n(saved["texts"][str(float(r["weight"]))]), 4)
         assert f"{r['distinct2']:.3f}" in stdout
+    assert saved["repetition_penalty"] == 1.0 and "(2 prompts, greedy," in stdout
+    # a repetition penalty reaches the decoding (greedy still) and is recorded
+    code, stdout, err = run(capsys, "lengths", "--direction", str(path), "--prompts", str(prompts),
+                            "--weights", "-1,0,1", "--max-new-tokens", "6", "--model", str(tiny_model_dir),
+                            "--repetition-penalty", "3", "--json-out", str(tmp_path / "penalized.json"))
+    assert code == 0, err
+    penalized = json.loads((tmp_path / "penalized.json").read_text())
+    assert penalized["repetition_penalty"] == 3.0 and "greedy, repetition penalty 3," in stdout
+    assert penalized["texts"] != saved["texts"]
+    code, _, err = run(capsys, "lengths", "--direction", str(path), "--prompts", str(prompts), "--model",
+                       str(tiny_model_dir), "--repetition-penalty", "0")
+    assert code == 2 and "repetition penalty must be positive" in err
 
 
 def test_train_then_generate_with_the_direction_file(capsys, tiny_model_dir, demo_data, tmp_path):

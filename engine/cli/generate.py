@@ -103,7 +103,7 @@ def cmd_lengths(args) -> int:
     if (args.layers or args.strength is not None) and direction.kind == "steering":
         direction = direction.with_settings(int_list(args.layers, "--layers"), args.strength)
     name = mixer.add(direction)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty).validate()
     texts: dict[float, list[str]] = {}
     with PhaseBars() as progress:
         lengths = response_lengths(mixer, name, weights, prompts, params, progress=progress, texts=texts)
@@ -119,9 +119,11 @@ def cmd_lengths(args) -> int:
         atomic_write_text(Path(args.json_out), json.dumps({"rows": rows, "lengths": {str(w): v for w, v in lengths.items()},
                                                            "texts": {str(w): v for w, v in texts.items()},
                                                            "direction": direction.describe(), "prompts": prompts,
-                                                           "max_new_tokens": params.max_new_tokens}, indent=1))
+                                                           "max_new_tokens": params.max_new_tokens,
+                                                           "repetition_penalty": params.repetition_penalty}, indent=1))
     how = ", ".join(f"{k} {v}" for k, v in direction.describe().items() if k in ("layers", "strength", "param"))
-    print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, greedy, {direction.label}, {how})")
+    greedy = "greedy" if params.repetition_penalty == 1 else f"greedy, repetition penalty {params.repetition_penalty:g}"
+    print(f"monotonic increasing: {is_monotonic(means)}  ({len(prompts)} prompts, {greedy}, {direction.label}, {how})")
     return 0
 
 
@@ -153,4 +155,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--strength", type=float, help="steering only: override the strength")
     p.add_argument("--json-out", help="also write the rows, every reply's length and text to this JSON file")
     p.add_argument("--positions", choices=POSITIONS, default="all")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, tokens already in the prompt or reply become less likely (still greedy); for a model "
+                        "whose greedy replies loop to the cap, which hides any length effect")
     p.set_defaults(func=cmd_lengths)
