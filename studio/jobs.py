@@ -147,13 +147,16 @@ class JobDialog(QDialog):
                                   "the weights); full: a whole delta per matrix")
             self.steps = QSpinBox(minimum=1, maximum=100_000, value=60)
             self.steps.setToolTip("Optimizer steps (each over the batch of pairs)")
-            self.lr = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=5, singleStep=1e-4, value=0.0)
+            # up to 100: one plain SGD step's rate is its length (the shipped helpfulness step picked 10)
+            self.lr = QDoubleSpinBox(minimum=0.0, maximum=100.0, decimals=5, singleStep=1e-4, value=0.0)
             self.lr.setSpecialValueText("default")
-            self.lr.setToolTip("The learning rate (default: 2e-3 low-rank, 1e-4 full); a grid below replaces it")
+            self.lr.setToolTip("The learning rate (default: 2e-3 low-rank, 1e-4 full; one sgd step over every pair takes "
+                               "rates of 1-50); a grid below replaces it")
             self.lr_grid = QLineEdit(placeholderText="e.g. 5e-4, 1e-3, 2e-3 (empty: one run)")
             self.lr_grid.setObjectName("lr_grid")
             self.lr_grid.setToolTip("Train once per learning rate and keep the direction with the lowest held-out DPO "
-                                    "loss (every run's numbers are kept in the file)")
+                                    "loss (every run's numbers are kept in the file). One sgd step trains once: each "
+                                    "rate is scored on its multiple of that step")
             self.optimizer = QComboBox()
             self.optimizer.addItems(["adamw", "sgd"])
             self.optimizer.setToolTip("adamw, or sgd: plain gradient steps (one step over every training pair is the "

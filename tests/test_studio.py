@@ -465,8 +465,10 @@ def test_the_job_dialogs_make_the_jobs_the_worker_runs(qtbot, tmp_path, demo_dat
     assert job.keep is None and job.optimizer == "adamw"
     train.keep.setChecked(True)  # train helpfulness, keep verbosity where it is
     train.optimizer.setCurrentText("sgd")
+    train.lr_grid.setText("")
+    train.lr.setValue(10.0)  # one plain step's rate is its length: rates above 1 reach the job
     job = train.job()
-    assert job.keep == Data(data, None, "verbosity", None) and job.optimizer == "sgd"
+    assert job.keep == Data(data, None, "verbosity", None) and job.optimizer == "sgd" and job.lr == 10.0
     assert train.keep_data.layout().rowCount() == 3  # data, format, objective: kept pairs are taken whole
     assert train.data.layout().rowCount() == 6
     train.lr_grid.setText("fast")
