@@ -269,10 +269,10 @@ def train_with_lr_search(lm: LoadedModel, data: PairSet | list[tuple[PairSet, fl
         results = None
     runs, best, best_loss = [], None, math.inf
     for i, lr in enumerate(grid):
+        label = f"{'scored' if results is not None else 'training'} at lr {lr:g} ({i + 1} of {len(grid)})"
         if results is not None:
             result = results[i]
         else:
-            label = f"training at lr {lr:g} ({i + 1} of {len(grid)})"
             report = (lambda p, label=label: progress(replace(p, phase=label))) if progress else None
             folder = Path(checkpoint_dir) / f"lr-{lr:g}" if checkpoint_dir else None
             result = train_direction(lm, data, replace(cfg, lr=lr), progress=report, should_stop=should_stop,

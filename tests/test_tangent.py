@@ -263,8 +263,12 @@ def test_one_plain_step_scores_every_learning_rate_from_one_run(tiny_lm, demo_da
     runs = []
     original = train_module._train
     monkeypatch.setattr(train_module, "_train", lambda *a: runs.append(a[-1]) or original(*a))
-    best = train_module.train_with_lr_search(tiny_lm, data, cfg, grid)
+    phases = []
+    best = train_module.train_with_lr_search(tiny_lm, data, cfg, grid, progress=lambda p: phases.append(p))
     assert runs == [tuple(lr / grid[0] for lr in grid)]  # one training run, scored at every rate
+    assert [p.phase for p in phases if "val_loss" in (p.metrics or {})] == [
+        f"scored at lr {lr:g} ({i + 1} of 3)" for i, lr in enumerate(grid)]
+    assert any(p.phase == "one step for 3 learning rates" for p in phases)
     search = best.direction.meta["lr_search"]
     losses = {r["lr"]: r["val_loss"] for r in search["runs"]}
     assert len({round(v, 6) for v in losses.values()}) == 3  # the rates are told apart
