@@ -39,7 +39,8 @@ screenshots: $(STAMP)
 # objective's pairs are held out (the same split `tsdpo effects`/`sweep --val-fraction 0.35` score), and the
 # linearization-gap map the studio draws for the first launch's plane. About 80 minutes on 2 cores (each learning
 # rate of a grid is a training run of 5-9 minutes; helpfulness is one plain gradient step over its 230 training
-# pairs, 10 minutes, kept orthogonal to the 203 verbosity training pairs' margin gradients, 6 minutes).
+# pairs, 10 minutes, kept orthogonal to the 203 verbosity training pairs' margin gradients, 6 minutes, its length
+# picked on held-out loss from that one step, 4 minutes).
 DEMO_SPLIT := --val-fraction 0.35 --seed 0
 DEMO_TRAIN := --param lowrank --rank 8 --steps 40 --batch-size 4 --max-prompt-tokens 96 --max-response-tokens 96 \
 	$(DEMO_SPLIT) --overwrite --no-store
@@ -59,7 +60,7 @@ demo-directions: $(STAMP)
 	$(BIN)/tsdpo train --data $(UF_400) --objective verbosity $(DEMO_TRAIN) --lr-grid 5e-4,1e-3 \
 		--out assets/directions/verbosity.tsdpo.safetensors $(DEMO_ARGS)
 	$(BIN)/tsdpo train --data $(UF_BAL) --objective helpfulness --param lowrank --rank 8 --optimizer sgd --steps 1 \
-		--batch-size 230 --grad-accum 46 --lr 5 --max-prompt-tokens 96 --max-response-tokens 96 $(DEMO_SPLIT) \
+		--batch-size 230 --grad-accum 46 --lr-grid 2.5,5,10,20,40 --max-prompt-tokens 96 --max-response-tokens 96 $(DEMO_SPLIT) \
 		--keep-unchanged verbosity=$(UF_400) --overwrite --no-store \
 		--out assets/directions/helpfulness.tsdpo.safetensors $(DEMO_ARGS)
 	$(BIN)/tsdpo train --data $(HH_LM) --objective harmlessness $(DEMO_TRAIN) --lr-grid 5e-4,1e-3,2e-3 \
