@@ -195,23 +195,26 @@ class DirectionModel(nn.Module):
         logits are f(theta0) + s J tau, linear in s, so one forward-mode pass serves every scale; the ordinary
         model (scalarized) runs a pass per scale."""
         if self.method != "tangent":
-            saved = [p.detach().clone() for p in self.tau.values()]
-            try:
-                out = []
-                for s in scales:
-                    for p, p0 in zip(self.tau.values(), saved):
-                        p.copy_(p0 * s)
-                    out.append(self(batch, beta, loss_type))
-                return out
-            finally:
-                for p, p0 in zip(self.tau.values(), saved):
-                    p.copy_(p0)
+            return [self._at_scale(s, batch, beta, loss_type) for s in scales]
         pol_logits, ref_logits = completion_logits(self.lm, batch, self.factors(), self.method)
         mask = batch.target_mask.bool()
         ref = _sequence_logps(batch, mask, ref_logits)
-        d = pol_logits - ref_logits
+        d = pol_logits - ref_logits if any(s != 1 for s in scales) else None
         return [_pair_loss(batch, _sequence_logps(batch, mask, pol_logits if s == 1 else ref_logits + s * d), ref,
                            beta, loss_type) for s in scales]
+
+    def _at_scale(self, s: float, batch: PairBatch, beta: float, loss_type: str):
+        """The ordinary model's loss with tau scaled by ``s``, tau put back after (no copy at s = 1)."""
+        if s == 1:
+            return self(batch, beta, loss_type)
+        saved = [p.detach().clone() for p in self.tau.values()]
+        try:
+            for p in self.tau.values():
+                p.mul_(s)
+            return self(batch, beta, loss_type)
+        finally:
+            for p, p0 in zip(self.tau.values(), saved):
+                p.copy_(p0)
 
     def to_direction(self, objective: str, meta: dict) -> WeightDelta:
         with torch.no_grad():

@@ -201,7 +201,6 @@ def evaluate(module: DirectionModel, lm: LoadedModel, pairs: list[Pair], cfg: Tr
     return [{k: v / len(pairs) for k, v in total.items()} for total in sums]
 
 
-@runs_at_base
 def train_direction(lm: LoadedModel, data: PairSet | list[tuple[PairSet, float]], cfg: TrainConfig,
                     progress: Optional[ProgressFn] = None,
                     should_stop: Optional[Callable[[], bool]] = None,
@@ -390,21 +389,23 @@ def _train(lm, data, cfg, progress, should_stop, checkpoint_dir, objective, appl
                 f"rounding, not a direction. On this model the two objectives cannot be told apart to first order; "
                 f"keep fewer pairs, or train without keeping them.")
     vals = evaluate(module, lm, val_pairs, cfg, scales=multiples)
-    seconds = round(time.perf_counter() - t0, 1)
+    shared = {"data_hash": data_hash, "objective_sources":
+              [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
+              "processes": world, "model": lm.identity(), "applied_while_built": applied,
+              "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
+              **kept_meta, "seconds": round(time.perf_counter() - t0, 1),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # the trained tau, kept aside only when other multiples of it are asked for (a full-rank tau is a model's size)
+    trained = [p.detach().clone() for p in module.tau.values()] if tuple(multiples) != (1.0,) else None
     results = []
     with torch.no_grad():
-        trained = [p.detach().clone() for p in module.tau.values()]
         for m, val in zip(multiples, vals):
-            for p, p0 in zip(module.tau.values(), trained):
-                p.copy_(p0 if m == 1 else p0 * m)
+            if trained is not None:
+                for p, p0 in zip(module.tau.values(), trained):
+                    p.copy_(p0 if m == 1 else p0 * m)
             steps = [{**h, "lr": h["lr"] * m} for h in history]
-            meta = {"hyperparameters": {**asdict(cfg), "lr": lr * m}, "data_hash": data_hash, "objective_sources":
-                    [{"objective": ps.objective, "source": ps.source, "weight": w, "pairs": len(ps)} for ps, w in sources],
-                    "final_train": steps[-1] if steps else {}, "validation": val, "processes": world,
-                    "model": lm.identity(), "applied_while_built": applied,
-                    "coverage": {k: v for k, v in coverage(lm, cfg.layers, cfg.modules).items() if k != "weights"},
-                    **kept_meta, "seconds": seconds,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            meta = {"hyperparameters": {**asdict(cfg), "lr": lr * m}, **shared,
+                    "final_train": steps[-1] if steps else {}, "validation": val}
             direction = module.to_direction(name, meta)
             direction.method = cfg.method
             results.append(TrainResult(direction, steps, val))
