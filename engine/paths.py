@@ -79,12 +79,16 @@ def current_umask() -> int:
 def with_default_modes(p: Path) -> None:
     """Give ``p`` (a file, or a folder and all it holds) the permissions a plain ``open`` or ``mkdir`` would:
     safetensors writes its files readable by their owner alone (0600), which leaves an export or a direction in
-    a shared folder unreadable to anyone else, such as a server run as another user."""
+    a shared folder unreadable to anyone else, such as a server run as another user. A file system without
+    permissions (FAT, some network shares) refuses chmod: the file is written all the same."""
     mask = current_umask()
     paths = [p, *p.rglob("*")] if p.is_dir() and not p.is_symlink() else [p]
     for q in paths:
         if not q.is_symlink():
-            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+            try:
+                os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+            except OSError:
+                pass
 
 
 def _remove(p: Path) -> None:

@@ -263,7 +263,7 @@ def test_control_vector_refuses_block_zero_and_weight_directions(lm, steer, tmp_
 
 # ------------------------------------------------------------------------------------------ safety
 
-def test_exports_and_direction_files_are_readable_as_plain_files_would_be(lm, steer, tmp_path):
+def test_exports_and_direction_files_are_readable_as_plain_files_would_be(lm, steer, tmp_path, monkeypatch):
     """safetensors writes its files 0600; an export or a direction in a shared folder must be readable by whoever
     the umask lets read a plain file (a server run as another user), as every other file of the export is."""
     import os
@@ -288,6 +288,11 @@ def test_exports_and_direction_files_are_readable_as_plain_files_would_be(lm, st
             assert stat.S_IMODE(f.stat().st_mode) == want, f
         for d in ("hf", "peft", "cv"):
             assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o755
+        # a file system that refuses chmod (FAT, some shares) still gets the export, whole
+        monkeypatch.setattr(os, "chmod", lambda *a, **k: (_ for _ in ()).throw(PermissionError(1, "not supported")))
+        export_mix(lm, mixer, {"helpfulness": 1.0}, tmp_path / "nochmod", format="peft")
+        assert (tmp_path / "nochmod" / "adapter_model.safetensors").is_file()
+        monkeypatch.undo()
         os.umask(0o077)  # a user who wants private files still gets them
         private = tangent.save(tmp_path / "private.tsdpo.safetensors")
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
